@@ -1,0 +1,299 @@
+"""Expand: orchestration templates, session prompt references, flags, migration runs.
+
+Only adds. On the existing tables: nullable columns or a constant default (no table rewrite on
+PostgreSQL 11+), indexes built CONCURRENTLY, a CHECK added NOT VALID and validated in its own
+transaction. The legacy columns are never touched, and downgrade() removes exactly this.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from prompt_tool.db.online_ddl import (
+    add_check_not_valid,
+    concurrent_ddl,
+    create_index_concurrently,
+    drop_check,
+    drop_index_concurrently,
+    validate_constraint,
+)
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+NOW = sa.text("CURRENT_TIMESTAMP")
+
+PROMPT_COLUMNS = (
+    sa.Column("prompt_type", sa.String(30), nullable=False, server_default="prompt"),
+    sa.Column("scope", sa.String(20), nullable=True),
+    sa.Column("owner", sa.String(100), nullable=True),
+    sa.Column("description", sa.Text(), nullable=True),
+    sa.Column("tags", sa.JSON(), nullable=True),
+    sa.Column("declared_variables", sa.JSON(), nullable=True),
+    sa.Column("content_hash", sa.String(64), nullable=True),
+)
+
+# (name, table, columns, unique, partial-index predicate): all on existing tables.
+INDEXES_ON_EXISTING_TABLES: tuple[tuple[str, str, tuple[str, ...], bool, str | None], ...] = (
+    ("ix_prompts_type_project", "prompts", ("prompt_type", "project_id"), False, None),
+    ("ix_prompts_scope_name", "prompts", ("scope", "name"), False, None),
+    ("uq_prompts_global_name", "prompts", ("name",), True, "scope = 'global'"),
+    ("uq_prompts_project_name", "prompts", ("project_id", "name"), True, "scope = 'project'"),
+    (
+        "uq_prompts_custom_name",
+        "prompts",
+        ("project_id", "owner", "name"),
+        True,
+        "scope = 'custom'",
+    ),
+    ("ix_prompt_versions_content_hash", "prompt_versions", ("content_hash",), False, None),
+)
+
+# A scope says where a template lives; legacy prompts have none (NULL).
+SCOPE_CHECK = (
+    "scope IS NULL"
+    " OR (scope = 'global' AND project_id IS NULL AND owner IS NULL)"
+    " OR (scope = 'project' AND project_id IS NOT NULL AND owner IS NULL)"
+    " OR (scope = 'custom' AND project_id IS NOT NULL AND owner IS NOT NULL)"
+)
+
+
+def _id() -> sa.Column[int]:
+    return sa.Column("id", BIG_ID, sa.Identity(), nullable=False)
+
+
+def _timestamp(name: str) -> sa.Column[object]:
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=False, server_default=NOW)
+
+
+def _fk(column: str, target: str, table: str, ondelete: str | None = None) -> sa.ForeignKeyConstraint:
+    referred_table = target.split(".")[0]
+    return sa.ForeignKeyConstraint(
+        [column], [target], name=f"fk_{table}_{column}_{referred_table}", ondelete=ondelete
+    )
+
+
+def _partial_unique(name: str, table: str, columns: list[str], where: str) -> None:
+    # On a table created in this very migration: empty, so no CONCURRENTLY needed.
+    op.create_index(
+        name,
+        table,
+        columns,
+        unique=True,
+        postgresql_where=sa.text(where),
+        sqlite_where=sa.text(where),
+    )
+
+
+def _create_new_tables() -> None:
+    op.create_table(
+        "template_labels",
+        sa.Column("prompt_id", BIG_ID, nullable=False),
+        sa.Column("label", sa.String(50), nullable=False),
+        sa.Column("prompt_version_id", BIG_ID, nullable=False),
+        sa.Column("moved_by", sa.String(100), nullable=True),
+        _timestamp("moved_at"),
+        sa.PrimaryKeyConstraint("prompt_id", "label", name="pk_template_labels"),
+        _fk("prompt_id", "prompts.id", "template_labels", "CASCADE"),
+        _fk("prompt_version_id", "prompt_versions.id", "template_labels"),
+    )
+    op.create_index(
+        "ix_template_labels_prompt_version_id", "template_labels", ["prompt_version_id"]
+    )
+    op.create_table(
+        "template_events",
+        _id(),
+        sa.Column("prompt_id", BIG_ID, nullable=False),
+        sa.Column("action", sa.String(30), nullable=False),
+        sa.Column("label", sa.String(50), nullable=True),
+        sa.Column("from_version_id", BIG_ID, nullable=True),
+        sa.Column("to_version_id", BIG_ID, nullable=True),
+        sa.Column("actor", sa.String(100), nullable=True),
+        sa.Column("note", sa.Text(), nullable=True),
+        _timestamp("created_at"),
+        sa.PrimaryKeyConstraint("id", name="pk_template_events"),
+        _fk("prompt_id", "prompts.id", "template_events", "CASCADE"),
+        _fk("from_version_id", "prompt_versions.id", "template_events"),
+        _fk("to_version_id", "prompt_versions.id", "template_events"),
+    )
+    op.create_index("ix_template_events_prompt_id_id", "template_events", ["prompt_id", "id"])
+    op.create_table(
+        "template_permissions",
+        _id(),
+        sa.Column("project_id", BIG_ID, nullable=True),
+        sa.Column("user_name", sa.String(100), nullable=False),
+        sa.Column("role", sa.String(20), nullable=False),
+        sa.Column("granted_by", sa.String(100), nullable=True),
+        _timestamp("granted_at"),
+        sa.PrimaryKeyConstraint("id", name="pk_template_permissions"),
+        _fk("project_id", "projects.id", "template_permissions", "CASCADE"),
+    )
+    _partial_unique(
+        "uq_template_permissions_global_user",
+        "template_permissions",
+        ["user_name"],
+        "project_id IS NULL",
+    )
+    _partial_unique(
+        "uq_template_permissions_project_user",
+        "template_permissions",
+        ["project_id", "user_name"],
+        "project_id IS NOT NULL",
+    )
+    op.create_table(
+        "session_prompt_refs",
+        sa.Column("session_id", BIG_ID, nullable=False),
+        sa.Column("role", sa.String(20), nullable=False),
+        sa.Column("prompt_version_id", BIG_ID, nullable=False),
+        sa.Column("variables", sa.JSON(), nullable=True),
+        sa.Column("legacy_hash", sa.String(64), nullable=True),
+        sa.Column("source", sa.String(20), nullable=False),
+        _timestamp("created_at"),
+        sa.PrimaryKeyConstraint("session_id", "role", name="pk_session_prompt_refs"),
+        _fk("session_id", "orchestration_sessions.id", "session_prompt_refs", "CASCADE"),
+        _fk("prompt_version_id", "prompt_versions.id", "session_prompt_refs"),
+    )
+    op.create_index(
+        "ix_session_prompt_refs_prompt_version_id", "session_prompt_refs", ["prompt_version_id"]
+    )
+    op.create_table(
+        "ab_assignments",
+        sa.Column("ab_test_id", BIG_ID, nullable=False),
+        sa.Column("session_id", BIG_ID, nullable=False),
+        sa.Column("variant_id", BIG_ID, nullable=False),
+        sa.Column("unit_key", sa.String(200), nullable=False),
+        sa.Column("success", sa.Boolean(), nullable=True),
+        sa.Column("metric", sa.Float(), nullable=True),
+        sa.Column("outcome_at", sa.DateTime(timezone=True), nullable=True),
+        _timestamp("assigned_at"),
+        sa.PrimaryKeyConstraint("ab_test_id", "session_id", name="pk_ab_assignments"),
+        _fk("ab_test_id", "ab_tests.id", "ab_assignments", "CASCADE"),
+        _fk("session_id", "orchestration_sessions.id", "ab_assignments", "CASCADE"),
+        _fk("variant_id", "ab_test_variants.id", "ab_assignments", "CASCADE"),
+    )
+    op.create_index("ix_ab_assignments_session_id", "ab_assignments", ["session_id"])
+    op.create_index("ix_ab_assignments_variant_id", "ab_assignments", ["variant_id"])
+    op.create_table(
+        "feature_flag_states",
+        _id(),
+        sa.Column("flag_key", sa.String(100), nullable=False),
+        sa.Column("project_id", BIG_ID, nullable=True),
+        sa.Column("variant", sa.String(20), nullable=False),
+        sa.Column("shadow_sample_rate", sa.Float(), nullable=True),
+        sa.Column("updated_by", sa.String(100), nullable=True),
+        _timestamp("updated_at"),
+        sa.PrimaryKeyConstraint("id", name="pk_feature_flag_states"),
+        _fk("project_id", "projects.id", "feature_flag_states", "CASCADE"),
+    )
+    _partial_unique(
+        "uq_feature_flag_states_default", "feature_flag_states", ["flag_key"], "project_id IS NULL"
+    )
+    _partial_unique(
+        "uq_feature_flag_states_project",
+        "feature_flag_states",
+        ["flag_key", "project_id"],
+        "project_id IS NOT NULL",
+    )
+    op.create_table(
+        "feature_flag_events",
+        _id(),
+        sa.Column("flag_key", sa.String(100), nullable=False),
+        sa.Column("project_id", BIG_ID, nullable=True),
+        sa.Column("old_variant", sa.String(20), nullable=True),
+        sa.Column("new_variant", sa.String(20), nullable=True),
+        sa.Column("actor", sa.String(100), nullable=True),
+        _timestamp("created_at"),
+        sa.PrimaryKeyConstraint("id", name="pk_feature_flag_events"),
+        _fk("project_id", "projects.id", "feature_flag_events", "CASCADE"),
+    )
+    op.create_index(
+        "ix_feature_flag_events_flag_key_id", "feature_flag_events", ["flag_key", "id"]
+    )
+    op.create_table(
+        "migration_runs",
+        _id(),
+        sa.Column("kind", sa.String(20), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("project_id", BIG_ID, nullable=True),
+        sa.Column("params", sa.JSON(), nullable=True),
+        sa.Column("key_upper_bound", sa.BigInteger(), nullable=True),
+        sa.Column("summary", sa.JSON(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("started_by", sa.String(100), nullable=True),
+        _timestamp("started_at"),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_migration_runs"),
+        _fk("project_id", "projects.id", "migration_runs", "CASCADE"),
+    )
+    op.create_index(
+        "ix_migration_runs_kind_project_id_id", "migration_runs", ["kind", "project_id", "id"]
+    )
+    op.create_table(
+        "migration_batches",
+        _id(),
+        sa.Column("run_id", BIG_ID, nullable=False),
+        sa.Column("key_lo", sa.BigInteger(), nullable=False),
+        sa.Column("key_hi", sa.BigInteger(), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("rows_seen", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("counts", sa.JSON(), nullable=True),
+        sa.Column("checksum", sa.String(64), nullable=True),
+        sa.Column("claimed_by", sa.String(100), nullable=True),
+        _timestamp("started_at"),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_migration_batches"),
+        _fk("run_id", "migration_runs.id", "migration_batches", "CASCADE"),
+        sa.UniqueConstraint("run_id", "key_lo", name="uq_migration_batches_run_id_key_lo"),
+    )
+
+
+NEW_TABLES = (
+    "migration_batches",
+    "migration_runs",
+    "feature_flag_events",
+    "feature_flag_states",
+    "ab_assignments",
+    "session_prompt_refs",
+    "template_permissions",
+    "template_events",
+    "template_labels",
+)
+
+
+def upgrade() -> None:
+    for column in PROMPT_COLUMNS:
+        op.add_column("prompts", column.copy())
+    op.add_column("prompt_versions", sa.Column("content_hash", sa.String(64), nullable=True))
+    op.add_column("ab_tests", sa.Column("target_role", sa.String(20), nullable=True))
+    add_check_not_valid("ck_prompts_scope", "prompts", SCOPE_CHECK)
+    _create_new_tables()
+
+    with concurrent_ddl():
+        validate_constraint("ck_prompts_scope", "prompts")
+        for name, table, columns, unique, where in INDEXES_ON_EXISTING_TABLES:
+            create_index_concurrently(name, table, columns, unique=unique, where=where)
+
+
+def downgrade() -> None:
+    with concurrent_ddl():
+        for name, table, *_ in reversed(INDEXES_ON_EXISTING_TABLES):
+            drop_index_concurrently(name, table)
+
+    # Dropping a table drops its own indexes with it.
+    for table in NEW_TABLES:
+        op.drop_table(table)
+    drop_check("ck_prompts_scope", "prompts")
+    op.drop_column("ab_tests", "target_role")
+    op.drop_column("prompt_versions", "content_hash")
+    for column in reversed(PROMPT_COLUMNS):
+        op.drop_column("prompts", column.name)

@@ -1,0 +1,157 @@
+"""Online-safe DDL for the migration scripts: the PostgreSQL-specific rules live here.
+
+On a live PostgreSQL every migration runs with ``lock_timeout`` and ``statement_timeout`` so a
+statement that would queue behind a long transaction gives up instead of blocking every writer;
+indexes on existing tables are built ``CONCURRENTLY`` outside a transaction; constraints on
+existing tables are added ``NOT VALID`` and validated in a separate transaction, which only takes a
+``SHARE UPDATE EXCLUSIVE`` lock. On SQLite (a single-writer embedded file) the same calls fall back
+to plain DDL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from alembic import op
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from prompt_tool.settings import get_settings
+
+__all__ = [
+    "add_check_not_valid",
+    "concurrent_ddl",
+    "create_index_concurrently",
+    "drop_check",
+    "drop_index_concurrently",
+    "migration_timeouts",
+    "timeout_statements",
+    "validate_constraint",
+]
+
+
+def timeout_statements(backend: str, *, local: bool = False) -> list[str]:
+    """The ``SET`` statements that bound every migration statement on PostgreSQL."""
+    if backend != "postgresql":
+        return []
+    settings = get_settings()
+    scope = "LOCAL " if local else ""
+    return [
+        f"SET {scope}lock_timeout = {int(settings.migration_lock_timeout_ms)}",
+        f"SET {scope}statement_timeout = {int(settings.migration_statement_timeout_ms)}",
+    ]
+
+
+@contextmanager
+def migration_timeouts(connection: Connection) -> Iterator[None]:
+    """Bound lock waits and statements on ``connection`` for the duration of the migration.
+
+    A connection already inside the caller's transaction gets ``SET LOCAL`` (gone with that
+    transaction); otherwise the settings are session-level, so they also cover the autocommit
+    blocks, and are reset afterwards.
+    """
+    backend = connection.dialect.name
+    if backend != "postgresql":
+        yield
+        return
+    external = connection.in_transaction()
+    for statement in timeout_statements(backend, local=external):
+        connection.exec_driver_sql(statement)
+    if external:
+        yield
+        return
+    connection.commit()
+    try:
+        yield
+    finally:
+        connection.exec_driver_sql("RESET lock_timeout")
+        connection.exec_driver_sql("RESET statement_timeout")
+        connection.commit()
+
+
+def _is_postgres() -> bool:
+    return bool(op.get_context().dialect.name == "postgresql")
+
+
+@contextmanager
+def concurrent_ddl() -> Iterator[None]:
+    """Run the enclosed DDL outside a transaction (``CONCURRENTLY`` and ``VALIDATE`` need that).
+
+    ``statement_timeout`` is lifted inside: a concurrent index build or a validation scans the
+    whole table but holds no lock that blocks reads or writes, so it may take as long as it needs;
+    ``lock_timeout`` stays, bounding the brief lock each one takes at start and end.
+    """
+    with op.get_context().autocommit_block():
+        if _is_postgres():
+            op.execute("SET statement_timeout = 0")
+        try:
+            yield
+        finally:
+            if _is_postgres():
+                op.execute(
+                    f"SET statement_timeout = {int(get_settings().migration_statement_timeout_ms)}"
+                )
+
+
+def _drop_invalid_leftover(name: str) -> None:
+    """A ``CREATE INDEX CONCURRENTLY`` that was interrupted leaves an INVALID index behind."""
+    if op.get_context().as_sql or not _is_postgres():
+        return
+    invalid = op.get_bind().execute(
+        text(
+            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = :name AND NOT i.indisvalid"
+        ),
+        {"name": name},
+    )
+    if invalid.first() is not None:
+        op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+
+
+def create_index_concurrently(
+    name: str,
+    table: str,
+    columns: Sequence[str],
+    *,
+    unique: bool = False,
+    where: str | None = None,
+) -> None:
+    """Build an index without blocking writes; use inside :func:`concurrent_ddl`."""
+    _drop_invalid_leftover(name)
+    predicate = {} if where is None else {"postgresql_where": text(where), "sqlite_where": text(where)}
+    op.create_index(
+        name,
+        table,
+        list(columns),
+        unique=unique,
+        if_not_exists=True,
+        postgresql_concurrently=True,
+        **predicate,  # type: ignore[arg-type]
+    )
+
+
+def drop_index_concurrently(name: str, table: str) -> None:
+    """Drop an index without blocking writes; use inside :func:`concurrent_ddl`."""
+    op.drop_index(name, table_name=table, if_exists=True, postgresql_concurrently=True)
+
+
+def add_check_not_valid(name: str, table: str, condition: str) -> None:
+    """Add a CHECK that new rows must meet, without scanning the existing ones yet.
+
+    SQLite cannot add a constraint to an existing table without rebuilding it (which would
+    rewrite the legacy rows), so there the rule is enforced by the application only.
+    """
+    if _is_postgres():
+        op.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" CHECK ({condition}) NOT VALID')
+
+
+def validate_constraint(name: str, table: str) -> None:
+    """Check the existing rows against a ``NOT VALID`` constraint; use inside :func:`concurrent_ddl`."""
+    if _is_postgres():
+        op.execute(f'ALTER TABLE "{table}" VALIDATE CONSTRAINT "{name}"')
+
+
+def drop_check(name: str, table: str) -> None:
+    if _is_postgres():
+        op.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS "{name}"')

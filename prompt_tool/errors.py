@@ -1,0 +1,41 @@
+"""One exception tree for the whole package.
+
+Every error says what went wrong and what to do about it, in one line, so the CLI can print
+``str(error)`` and exit with ``error.exit_code`` without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "InvalidInputError",
+    "PromptToolError",
+    "SchemaError",
+]
+
+
+class PromptToolError(Exception):
+    """Root of every error prompt-tool raises on purpose.
+
+    ``exit_code`` follows the CLI contract: 1 for a failed check or render, 2 for bad input or
+    configuration (the operator has to change something before trying again).
+    """
+
+    exit_code: int = 2
+
+
+class InvalidInputError(PromptToolError):
+    """An argument, file or value given by the user cannot be used as it is."""
+
+
+class ConfigurationError(PromptToolError):
+    """A setting (database URL, timeout, limit) is missing or malformed."""
+
+
+class DatabaseUnavailableError(PromptToolError):
+    """The database could not be reached or refused the connection."""
+
+
+class SchemaError(PromptToolError):
+    """The database schema is not what the command needs (not under Alembic, unknown revision)."""

@@ -1,0 +1,100 @@
+"""Settings read once from the environment, in one place.
+
+Everything tunable (database URL, timeouts, limits, cache TTLs) is a field here; nothing else in
+the package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+from prompt_tool.errors import ConfigurationError
+
+__all__ = ["DEFAULT_DATABASE_URL", "Settings", "get_settings"]
+
+DEFAULT_DATABASE_URL = "sqlite:///prompt_tool.db"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a whole number; set it to an integer or unset it"
+        ) from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a number; set it to a number or unset it"
+        ) from None
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Process-wide configuration. Build with :meth:`from_env`; override with :meth:`with_`."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    # Applied to every migration and backfill transaction on PostgreSQL: a DDL statement that
+    # waits longer than this for a lock gives up instead of queueing every writer behind it.
+    migration_lock_timeout_ms: int = 5_000
+    migration_statement_timeout_ms: int = 60_000
+    redis_url: str | None = None
+    templates_enabled: bool = True
+    template_max_source_bytes: int = 64 * 1024
+    template_max_output_bytes: int = 1024 * 1024
+    template_render_timeout_s: float = 2.0
+    name_cache_ttl_s: float = 60.0
+    flag_cache_ttl_s: float = 5.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            database_url=env.get("PROMPT_TOOL_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            migration_lock_timeout_ms=_int(env, "PROMPT_TOOL_LOCK_TIMEOUT_MS", 5_000),
+            migration_statement_timeout_ms=_int(env, "PROMPT_TOOL_STATEMENT_TIMEOUT_MS", 60_000),
+            redis_url=env.get("PROMPT_TOOL_REDIS_URL") or None,
+            templates_enabled=_flag(env, "PROMPT_TOOL_TEMPLATES_ENABLED", True),
+            template_max_source_bytes=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_SOURCE_BYTES", 64 * 1024),
+            template_max_output_bytes=_int(
+                env, "PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES", 1024 * 1024
+            ),
+            template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
+            name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
+            flag_cache_ttl_s=_float(env, "PROMPT_TOOL_FLAG_CACHE_TTL_S", 5.0),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment on first use."""
+    return Settings.from_env()
