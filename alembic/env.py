@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
-from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
+from alembic import context
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import Base
 from prompt_tool.db.online_ddl import migration_timeouts, timeout_statements
@@ -56,18 +56,24 @@ def _run_on(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _run_with_engine(engine: Engine) -> None:
+    with engine.connect() as connection:
+        _run_on(connection)
+        connection.commit()
+
+
 def run_migrations_online() -> None:
     handed_over = config.attributes.get("connection")
-    if handed_over is not None:
+    if isinstance(handed_over, Connection):
         _run_on(handed_over)
-        return
-    engine = make_engine(_database_url())
-    try:
-        with engine.connect() as connection:
-            _run_on(connection)
-            connection.commit()
-    finally:
-        engine.dispose()
+    elif isinstance(handed_over, Engine):  # pytest-alembic hands over an engine at times
+        _run_with_engine(handed_over)
+    else:
+        engine = make_engine(_database_url())
+        try:
+            _run_with_engine(engine)
+        finally:
+            engine.dispose()
 
 
 if context.is_offline_mode():

@@ -70,6 +70,7 @@ class Settings:
     template_render_timeout_s: float = 2.0
     name_cache_ttl_s: float = 60.0
     flag_cache_ttl_s: float = 5.0
+    debug: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -88,6 +89,7 @@ class Settings:
             template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
             flag_cache_ttl_s=_float(env, "PROMPT_TOOL_FLAG_CACHE_TTL_S", 5.0),
+            debug=_flag(env, "PROMPT_TOOL_DEBUG", False),
         )
 
     def with_(self, **changes: object) -> Settings:

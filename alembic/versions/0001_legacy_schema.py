@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+
 from alembic import op
 
 revision: str = "0001"
@@ -105,7 +106,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["project_id"], ["projects.id"], name="fk_ab_tests_project_id_projects"
         ),
-        sa.ForeignKeyConstraint(["prompt_id"], ["prompts.id"], name="fk_ab_tests_prompt_id_prompts"),
+        sa.ForeignKeyConstraint(
+            ["prompt_id"], ["prompts.id"], name="fk_ab_tests_prompt_id_prompts"
+        ),
     )
     op.create_table(
         "ab_test_variants",

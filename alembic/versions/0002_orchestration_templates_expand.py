@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 from prompt_tool.db.online_ddl import (
     add_check_not_valid,
+    add_column,
     concurrent_ddl,
     create_index_concurrently,
     drop_check,
+    drop_column,
     drop_index_concurrently,
     validate_constraint,
 )
@@ -33,15 +35,18 @@ depends_on: str | Sequence[str] | None = None
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 NOW = sa.text("CURRENT_TIMESTAMP")
 
-PROMPT_COLUMNS = (
-    sa.Column("prompt_type", sa.String(30), nullable=False, server_default="prompt"),
-    sa.Column("scope", sa.String(20), nullable=True),
-    sa.Column("owner", sa.String(100), nullable=True),
-    sa.Column("description", sa.Text(), nullable=True),
-    sa.Column("tags", sa.JSON(), nullable=True),
-    sa.Column("declared_variables", sa.JSON(), nullable=True),
-    sa.Column("content_hash", sa.String(64), nullable=True),
-)
+
+def _prompt_columns() -> tuple[sa.Column[object], ...]:
+    return (
+        sa.Column("prompt_type", sa.String(30), nullable=False, server_default="prompt"),
+        sa.Column("scope", sa.String(20), nullable=True),
+        sa.Column("owner", sa.String(100), nullable=True),
+        sa.Column("description", sa.Text(), nullable=True),
+        sa.Column("tags", sa.JSON(), nullable=True),
+        sa.Column("declared_variables", sa.JSON(), nullable=True),
+        sa.Column("content_hash", sa.String(64), nullable=True),
+    )
+
 
 # (name, table, columns, unique, partial-index predicate): all on existing tables.
 INDEXES_ON_EXISTING_TABLES: tuple[tuple[str, str, tuple[str, ...], bool, str | None], ...] = (
@@ -76,11 +81,22 @@ def _timestamp(name: str) -> sa.Column[object]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=False, server_default=NOW)
 
 
-def _fk(column: str, target: str, table: str, ondelete: str | None = None) -> sa.ForeignKeyConstraint:
-    referred_table = target.split(".")[0]
+def _fk(
+    column: str, target: str, table: str, ondelete: str | None = None
+) -> sa.ForeignKeyConstraint:
+    referred_table = target.split(".", maxsplit=1)[0]
     return sa.ForeignKeyConstraint(
         [column], [target], name=f"fk_{table}_{column}_{referred_table}", ondelete=ondelete
     )
+
+
+def _table(name: str, *items: sa.schema.SchemaItem) -> None:
+    op.create_table(name, *items, if_not_exists=True)
+
+
+def _index(name: str, table: str, columns: list[str]) -> None:
+    # On a table created in this very migration: empty, so no CONCURRENTLY needed.
+    op.create_index(name, table, columns, if_not_exists=True)
 
 
 def _partial_unique(name: str, table: str, columns: list[str], where: str) -> None:
@@ -90,13 +106,14 @@ def _partial_unique(name: str, table: str, columns: list[str], where: str) -> No
         table,
         columns,
         unique=True,
+        if_not_exists=True,
         postgresql_where=sa.text(where),
         sqlite_where=sa.text(where),
     )
 
 
 def _create_new_tables() -> None:
-    op.create_table(
+    _table(
         "template_labels",
         sa.Column("prompt_id", BIG_ID, nullable=False),
         sa.Column("label", sa.String(50), nullable=False),
@@ -107,10 +124,8 @@ def _create_new_tables() -> None:
         _fk("prompt_id", "prompts.id", "template_labels", "CASCADE"),
         _fk("prompt_version_id", "prompt_versions.id", "template_labels"),
     )
-    op.create_index(
-        "ix_template_labels_prompt_version_id", "template_labels", ["prompt_version_id"]
-    )
-    op.create_table(
+    _index("ix_template_labels_prompt_version_id", "template_labels", ["prompt_version_id"])
+    _table(
         "template_events",
         _id(),
         sa.Column("prompt_id", BIG_ID, nullable=False),
@@ -126,8 +141,8 @@ def _create_new_tables() -> None:
         _fk("from_version_id", "prompt_versions.id", "template_events"),
         _fk("to_version_id", "prompt_versions.id", "template_events"),
     )
-    op.create_index("ix_template_events_prompt_id_id", "template_events", ["prompt_id", "id"])
-    op.create_table(
+    _index("ix_template_events_prompt_id_id", "template_events", ["prompt_id", "id"])
+    _table(
         "template_permissions",
         _id(),
         sa.Column("project_id", BIG_ID, nullable=True),
@@ -150,7 +165,7 @@ def _create_new_tables() -> None:
         ["project_id", "user_name"],
         "project_id IS NOT NULL",
     )
-    op.create_table(
+    _table(
         "session_prompt_refs",
         sa.Column("session_id", BIG_ID, nullable=False),
         sa.Column("role", sa.String(20), nullable=False),
@@ -163,10 +178,8 @@ def _create_new_tables() -> None:
         _fk("session_id", "orchestration_sessions.id", "session_prompt_refs", "CASCADE"),
         _fk("prompt_version_id", "prompt_versions.id", "session_prompt_refs"),
     )
-    op.create_index(
-        "ix_session_prompt_refs_prompt_version_id", "session_prompt_refs", ["prompt_version_id"]
-    )
-    op.create_table(
+    _index("ix_session_prompt_refs_prompt_version_id", "session_prompt_refs", ["prompt_version_id"])
+    _table(
         "ab_assignments",
         sa.Column("ab_test_id", BIG_ID, nullable=False),
         sa.Column("session_id", BIG_ID, nullable=False),
@@ -181,9 +194,9 @@ def _create_new_tables() -> None:
         _fk("session_id", "orchestration_sessions.id", "ab_assignments", "CASCADE"),
         _fk("variant_id", "ab_test_variants.id", "ab_assignments", "CASCADE"),
     )
-    op.create_index("ix_ab_assignments_session_id", "ab_assignments", ["session_id"])
-    op.create_index("ix_ab_assignments_variant_id", "ab_assignments", ["variant_id"])
-    op.create_table(
+    _index("ix_ab_assignments_session_id", "ab_assignments", ["session_id"])
+    _index("ix_ab_assignments_variant_id", "ab_assignments", ["variant_id"])
+    _table(
         "feature_flag_states",
         _id(),
         sa.Column("flag_key", sa.String(100), nullable=False),
@@ -204,7 +217,7 @@ def _create_new_tables() -> None:
         ["flag_key", "project_id"],
         "project_id IS NOT NULL",
     )
-    op.create_table(
+    _table(
         "feature_flag_events",
         _id(),
         sa.Column("flag_key", sa.String(100), nullable=False),
@@ -216,10 +229,8 @@ def _create_new_tables() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_feature_flag_events"),
         _fk("project_id", "projects.id", "feature_flag_events", "CASCADE"),
     )
-    op.create_index(
-        "ix_feature_flag_events_flag_key_id", "feature_flag_events", ["flag_key", "id"]
-    )
-    op.create_table(
+    _index("ix_feature_flag_events_flag_key_id", "feature_flag_events", ["flag_key", "id"])
+    _table(
         "migration_runs",
         _id(),
         sa.Column("kind", sa.String(20), nullable=False),
@@ -235,17 +246,15 @@ def _create_new_tables() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_migration_runs"),
         _fk("project_id", "projects.id", "migration_runs", "CASCADE"),
     )
-    op.create_index(
-        "ix_migration_runs_kind_project_id_id", "migration_runs", ["kind", "project_id", "id"]
-    )
-    op.create_table(
+    _index("ix_migration_runs_kind_project_id_id", "migration_runs", ["kind", "project_id", "id"])
+    _table(
         "migration_batches",
         _id(),
         sa.Column("run_id", BIG_ID, nullable=False),
         sa.Column("key_lo", sa.BigInteger(), nullable=False),
         sa.Column("key_hi", sa.BigInteger(), nullable=False),
         sa.Column("status", sa.String(20), nullable=False),
-        sa.Column("rows_seen", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("rows_seen", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("counts", sa.JSON(), nullable=True),
         sa.Column("checksum", sa.String(64), nullable=True),
         sa.Column("claimed_by", sa.String(100), nullable=True),
@@ -271,10 +280,13 @@ NEW_TABLES = (
 
 
 def upgrade() -> None:
-    for column in PROMPT_COLUMNS:
-        op.add_column("prompts", column.copy())
-    op.add_column("prompt_versions", sa.Column("content_hash", sa.String(64), nullable=True))
-    op.add_column("ab_tests", sa.Column("target_role", sa.String(20), nullable=True))
+    # Every statement tolerates its own leftovers (IF NOT EXISTS): the concurrent part below
+    # commits in the middle of this revision, so a failure there leaves the first part applied
+    # while alembic_version still says 0001, and the operator simply runs the upgrade again.
+    for column in _prompt_columns():
+        add_column("prompts", column)
+    add_column("prompt_versions", sa.Column("content_hash", sa.String(64), nullable=True))
+    add_column("ab_tests", sa.Column("target_role", sa.String(20), nullable=True))
     add_check_not_valid("ck_prompts_scope", "prompts", SCOPE_CHECK)
     _create_new_tables()
 
@@ -291,9 +303,9 @@ def downgrade() -> None:
 
     # Dropping a table drops its own indexes with it.
     for table in NEW_TABLES:
-        op.drop_table(table)
+        op.drop_table(table, if_exists=True)
     drop_check("ck_prompts_scope", "prompts")
-    op.drop_column("ab_tests", "target_role")
-    op.drop_column("prompt_versions", "content_hash")
-    for column in reversed(PROMPT_COLUMNS):
-        op.drop_column("prompts", column.name)
+    drop_column("ab_tests", "target_role")
+    drop_column("prompt_versions", "content_hash")
+    for column in reversed(_prompt_columns()):
+        drop_column("prompts", column.name)

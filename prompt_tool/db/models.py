@@ -155,9 +155,7 @@ class Prompt(Base):
     name: Mapped[str] = mapped_column(String(200), nullable=False)
     content: Mapped[str] = mapped_column(Text, nullable=False)
     category: Mapped[str | None] = mapped_column(String(50), nullable=True)
-    is_template: Mapped[bool] = mapped_column(
-        Boolean, nullable=False, server_default=text("false")
-    )
+    is_template: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
     # 0002: orchestration templates are prompts of another type, placed in a scope.
@@ -233,9 +231,7 @@ class ABTestVariant(Base):
     ab_test_id: Mapped[int] = mapped_column(
         ForeignKey("ab_tests.id", ondelete="CASCADE"), nullable=False
     )
-    prompt_version_id: Mapped[int] = mapped_column(
-        ForeignKey("prompt_versions.id"), nullable=False
-    )
+    prompt_version_id: Mapped[int] = mapped_column(ForeignKey("prompt_versions.id"), nullable=False)
     name: Mapped[str] = mapped_column(String(50), nullable=False)
     weight: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
 
@@ -253,9 +249,7 @@ class TemplateLabel(Base):
         ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True
     )
     label: Mapped[str] = mapped_column(String(50), primary_key=True)
-    prompt_version_id: Mapped[int] = mapped_column(
-        ForeignKey("prompt_versions.id"), nullable=False
-    )
+    prompt_version_id: Mapped[int] = mapped_column(ForeignKey("prompt_versions.id"), nullable=False)
     moved_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     moved_at: Mapped[datetime] = _created_at()
 
@@ -325,9 +319,7 @@ class SessionPromptRef(Base):
         ForeignKey("orchestration_sessions.id", ondelete="CASCADE"), primary_key=True
     )
     role: Mapped[str] = mapped_column(String(20), primary_key=True)
-    prompt_version_id: Mapped[int] = mapped_column(
-        ForeignKey("prompt_versions.id"), nullable=False
-    )
+    prompt_version_id: Mapped[int] = mapped_column(ForeignKey("prompt_versions.id"), nullable=False)
     variables: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # sha256 of the legacy text when the reference was made: a later edit of the legacy column
     # shows up as a different hash, so the session is known to be stale.
@@ -446,7 +438,7 @@ class MigrationBatch(Base):
     key_lo: Mapped[int] = mapped_column(BigInteger, nullable=False)
     key_hi: Mapped[int] = mapped_column(BigInteger, nullable=False)
     status: Mapped[str] = mapped_column(String(20), nullable=False)
-    rows_seen: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    rows_seen: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     counts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
     claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)

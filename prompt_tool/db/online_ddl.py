@@ -13,17 +13,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from alembic import op
-from sqlalchemy import text
+from sqlalchemy import Column, inspect, text
 from sqlalchemy.engine import Connection
 
+from alembic import op
 from prompt_tool.settings import get_settings
 
 __all__ = [
     "add_check_not_valid",
+    "add_column",
     "concurrent_ddl",
     "create_index_concurrently",
     "drop_check",
+    "drop_column",
     "drop_index_concurrently",
     "migration_timeouts",
     "timeout_statements",
@@ -119,7 +121,9 @@ def create_index_concurrently(
 ) -> None:
     """Build an index without blocking writes; use inside :func:`concurrent_ddl`."""
     _drop_invalid_leftover(name)
-    predicate = {} if where is None else {"postgresql_where": text(where), "sqlite_where": text(where)}
+    predicate = (
+        {} if where is None else {"postgresql_where": text(where), "sqlite_where": text(where)}
+    )
     op.create_index(
         name,
         table,
@@ -143,6 +147,8 @@ def add_check_not_valid(name: str, table: str, condition: str) -> None:
     rewrite the legacy rows), so there the rule is enforced by the application only.
     """
     if _is_postgres():
+        # PostgreSQL has no ADD CONSTRAINT IF NOT EXISTS; dropping a leftover keeps a re-run safe.
+        drop_check(name, table)
         op.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" CHECK ({condition}) NOT VALID')
 
 
@@ -155,3 +161,23 @@ def validate_constraint(name: str, table: str) -> None:
 def drop_check(name: str, table: str) -> None:
     if _is_postgres():
         op.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT IF EXISTS "{name}"')
+
+
+def _has_column(table: str, column: str) -> bool:
+    return any(c["name"] == column for c in inspect(op.get_bind()).get_columns(table))
+
+
+def add_column(table: str, column: Column[object]) -> None:
+    """Add a nullable (or constant-default) column, tolerating one left by an interrupted run."""
+    if _is_postgres():
+        op.add_column(table, column, if_not_exists=True)
+    elif op.get_context().as_sql or not _has_column(table, column.name):
+        # SQLite has no ADD COLUMN IF NOT EXISTS.
+        op.add_column(table, column)
+
+
+def drop_column(table: str, column: str) -> None:
+    if _is_postgres():
+        op.drop_column(table, column, if_exists=True)
+    elif op.get_context().as_sql or _has_column(table, column):
+        op.drop_column(table, column)

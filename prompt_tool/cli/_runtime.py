@@ -1,0 +1,125 @@
+"""What every command shares: the common options, output as a table or JSON, and the one place
+where errors become a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
+from enum import Enum
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from prompt_tool.errors import PromptToolError
+from prompt_tool.settings import get_settings
+
+__all__ = [
+    "DbOption",
+    "JsonOption",
+    "emit",
+    "fail",
+    "new_app",
+    "run",
+    "table",
+]
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        metavar="URL",
+        help="Database URL (default: $PROMPT_TOOL_DATABASE_URL, else sqlite:///prompt_tool.db).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+# SQLite and PostgreSQL say "no such table" / "undefined table" when the schema is behind.
+_MISSING_SCHEMA_MARKERS = ("no such table", "undefinedtable", "does not exist", "no such column")
+
+
+def new_app(help_text: str) -> typer.Typer:
+    return typer.Typer(
+        help=help_text,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+
+def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def emit(data: Any, *, as_json: bool, render: Callable[[Any], Any]) -> None:
+    """Print ``data``: as JSON with ``--json``, else whatever ``render`` builds (text or table).
+
+    Both come from the same value, so ``--json`` never takes another code path.
+    """
+    if as_json:
+        sys.stdout.write(json.dumps(_to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+        return
+    stdout.print(render(data))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    result = Table(title=title, title_justify="left")
+    for column in columns:
+        result.add_column(column)
+    for row in rows:
+        result.add_row(*("" if cell is None else str(cell) for cell in row))
+    return result
+
+
+def fail(message: str, exit_code: int) -> NoReturn:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise SystemExit(exit_code)
+
+
+def _database_message(error: SQLAlchemyError) -> str:
+    origin = error.orig if isinstance(error, DBAPIError) else error
+    first_line = (
+        str(origin).strip().splitlines()[0] if str(origin).strip() else type(error).__name__
+    )
+    if any(marker in first_line.lower() for marker in _MISSING_SCHEMA_MARKERS):
+        return (
+            f"the database schema is not what this command needs ({first_line}); "
+            "run `orch-migrate db upgrade` first"
+        )
+    return f"database error: {first_line}"
+
+
+def run(app: typer.Typer) -> None:
+    """Run ``app`` with the exit-code contract: 0 ok, 1 a check or render failed, 2 bad input."""
+    try:
+        app()
+    except PromptToolError as error:
+        fail(str(error), error.exit_code)
+    except SQLAlchemyError as error:
+        if get_settings().debug:
+            raise
+        fail(_database_message(error), 2)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing half-written is left behind, run the command again", 130)
+    except OSError as error:
+        if get_settings().debug:
+            raise
+        fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 2)

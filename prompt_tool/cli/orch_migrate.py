@@ -1,0 +1,110 @@
+"""`orch-migrate`: the operator's tool for the schema and the move to orchestration templates."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, run, table
+from prompt_tool.db import schema
+from prompt_tool.db.url import resolve_url
+from prompt_tool.migrate import fingerprint as fingerprints
+from prompt_tool.migrate import sample
+
+app = new_app("Move prompt-tool deployments to orchestration templates, safely and reversibly.")
+db_app = new_app("The schema history: upgrade, downgrade, stamp, current, history.")
+app.add_typer(db_app, name="db")
+
+RevisionArgument = Annotated[str, typer.Argument(help="Target revision (id, head, -1, ...).")]
+
+
+def _describe(state: schema.SchemaState) -> str:
+    if state.previous == state.current:
+        return f"{state.database}: at {state.current or 'no revision'} (head {state.head})"
+    return (
+        f"{state.database}: {state.previous or 'empty'} -> {state.current or 'empty'} "
+        f"(head {state.head})"
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: RevisionArgument = schema.HEAD, db: DbOption = None, as_json: JsonOption = False
+) -> None:
+    """Upgrade the schema (default: to head). Online-safe on PostgreSQL."""
+    emit(schema.upgrade(resolve_url(db), revision), as_json=as_json, render=_describe)
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: RevisionArgument = "-1", db: DbOption = None, as_json: JsonOption = False
+) -> None:
+    """Step the schema back (default: one revision). Legacy data is never touched."""
+    emit(schema.downgrade(resolve_url(db), revision), as_json=as_json, render=_describe)
+
+
+@db_app.command("stamp")
+def db_stamp(revision: RevisionArgument, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Record a revision without running it (adopt a database that has the legacy tables)."""
+    emit(schema.stamp(resolve_url(db), revision), as_json=as_json, render=_describe)
+
+
+@db_app.command("current")
+def db_current(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Show the revision the database is at."""
+    emit(schema.current(resolve_url(db)), as_json=as_json, render=_describe)
+
+
+@db_app.command("history")
+def db_history(as_json: JsonOption = False) -> None:
+    """List the revisions, oldest first."""
+    emit(
+        schema.history(),
+        as_json=as_json,
+        render=lambda revisions: table(
+            "Schema history",
+            ["revision", "down", "head", "description"],
+            [
+                (r.revision, r.down_revision or "", "yes" if r.is_head else "", r.description)
+                for r in revisions
+            ],
+        ),
+    )
+
+
+@app.command("fingerprint")
+def fingerprint(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Row count and sha256 of every legacy table: compare before and after any schema change."""
+    emit(
+        fingerprints.fingerprint_legacy_tables(resolve_url(db)),
+        as_json=as_json,
+        render=lambda result: table(
+            "Legacy tables",
+            ["table", "rows", "sha256"],
+            [(t.table, t.rows, t.sha256) for t in result.tables],
+        ),
+    )
+
+
+@app.command("sample-data")
+def sample_data(
+    sessions: Annotated[int, typer.Option(min=0, help="How many sessions to create.")] = 200,
+    projects: Annotated[int, typer.Option(min=1, help="Spread over this many projects.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same data.")] = 7,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Load a realistic legacy data set (for demos, rehearsals and trying things on a scratch DB)."""
+    emit(
+        sample.load_legacy_sample(resolve_url(db), sessions=sessions, projects=projects, seed=seed),
+        as_json=as_json,
+        render=lambda loaded: (
+            f"loaded {loaded.projects} projects, {loaded.prompts} prompts, "
+            f"{loaded.sessions} sessions into {loaded.database}"
+        ),
+    )
+
+
+def main() -> None:
+    run(app)

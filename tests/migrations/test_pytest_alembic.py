@@ -1,0 +1,17 @@
+"""pytest-alembic's built-in checks of the schema history, on SQLite and on PostgreSQL."""
+
+from pytest_alembic.tests import (
+    test_model_definitions_match_ddl,
+    test_single_head_revision,
+    test_up_down_consistency,
+    test_upgrade,
+)
+from pytest_alembic.tests.experimental import test_downgrade_leaves_no_trace
+
+__all__ = [
+    "test_downgrade_leaves_no_trace",
+    "test_model_definitions_match_ddl",
+    "test_single_head_revision",
+    "test_up_down_consistency",
+    "test_upgrade",
+]
