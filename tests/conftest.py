@@ -185,7 +185,9 @@ def dialect(request: pytest.FixtureRequest) -> str:
 def empty_db_url(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new, empty database (no tables) on each dialect."""
     if dialect == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
+        path = tmp_path / "empty.db"
+        path.touch()  # an empty file is an empty SQLite database
+        return f"sqlite:///{path}"
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.url_for(server.create_database("empty"))
 

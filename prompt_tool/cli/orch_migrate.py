@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, run, table
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, new_app, run, table
 from prompt_tool.db import schema
 from prompt_tool.db.url import resolve_url
 from prompt_tool.migrate import fingerprint as fingerprints
@@ -73,18 +75,39 @@ def db_history(as_json: JsonOption = False) -> None:
     )
 
 
-@app.command("fingerprint")
-def fingerprint(db: DbOption = None, as_json: JsonOption = False) -> None:
-    """Row count and sha256 of every legacy table: compare before and after any schema change."""
-    emit(
-        fingerprints.fingerprint_legacy_tables(resolve_url(db)),
-        as_json=as_json,
-        render=lambda result: table(
-            "Legacy tables",
-            ["table", "rows", "sha256"],
-            [(t.table, t.rows, t.sha256) for t in result.tables],
-        ),
+def _render_fingerprint(result: fingerprints.LegacyFingerprint) -> Table:
+    changed = set(result.changed or ())
+    status = {t.table: ("CHANGED" if t.table in changed else "same") for t in result.tables}
+    columns = ["table", "rows", "sha256"] + ([] if result.changed is None else ["vs saved"])
+    return table(
+        "Legacy tables",
+        columns,
+        [
+            (t.table, t.rows, t.sha256[:16])
+            + (() if result.changed is None else (status[t.table],))
+            for t in result.tables
+        ],
     )
+
+
+@app.command("fingerprint")
+def fingerprint(
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            metavar="FILE",
+            help="A fingerprint saved earlier with --json: exit 1 if any legacy table differs.",
+        ),
+    ] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Row count and sha256 of every legacy table: compare before and after any schema change."""
+    result = fingerprints.fingerprint_legacy_tables(resolve_url(db), against)
+    emit(result, as_json=as_json, render=_render_fingerprint)
+    if result.changed:
+        fail(f"legacy tables differ from {against}: {', '.join(result.changed)}", 1)
 
 
 @app.command("sample-data")
@@ -95,7 +118,7 @@ def sample_data(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Load a realistic legacy data set (for demos, rehearsals and trying things on a scratch DB)."""
+    """Load a realistic legacy data set: for demos, rehearsals and trying things on scratch."""
     emit(
         sample.load_legacy_sample(resolve_url(db), sessions=sessions, projects=projects, seed=seed),
         as_json=as_json,

@@ -32,7 +32,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def check_connection(engine: Engine) -> None:
-    """Raise :class:`DatabaseUnavailableError` with a one-line reason if ``engine`` can't connect."""
+    """Raise :class:`DatabaseUnavailableError` with the reason if ``engine`` can't connect."""
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))

@@ -153,7 +153,7 @@ def add_check_not_valid(name: str, table: str, condition: str) -> None:
 
 
 def validate_constraint(name: str, table: str) -> None:
-    """Check the existing rows against a ``NOT VALID`` constraint; use inside :func:`concurrent_ddl`."""
+    """Check existing rows against a ``NOT VALID`` constraint; use inside :func:`concurrent_ddl`."""
     if _is_postgres():
         op.execute(f'ALTER TABLE "{table}" VALIDATE CONSTRAINT "{name}"')
 

@@ -108,12 +108,12 @@ def _current_on(connection: Connection) -> str | None:
 def _require_existing_sqlite_file(url: str) -> None:
     parsed = normalize_url(url)
     database = parsed.database
-    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
-        if not Path(database).exists():
-            raise DatabaseUnavailableError(
-                f"no database file at {database}; run `orch-migrate db upgrade` to create it, "
-                "or pass --db with the right path"
-            )
+    is_file = parsed.get_backend_name() == "sqlite" and database and database != ":memory:"
+    if is_file and not Path(str(database)).exists():
+        raise DatabaseUnavailableError(
+            f"no database file at {database}; run `orch-migrate db upgrade` to create it, "
+            "or pass --db with the right path"
+        )
 
 
 @contextmanager

@@ -36,7 +36,7 @@ def normalize_url(raw: str) -> URL:
             f"unsupported database {backend!r} in {redact(url)}; "
             "prompt-tool runs on sqlite:/// or postgresql:// URLs"
         )
-    if backend == "postgresql" and url.get_driver_name() != "psycopg":
+    if backend == "postgresql" and url.drivername != "postgresql+psycopg":
         url = url.set(drivername="postgresql+psycopg")
     return url
 

@@ -6,6 +6,7 @@ from prompt_tool.migrate.fingerprint import (
     TableFingerprint,
     changed_tables,
     fingerprint_legacy_tables,
+    load_fingerprint,
 )
 from prompt_tool.migrate.sample import LoadedSample, load_legacy_sample
 
@@ -15,5 +16,6 @@ __all__ = [
     "TableFingerprint",
     "changed_tables",
     "fingerprint_legacy_tables",
+    "load_fingerprint",
     "load_legacy_sample",
 ]

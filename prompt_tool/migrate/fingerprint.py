@@ -8,13 +8,16 @@ streamed in primary-key order, so memory stays flat whatever the table size.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from sqlalchemy import Connection, text
 
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.legacy import LEGACY_COLUMNS
 from prompt_tool.db.url import redact
+from prompt_tool.errors import InvalidInputError
 
 __all__ = [
     "LegacyFingerprint",
@@ -22,6 +25,7 @@ __all__ = [
     "changed_tables",
     "fingerprint_connection",
     "fingerprint_legacy_tables",
+    "load_fingerprint",
 ]
 
 _STREAM_ROWS = 5_000
@@ -38,6 +42,8 @@ class TableFingerprint:
 class LegacyFingerprint:
     database: str
     tables: list[TableFingerprint]
+    # Filled when compared with a saved fingerprint: the tables whose rows differ.
+    changed: list[str] | None = None
 
     def by_table(self) -> dict[str, TableFingerprint]:
         return {entry.table: entry for entry in self.tables}
@@ -70,17 +76,44 @@ def fingerprint_connection(connection: Connection, database: str = "") -> Legacy
     )
 
 
-def fingerprint_legacy_tables(url: str) -> LegacyFingerprint:
-    """Fingerprint every legacy table of the database at ``url``."""
+def fingerprint_legacy_tables(url: str, against: Path | None = None) -> LegacyFingerprint:
+    """Fingerprint every legacy table of the database at ``url``.
+
+    With ``against`` (a saved fingerprint), ``changed`` lists the tables that differ from it.
+    """
+    saved = load_fingerprint(against) if against is not None else None
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            return fingerprint_connection(connection, redact(url))
+            current = fingerprint_connection(connection, redact(url))
     finally:
         engine.dispose()
+    if saved is None:
+        return current
+    return replace(current, changed=changed_tables(saved, current))
+
+
+def load_fingerprint(path: Path) -> LegacyFingerprint:
+    """Read a fingerprint saved with ``orch-migrate fingerprint --json``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LegacyFingerprint(
+            database=str(data.get("database", "")),
+            tables=[
+                TableFingerprint(str(t["table"]), int(t["rows"]), str(t["sha256"]))
+                for t in data["tables"]
+            ],
+        )
+    except FileNotFoundError:
+        raise InvalidInputError(f"no fingerprint file at {path}") from None
+    except (ValueError, KeyError, TypeError):
+        raise InvalidInputError(
+            f"{path} is not a fingerprint; save one with `orch-migrate fingerprint --json > FILE`"
+        ) from None
 
 
 def changed_tables(before: LegacyFingerprint, after: LegacyFingerprint) -> list[str]:
     """The legacy tables whose rows differ between two fingerprints (empty: byte-identical)."""
-    old, new = before.by_table(), after.by_table()
+    old = {t.table: (t.rows, t.sha256) for t in before.tables}
+    new = {t.table: (t.rows, t.sha256) for t in after.tables}
     return [table for table in LEGACY_COLUMNS if old.get(table) != new.get(table)]

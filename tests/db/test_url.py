@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from prompt_tool.db.url import normalize_url, redact, resolve_url
+from prompt_tool.errors import ConfigurationError
+from prompt_tool.settings import DEFAULT_DATABASE_URL, Settings, get_settings
+
+
+def test_postgresql_urls_use_psycopg_3() -> None:
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_unsupported_databases_are_refused_with_the_supported_forms() -> None:
+    with pytest.raises(ConfigurationError, match=r"sqlite:/// or postgresql://"):
+        normalize_url("mysql://root@localhost/db")
+
+
+def test_unparseable_url_is_refused_with_an_example() -> None:
+    with pytest.raises(ConfigurationError, match="postgresql://user@host"):
+        normalize_url("not a url")
+
+
+def test_passwords_never_appear_in_messages() -> None:
+    assert "s3cret" not in redact("postgresql://user:s3cret@host/db")
+
+
+def test_url_comes_from_flag_then_environment_then_embedded_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PROMPT_TOOL_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    assert resolve_url(None) == DEFAULT_DATABASE_URL == "sqlite:///prompt_tool.db"
+    monkeypatch.setenv("PROMPT_TOOL_DATABASE_URL", "postgresql://env@h/db")
+    get_settings.cache_clear()
+    assert resolve_url(None) == "postgresql://env@h/db"
+    assert resolve_url("sqlite:///explicit.db") == "sqlite:///explicit.db"
+    get_settings.cache_clear()
+
+
+def test_malformed_settings_name_the_variable() -> None:
+    with pytest.raises(ConfigurationError, match="PROMPT_TOOL_LOCK_TIMEOUT_MS"):
+        Settings.from_env({"PROMPT_TOOL_LOCK_TIMEOUT_MS": "soon"})
+    with pytest.raises(ConfigurationError, match="PROMPT_TOOL_TEMPLATES_ENABLED"):
+        Settings.from_env({"PROMPT_TOOL_TEMPLATES_ENABLED": "maybe"})
