@@ -1,0 +1,1 @@
+"""A/B tests of orchestration template versions: assignment, outcomes, results, promotion."""

@@ -1,0 +1,1 @@
+"""The read shim: session prompts from legacy text or rendered templates, by the project's flag."""

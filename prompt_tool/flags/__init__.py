@@ -1,0 +1,1 @@
+"""The per-project OpenFeature flag that chooses how session prompts are read."""
