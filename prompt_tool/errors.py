@@ -10,6 +10,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseUnavailableError",
     "InvalidInputError",
+    "NotFoundError",
     "PromptToolError",
     "SchemaError",
 ]
@@ -27,6 +28,10 @@ class PromptToolError(Exception):
 
 class InvalidInputError(PromptToolError):
     """An argument, file or value given by the user cannot be used as it is."""
+
+
+class NotFoundError(PromptToolError):
+    """Something the user named (a project, a session, a template) does not exist."""
 
 
 class ConfigurationError(PromptToolError):

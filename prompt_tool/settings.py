@@ -71,6 +71,8 @@ class Settings:
     name_cache_ttl_s: float = 60.0
     flag_cache_ttl_s: float = 5.0
     debug: bool = False
+    # Who the CLI acts as when --as is not given (permissions and the audit trail name them).
+    user: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -90,6 +92,7 @@ class Settings:
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
             flag_cache_ttl_s=_float(env, "PROMPT_TOOL_FLAG_CACHE_TTL_S", 5.0),
             debug=_flag(env, "PROMPT_TOOL_DEBUG", False),
+            user=env.get("PROMPT_TOOL_USER") or None,
         )
 
     def with_(self, **changes: object) -> Settings:

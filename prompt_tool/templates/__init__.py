@@ -1,1 +1,34 @@
-"""The template manager: scopes, versions, labels, permissions and name caches, over the database."""
+"""The template manager: scopes, versions, labels, permissions and name caches."""
+
+from prompt_tool.templates.manager import TemplateDetail, TemplateManager
+from prompt_tool.templates.permissions import Action, Grant, grant_role, list_grants, revoke_role
+from prompt_tool.templates.types import (
+    DEFAULT_LABEL,
+    LATEST_LABEL,
+    HistoryEntry,
+    PublishResult,
+    RenderedTemplate,
+    ResolvedTemplate,
+    TemplateAddress,
+    TemplateSummary,
+    VersionInfo,
+)
+
+__all__ = [
+    "DEFAULT_LABEL",
+    "LATEST_LABEL",
+    "Action",
+    "Grant",
+    "HistoryEntry",
+    "PublishResult",
+    "RenderedTemplate",
+    "ResolvedTemplate",
+    "TemplateAddress",
+    "TemplateDetail",
+    "TemplateManager",
+    "TemplateSummary",
+    "VersionInfo",
+    "grant_role",
+    "list_grants",
+    "revoke_role",
+]
