@@ -69,7 +69,11 @@ class Settings:
     template_max_output_bytes: int = 1024 * 1024
     template_render_timeout_s: float = 2.0
     name_cache_ttl_s: float = 60.0
+    redis_ttl_s: float = 30.0
     flag_cache_ttl_s: float = 5.0
+    # Which OpenFeature provider answers the flag: "database" (built in) or "flagd-file".
+    flag_provider: str = "database"
+    flagd_file: str | None = None
     debug: bool = False
     # Who the CLI acts as when --as is not given (permissions and the audit trail name them).
     user: str | None = None
@@ -90,7 +94,10 @@ class Settings:
             ),
             template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
+            redis_ttl_s=_float(env, "PROMPT_TOOL_REDIS_TTL_S", 30.0),
             flag_cache_ttl_s=_float(env, "PROMPT_TOOL_FLAG_CACHE_TTL_S", 5.0),
+            flag_provider=env.get("PROMPT_TOOL_FLAG_PROVIDER") or "database",
+            flagd_file=env.get("PROMPT_TOOL_FLAGD_FILE") or None,
             debug=_flag(env, "PROMPT_TOOL_DEBUG", False),
             user=env.get("PROMPT_TOOL_USER") or None,
         )

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POSTGRES_TEST = "tests/db/test_schema.py::test_upgrade_downgrade_and_current_report_where_the_database_stands[postgresql]"
+POSTGRES_TEST = (
+    "tests/db/test_schema.py::"
+    "test_upgrade_downgrade_and_current_report_where_the_database_stands[postgresql]"
+)
 
 
 def _pytest_without_postgres(require: bool) -> subprocess.CompletedProcess[str]:

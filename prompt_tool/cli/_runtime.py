@@ -4,6 +4,7 @@ where errors become a one-line message and an exit code."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ __all__ = [
     "DbOption",
     "JsonOption",
     "emit",
+    "errors_mapped",
     "fail",
     "new_app",
     "run",
@@ -46,8 +48,21 @@ stderr = Console(stderr=True, soft_wrap=True)
 _MISSING_SCHEMA_MARKERS = ("no such table", "undefinedtable", "does not exist", "no such column")
 
 
+class _App(typer.Typer):
+    """A Typer app whose every command maps errors the same way (see :func:`errors_mapped`)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(function: Callable[..., Any]) -> Any:
+            register(errors_mapped(function))
+            return function
+
+        return decorator
+
+
 def new_app(help_text: str) -> typer.Typer:
-    return typer.Typer(
+    return _App(
         help=help_text,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
@@ -107,8 +122,31 @@ def _database_message(error: SQLAlchemyError) -> str:
     return f"database error: {first_line}"
 
 
+def errors_mapped(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place errors become a one-line message and an exit code.
+
+    0 ok, 1 a check or render failed, 2 bad input or configuration; never a traceback for
+    anything the user can fix.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PromptToolError as error:
+            fail(str(error), error.exit_code)
+        except SQLAlchemyError as error:
+            if get_settings().debug:
+                raise
+            fail(_database_message(error), 2)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing half-written is left behind, run the command again", 130)
+
+    return wrapper
+
+
 def run(app: typer.Typer) -> None:
-    """Run ``app`` with the exit-code contract: 0 ok, 1 a check or render failed, 2 bad input."""
+    """Run ``app``; errors raised outside a command (option parsing) are mapped here too."""
     try:
         app()
     except PromptToolError as error:

@@ -18,6 +18,7 @@ from prompt_tool.errors import InvalidInputError
 from prompt_tool.settings import get_settings
 from prompt_tool.templates import (
     HistoryEntry,
+    LabelMove,
     PublishResult,
     TemplateAddress,
     TemplateDetail,
@@ -209,7 +210,7 @@ def templates_list(
 ) -> None:
     """List the templates you may see, with their labels and latest version."""
     emit(
-        _manager(db).list(
+        _manager(db).list_templates(
             actor=_actor(as_user),
             project=project,
             scope=scope,
@@ -443,7 +444,7 @@ def templates_label(
             _address(name, scope, project, actor), label, version, actor=actor, note=note
         ),
         as_json=as_json,
-        render=PublishResult.describe,
+        render=LabelMove.describe,
     )
 
 
@@ -472,7 +473,7 @@ def templates_rollback(
             note=note,
         ),
         as_json=as_json,
-        render=PublishResult.describe,
+        render=LabelMove.describe,
     )
 
 

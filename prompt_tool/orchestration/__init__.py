@@ -1,1 +1,2 @@
-"""The orchestrators: the integrated one (sessions in the database) and the standalone one (workflow files)."""
+"""The orchestrators: the integrated one (sessions in the database) and the standalone one
+(workflow files)."""

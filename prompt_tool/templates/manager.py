@@ -47,6 +47,7 @@ from prompt_tool.templates.types import (
     DEFAULT_LABEL,
     LATEST_LABEL,
     HistoryEntry,
+    LabelMove,
     PublishResult,
     RenderedTemplate,
     ResolvedTemplate,
@@ -130,8 +131,8 @@ class TemplateManager:
         self.engine = engine
         self.template_engine = template_engine or TemplateEngine(settings=self.settings)
         self._sessions: sessionmaker[Session] = make_session_factory(engine)
-        self._names: NameCache[_NameKey, ResolvedTemplate] = names or NameCache(
-            self.settings.name_cache_ttl_s
+        self._names: NameCache[_NameKey, ResolvedTemplate] = (
+            names if names is not None else NameCache(self.settings.name_cache_ttl_s)
         )
         self._shared = (
             shared_cache
@@ -287,7 +288,7 @@ class TemplateManager:
         action: str = "label_moved",
         note: str | None = None,
     ) -> int | None:
-        """Point ``label`` at ``version``; return the version id it pointed at before."""
+        """Point ``label`` at ``version``; return the version number it pointed at before."""
         current = session.get(TemplateLabel, (prompt.id, label))
         before = current.prompt_version_id if current else None
         if current is None:
@@ -299,11 +300,13 @@ class TemplateManager:
         else:
             current.prompt_version_id = version.id
             current.moved_by = actor
-            current.moved_at = func.now()  # type: ignore[assignment]
+            current.moved_at = func.now()  # type: ignore[assignment,unused-ignore]
         self._record(
             session, prompt, action, actor, label=label, from_id=before, to_id=version.id, note=note
         )
-        return before
+        if before is None:
+            return None
+        return session.get_one(PromptVersion, before).version
 
     def _changed(self, address: TemplateAddress, project_id: int | None) -> None:
         """Forget cached resolutions at once in this process, and in others through Redis."""
@@ -432,7 +435,7 @@ class TemplateManager:
         *,
         actor: str,
         note: str | None = None,
-    ) -> PublishResult:
+    ) -> LabelMove:
         """Point ``label`` at an existing ``version`` (recorded: who, when, from which to which)."""
         _check_address(address)
         _check_label(label)
@@ -440,9 +443,9 @@ class TemplateManager:
             self._check(session, actor, Action.EDIT, address)
             prompt = self._find(session, address, lock=True)
             target = self._version(session, prompt, version)
-            self._point(session, prompt, label, target, actor, note=note)
+            before = self._point(session, prompt, label, target, actor, note=note)
         self._changed(address, prompt.project_id)
-        return PublishResult(address, target.version, target.id, True, {label: target.version})
+        return LabelMove(address, label, before, target.version)
 
     def rollback(
         self,
@@ -452,7 +455,7 @@ class TemplateManager:
         label: str = DEFAULT_LABEL,
         to_version: int | None = None,
         note: str | None = None,
-    ) -> PublishResult:
+    ) -> LabelMove:
         """Move ``label`` back: to ``to_version``, else to where it pointed before its last move."""
         _check_address(address)
         _check_label(label)
@@ -481,9 +484,11 @@ class TemplateManager:
                         "back to; name one with --to-version"
                     )
                 target = session.get_one(PromptVersion, previous_id)
-            self._point(session, prompt, label, target, actor, action="rollback", note=note)
+            before = self._point(
+                session, prompt, label, target, actor, action="rollback", note=note
+            )
         self._changed(address, prompt.project_id)
-        return PublishResult(address, target.version, target.id, True, {label: target.version})
+        return LabelMove(address, label, before, target.version, rollback=True)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -492,17 +497,14 @@ class TemplateManager:
     ) -> list[TemplateSummary]:
         prompt_ids = [prompt.id for prompt, _ in rows]
         labels = self._labels(session, prompt_ids)
-        latest = (
-            dict(
-                session.execute(
-                    select(PromptVersion.prompt_id, func.max(PromptVersion.version))
-                    .where(PromptVersion.prompt_id.in_(prompt_ids))
-                    .group_by(PromptVersion.prompt_id)
-                ).tuples()
+        latest: dict[int, int] = {}
+        if prompt_ids:
+            rows_by_prompt = session.execute(
+                select(PromptVersion.prompt_id, func.max(PromptVersion.version))
+                .where(PromptVersion.prompt_id.in_(prompt_ids))
+                .group_by(PromptVersion.prompt_id)
             )
-            if prompt_ids
-            else {}
-        )
+            latest = {prompt_id: number for prompt_id, number in rows_by_prompt}
         return [
             TemplateSummary(
                 template_id=prompt.id,
@@ -520,7 +522,7 @@ class TemplateManager:
             for prompt, slug in rows
         ]
 
-    def list(
+    def list_templates(
         self,
         *,
         actor: str | None = None,
@@ -556,7 +558,9 @@ class TemplateManager:
                         func.lower(func.coalesce(Prompt.description, "")).like(pattern),
                     )
                 )
-            rows = [(prompt, slug) for prompt, slug in session.execute(query).tuples()]
+            rows: list[tuple[Prompt, str | None]] = [
+                (prompt, slug) for prompt, slug in session.execute(query)
+            ]
             if tag:
                 rows = [(p, s) for p, s in rows if tag in (p.tags or ())]
             if actor is not None:
@@ -566,13 +570,14 @@ class TemplateManager:
     def _visible(
         self, session: Session, actor: str, rows: list[tuple[Prompt, str | None]]
     ) -> list[tuple[Prompt, str | None]]:
-        roles = dict(
-            session.execute(
+        roles = {
+            project_id: role
+            for project_id, role in session.execute(
                 select(TemplatePermission.project_id, TemplatePermission.role).where(
                     TemplatePermission.user_name == actor
                 )
-            ).tuples()
-        )
+            )
+        }
         if roles.get(None) == "admin":
             return rows
 
@@ -628,13 +633,14 @@ class TemplateManager:
             if actor is not None:
                 self._check(session, actor, Action.VIEW, address)
             prompt = self._find(session, address)
-            numbers = dict(
-                session.execute(
+            numbers = {
+                version_id: number
+                for version_id, number in session.execute(
                     select(PromptVersion.id, PromptVersion.version).where(
                         PromptVersion.prompt_id == prompt.id
                     )
-                ).tuples()
-            )
+                )
+            }
             events = session.scalars(
                 select(TemplateEvent)
                 .where(TemplateEvent.prompt_id == prompt.id)
@@ -718,13 +724,19 @@ class TemplateManager:
     # --- resolution and rendering --------------------------------------------------------
 
     def _load_resolution(self, key: _NameKey) -> ResolvedTemplate:
+        project_id = None
+        if key.project:
+            project_id = self._project_ids.get(key.project)
+            if project_id is None:
+                with self._unit() as session:
+                    project_id = self._project_id(session, key.project)
+        cache_key = f"{key.user or ''}\x1f{key.name}\x1f{key.label}\x1f{key.version or ''}"
+        # Redis first, outside any transaction: a shared hit costs no database round trip.
+        if self._shared is not None:
+            cached = self._shared.get(project_id, cache_key)
+            if cached is not None:
+                return ResolvedTemplate.from_cache(cached)
         with self._unit() as session:
-            project_id = self._project_id(session, key.project) if key.project else None
-            cache_key = f"{key.user or ''}\x1f{key.name}\x1f{key.label}\x1f{key.version or ''}"
-            if self._shared is not None:
-                cached = self._shared.get(project_id, cache_key)
-                if cached is not None:
-                    return ResolvedTemplate.from_cache(cached)
             resolved = self._query_resolution(session, project_id, key)
         if self._shared is not None:
             self._shared.set(project_id, cache_key, resolved.to_cache())
@@ -847,4 +859,5 @@ class TemplateManager:
             version=resolved.version,
             declared_variables=resolved.declared_variables or None,
             loader=self._include_loader(project, user),
+            content_hash=resolved.content_hash,
         )

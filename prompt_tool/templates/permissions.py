@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any, cast
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import CursorResult, delete, exists, select
 from sqlalchemy.orm import Session
 
 from prompt_tool.core.errors import PermissionDenied
@@ -169,13 +170,16 @@ def revoke_role(session: Session, actor: str, user: str, project_slug: str | Non
     project = get_project(session, project_slug) if project_slug else None
     _require_admin(session, actor, project)
     project_id = project.id if project else None
-    removed = session.execute(
-        delete(TemplatePermission).where(
-            TemplatePermission.user_name == user,
-            TemplatePermission.project_id.is_(None)
-            if project_id is None
-            else TemplatePermission.project_id == project_id,
-        )
+    removed = cast(
+        CursorResult[Any],
+        session.execute(
+            delete(TemplatePermission).where(
+                TemplatePermission.user_name == user,
+                TemplatePermission.project_id.is_(None)
+                if project_id is None
+                else TemplatePermission.project_id == project_id,
+            )
+        ),
     ).rowcount
     if not removed:
         where = f"project {project_slug}" if project_slug else "the global scope"

@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_LABEL",
     "LATEST_LABEL",
     "HistoryEntry",
+    "LabelMove",
     "PublishResult",
     "RenderedTemplate",
     "ResolvedTemplate",
@@ -117,6 +118,22 @@ class PublishResult:
             f"{label} -> v{version}" for label, version in sorted(self.labels.items())
         )
         return f"{self.address.describe()}: stored version {self.version} ({moved})"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMove:
+    """A label pointed at another version (a move or a rollback)."""
+
+    address: TemplateAddress
+    label: str
+    from_version: int | None
+    to_version: int
+    rollback: bool = False
+
+    def describe(self) -> str:
+        verb = "rolled back" if self.rollback else "moved"
+        before = f"v{self.from_version}" if self.from_version is not None else "nothing"
+        return f"{self.address.describe()}: {verb} {self.label} from {before} to v{self.to_version}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ def test_missing_sqlite_file_is_not_created_by_read_commands(tmp_path: Path) -> 
 
 
 def test_unreachable_server_says_what_to_check() -> None:
-    with pytest.raises(DatabaseUnavailableError, match="cannot connect .* --db"):
+    with pytest.raises(DatabaseUnavailableError, match=r"cannot connect .* --db"):
         schema.current("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
 
 

@@ -86,7 +86,7 @@ def test_rollback_moves_the_label_back_and_is_recorded(manager: TemplateManager)
     manager.create(ACME, "good", actor="ed")
     manager.update(ACME, "bad", actor="ed", promote=True)
     result = manager.rollback(ACME, actor="ed", note="bad output")
-    assert result.labels == {"production": 1}
+    assert (result.label, result.from_version, result.to_version) == ("production", 2, 1)
     assert manager.resolve("planner", project="acme").source == "good"
     last = manager.history(ACME)[-1]
     assert (last.action, last.label, last.from_version, last.to_version, last.actor) == (
@@ -176,14 +176,14 @@ def test_listing_filters_by_scope_category_tag_and_text(manager: TemplateManager
         TemplateAddress("synth", Scope.PROJECT, project="acme"), "s", actor="ed", category="output"
     )
     names = lambda items: sorted((t.name, t.scope) for t in items)  # noqa: E731
-    assert names(manager.list(project="acme", category="planning")) == [
+    assert names(manager.list_templates(project="acme", category="planning")) == [
         ("planner", "global"),
         ("planner", "project"),
     ]
-    assert names(manager.list(tag="beta")) == [("planner", "project")]
-    assert names(manager.list(scope=Scope.GLOBAL)) == [("planner", "global")]
-    assert names(manager.list(search="acme's")) == [("planner", "project")]
-    summary = manager.list(project="acme", scope=Scope.PROJECT, category="output")[0]
+    assert names(manager.list_templates(tag="beta")) == [("planner", "project")]
+    assert names(manager.list_templates(scope=Scope.GLOBAL)) == [("planner", "global")]
+    assert names(manager.list_templates(search="acme's")) == [("planner", "project")]
+    summary = manager.list_templates(project="acme", scope=Scope.PROJECT, category="output")[0]
     assert summary.labels == {"latest": 1, "production": 1}
 
 

@@ -53,8 +53,8 @@ def test_custom_templates_belong_to_their_owner(manager: TemplateManager) -> Non
     manager.create(mine, "my own", actor="vi")
     with pytest.raises(PermissionDenied, match="belong to vi only"):
         manager.update(mine, "hijacked", actor="ed")
-    assert [t.owner for t in manager.list(actor="ed", scope=Scope.CUSTOM)] == []
-    assert [t.owner for t in manager.list(actor="vi", scope=Scope.CUSTOM)] == ["vi"]
+    assert [t.owner for t in manager.list_templates(actor="ed", scope=Scope.CUSTOM)] == []
+    assert [t.owner for t in manager.list_templates(actor="vi", scope=Scope.CUSTOM)] == ["vi"]
 
 
 def test_denied_label_move_writes_nothing(manager: TemplateManager) -> None:

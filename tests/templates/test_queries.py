@@ -65,12 +65,14 @@ def test_listing_costs_the_same_statements_for_10_and_1000_templates(
     manager: TemplateManager, db_engine: Engine
 ) -> None:
     _bulk_templates(db_engine, 10, "small")
-    manager.list(project="acme")  # warm the slug -> id map, which never needs a query again
+    manager.list_templates(
+        project="acme"
+    )  # warm the slug -> id map, which never needs a query again
     with counting_statements(db_engine) as small:
-        assert len(manager.list(project="acme", search="small")) == 10
+        assert len(manager.list_templates(project="acme", search="small")) == 10
     _bulk_templates(db_engine, 990, "big")
     with counting_statements(db_engine) as large:
-        listed = manager.list(project="acme")
+        listed = manager.list_templates(project="acme")
     assert len(listed) == 1000
     assert all(t.labels == {"latest": 1, "production": 1} for t in listed)
     assert len(large) == len(small)
