@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy.engine import Connection, Engine
 
-from alembic import context
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import Base
 from prompt_tool.db.online_ddl import migration_timeouts, timeout_statements

@@ -24,7 +24,9 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from prompt_tool.db import schema
-from prompt_tool.db.engine import make_engine
+from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
+from prompt_tool.db.projects import create_project
+from prompt_tool.templates.permissions import grant_role
 
 DIALECTS = [
     pytest.param("sqlite", id="sqlite"),
@@ -218,6 +220,20 @@ def engine_for() -> Iterator[Any]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def db_engine(head_db_url: str, engine_for: Any) -> Engine:
+    """A database at head with projects acme and beta, a global admin root, and acme's team:
+    ed (editor) and vi (viewer)."""
+    engine: Engine = engine_for(head_db_url)
+    with session_scope(make_session_factory(engine)) as session:
+        create_project(session, "acme", "Acme")
+        create_project(session, "beta", "Beta")
+        grant_role(session, "root", "root", "admin", None)
+        grant_role(session, "root", "ed", "editor", "acme")
+        grant_role(session, "root", "vi", "viewer", "acme")
+    return engine
 
 
 # pytest-alembic: its built-in tests run against a fresh database of each dialect.

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
+
 from prompt_tool.db.online_ddl import (
     add_check_not_valid,
     add_column,
@@ -231,6 +231,25 @@ def _create_new_tables() -> None:
     )
     _index("ix_feature_flag_events_flag_key_id", "feature_flag_events", ["flag_key", "id"])
     _table(
+        "orchestration_steps",
+        _id(),
+        sa.Column("session_id", BIG_ID, nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+        sa.Column("role", sa.String(20), nullable=False),
+        sa.Column("input_text", sa.Text(), nullable=False),
+        sa.Column("output_text", sa.Text(), nullable=True),
+        sa.Column("model", sa.String(100), nullable=True),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        _timestamp("started_at"),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name="pk_orchestration_steps"),
+        _fk("session_id", "orchestration_sessions.id", "orchestration_steps", "CASCADE"),
+        sa.UniqueConstraint(
+            "session_id", "position", name="uq_orchestration_steps_session_id_position"
+        ),
+    )
+    _table(
         "migration_runs",
         _id(),
         sa.Column("kind", sa.String(20), nullable=False),
@@ -269,6 +288,7 @@ def _create_new_tables() -> None:
 NEW_TABLES = (
     "migration_batches",
     "migration_runs",
+    "orchestration_steps",
     "feature_flag_events",
     "feature_flag_states",
     "ab_assignments",

@@ -39,6 +39,7 @@ __all__ = [
     "MigrationBatch",
     "MigrationRun",
     "OrchestrationSession",
+    "OrchestrationStep",
     "PermissionRole",
     "Project",
     "Prompt",
@@ -401,6 +402,27 @@ class FeatureFlagEvent(Base):
     new_variant: Mapped[str | None] = mapped_column(String(20), nullable=True)
     actor: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = _created_at()
+
+
+class OrchestrationStep(Base):
+    """One step of a session's run: the exact input sent to the model and what came back."""
+
+    __tablename__ = "orchestration_steps"
+    __table_args__ = (UniqueConstraint("session_id", "position"),)
+
+    id: Mapped[int] = _id()
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("orchestration_sessions.id", ondelete="CASCADE"), nullable=False
+    )
+    position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    role: Mapped[str] = mapped_column(String(20), nullable=False)
+    input_text: Mapped[str] = mapped_column(Text, nullable=False)
+    output_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = _created_at()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class MigrationRun(Base):

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from alembic import op
 from sqlalchemy import Column, inspect, text
 from sqlalchemy.engine import Connection
 
-from alembic import op
 from prompt_tool.settings import get_settings
 
 __all__ = [

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -19,7 +20,6 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from alembic import command
 from prompt_tool.db.engine import check_connection, make_engine
 from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import DatabaseUnavailableError, SchemaError

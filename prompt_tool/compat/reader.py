@@ -1,0 +1,295 @@
+"""The read shim: every reader of session prompts goes through here.
+
+The project's flag decides: ``legacy`` returns the legacy TEXT columns; ``templates`` renders the
+referenced template versions with their stored variables (a role not yet backfilled, or whose
+legacy text changed after it was backfilled, falls back to the legacy text); ``shadow`` returns
+the legacy text and compares the template path beside it. A batch of sessions costs a constant
+number of SQL statements, and each distinct (version, variables) pair is rendered once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from prompt_tool.compat.shadow import (
+    LogPublisher,
+    ShadowCounters,
+    ShadowEvent,
+    ShadowPublisher,
+    is_sampled,
+    short_diff,
+    text_hash,
+)
+from prompt_tool.compat.types import PromptSource, RolePrompt, SessionPrompts
+from prompt_tool.core.errors import TemplateError
+from prompt_tool.db.models import (
+    OrchestrationSession,
+    Project,
+    Prompt,
+    PromptRole,
+    PromptVersion,
+    SessionPromptRef,
+)
+from prompt_tool.errors import NotFoundError
+from prompt_tool.flags import FlagService, Variant
+from prompt_tool.templates import ResolvedTemplate, TemplateManager
+
+__all__ = ["SessionReader"]
+
+logger = logging.getLogger("prompt_tool.compat")
+
+_ROLES = tuple(PromptRole)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    template: ResolvedTemplate
+    variables: dict[str, Any]
+    legacy_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _LegacyRow:
+    session_id: int
+    project_id: int
+    project: str
+    texts: dict[PromptRole, str | None]
+
+
+class _Rendered:
+    """Render each distinct (version, variables) pair once per batch."""
+
+    def __init__(self, manager: TemplateManager) -> None:
+        self._manager = manager
+        self._done: dict[tuple[int, str], str | TemplateError] = {}
+
+    def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
+        key = (
+            reference.template.version_id,
+            json.dumps(reference.variables, sort_keys=True, default=str),
+        )
+        if key not in self._done:
+            try:
+                self._done[key] = self._manager.render_resolved(
+                    reference.template, reference.variables, project=project
+                )
+            except TemplateError as error:
+                self._done[key] = error
+        return self._done[key]
+
+
+class SessionReader:
+    """Reads session prompts the way the project's flag says; never breaks because of it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        flags: FlagService | None = None,
+        manager: TemplateManager | None = None,
+        publisher: ShadowPublisher | None = None,
+    ) -> None:
+        self.engine = engine
+        self.manager = manager if manager is not None else TemplateManager(engine)
+        self.flags = flags if flags is not None else FlagService(engine, self.manager.settings)
+        self.publisher: ShadowPublisher = publisher if publisher is not None else LogPublisher()
+        self.shadow_counts = ShadowCounters()
+
+    # --- queries -----------------------------------------------------------------------
+
+    def _legacy_rows(self, session_ids: list[int]) -> list[_LegacyRow]:
+        query = (
+            select(
+                OrchestrationSession.id,
+                OrchestrationSession.project_id,
+                Project.slug,
+                OrchestrationSession.system_prompt,
+                OrchestrationSession.planner_prompt,
+                OrchestrationSession.synthesis_prompt,
+            )
+            .join(Project, Project.id == OrchestrationSession.project_id)
+            .where(OrchestrationSession.id.in_(session_ids))
+        )
+        with self.engine.connect() as connection:
+            return [
+                _LegacyRow(
+                    session_id,
+                    project_id,
+                    slug,
+                    {
+                        PromptRole.SYSTEM: system,
+                        PromptRole.PLANNER: planner,
+                        PromptRole.SYNTHESIS: synthesis,
+                    },
+                )
+                for session_id, project_id, slug, system, planner, synthesis in connection.execute(
+                    query
+                )
+            ]
+
+    def _references(self, session_ids: list[int]) -> dict[tuple[int, str], _Reference]:
+        if not session_ids:
+            return {}
+        query = (
+            select(
+                SessionPromptRef.session_id,
+                SessionPromptRef.role,
+                SessionPromptRef.variables,
+                SessionPromptRef.legacy_hash,
+                PromptVersion.id,
+                PromptVersion.version,
+                PromptVersion.content,
+                PromptVersion.content_hash,
+                Prompt.id,
+                Prompt.name,
+                Prompt.scope,
+                Prompt.declared_variables,
+            )
+            .join(PromptVersion, PromptVersion.id == SessionPromptRef.prompt_version_id)
+            .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+            .where(SessionPromptRef.session_id.in_(session_ids))
+        )
+        references: dict[tuple[int, str], _Reference] = {}
+        with self.engine.connect() as connection:
+            for (
+                session_id,
+                role,
+                variables,
+                legacy_hash,
+                version_id,
+                version,
+                source,
+                digest,
+                template_id,
+                name,
+                scope,
+                declared,
+            ) in connection.execute(query):
+                template = ResolvedTemplate(
+                    name=name,
+                    scope=scope or "global",
+                    template_id=template_id,
+                    version_id=version_id,
+                    version=version,
+                    source=source,
+                    content_hash=digest or text_hash(source) or "",
+                    declared_variables=tuple(declared or ()),
+                )
+                references[(session_id, role)] = _Reference(template, variables or {}, legacy_hash)
+        return references
+
+    # --- reading -----------------------------------------------------------------------
+
+    def read(self, session_id: int) -> SessionPrompts:
+        """One session's prompts (see :meth:`read_many`)."""
+        found = self.read_many([session_id])
+        if session_id not in found:
+            raise NotFoundError(f"no orchestration session with id {session_id}")
+        return found[session_id]
+
+    def read_many(self, session_ids: Iterable[int]) -> dict[int, SessionPrompts]:
+        """The prompts of many sessions, by id, in a constant number of SQL statements."""
+        wanted = list(dict.fromkeys(session_ids))
+        rows = self._legacy_rows(wanted)
+        decisions = self.flags.variants_for({(row.project, row.project_id) for row in rows})
+        needs_templates = [
+            row.session_id for row in rows if decisions[row.project].variant is not Variant.LEGACY
+        ]
+        references = self._references(needs_templates)
+        render = _Rendered(self.manager)
+        result: dict[int, SessionPrompts] = {}
+        for row in rows:
+            decision = decisions[row.project]
+            prompts = {
+                role: self._role(
+                    row, role, decision.variant, decision.sample_rate, references, render
+                )
+                for role in _ROLES
+            }
+            result[row.session_id] = SessionPrompts(
+                session_id=row.session_id,
+                project=row.project,
+                variant=decision.variant.value,
+                system=prompts[PromptRole.SYSTEM],
+                planner=prompts[PromptRole.PLANNER],
+                synthesis=prompts[PromptRole.SYNTHESIS],
+            )
+        return result
+
+    def _role(
+        self,
+        row: _LegacyRow,
+        role: PromptRole,
+        variant: Variant,
+        sample_rate: float,
+        references: Mapping[tuple[int, str], _Reference],
+        render: _Rendered,
+    ) -> RolePrompt:
+        legacy = row.texts[role]
+        if variant is Variant.LEGACY:
+            return RolePrompt(role, legacy, PromptSource.LEGACY)
+        reference = references.get((row.session_id, role.value))
+        if variant is Variant.SHADOW:
+            if reference is not None and is_sampled(row.session_id, sample_rate):
+                self._compare(row, role, legacy, reference, render)
+            return RolePrompt(role, legacy, PromptSource.LEGACY)
+        if reference is None:
+            return RolePrompt(role, legacy, PromptSource.UNMIGRATED)
+        version_id = reference.template.version_id
+        if reference.legacy_hash != text_hash(legacy):
+            return RolePrompt(role, legacy, PromptSource.STALE, version_id)
+        rendered = render(row.project, reference)
+        if isinstance(rendered, TemplateError):
+            self._publish(row, role, "render_error", reference, legacy, None, str(rendered))
+            return RolePrompt(role, legacy, PromptSource.RENDER_ERROR, version_id)
+        return RolePrompt(role, rendered, PromptSource.TEMPLATE, version_id)
+
+    def _compare(
+        self,
+        row: _LegacyRow,
+        role: PromptRole,
+        legacy: str | None,
+        reference: _Reference,
+        render: _Rendered,
+    ) -> None:
+        rendered = render(row.project, reference)
+        if isinstance(rendered, TemplateError):
+            self.shadow_counts.add(row.project, "render_errors")
+            self._publish(row, role, "render_error", reference, legacy, None, str(rendered))
+        elif rendered == legacy:
+            self.shadow_counts.add(row.project, "matched")
+        else:
+            self.shadow_counts.add(row.project, "mismatched")
+            self._publish(row, role, "mismatch", reference, legacy, rendered, None)
+
+    def _publish(
+        self,
+        row: _LegacyRow,
+        role: PromptRole,
+        kind: str,
+        reference: _Reference,
+        legacy: str | None,
+        rendered: str | None,
+        error: str | None,
+    ) -> None:
+        event = ShadowEvent(
+            project=row.project,
+            session_id=row.session_id,
+            role=role.value,
+            kind=kind,
+            version_id=reference.template.version_id,
+            legacy_hash=text_hash(legacy),
+            rendered_hash=text_hash(rendered),
+            diff=short_diff(legacy, rendered) if rendered is not None else "",
+            error=error,
+        )
+        try:
+            self.publisher.publish(event)
+        except Exception:
+            logger.exception("shadow publisher failed")

@@ -1,0 +1,298 @@
+"""The read shim: each project's flag picks where prompts come from; reads never break."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text, update
+
+from prompt_tool import flags
+from prompt_tool.compat import (
+    PromptSource,
+    SessionReader,
+    create_session,
+    set_session_template,
+    update_session_variables,
+)
+from prompt_tool.db import schema
+from prompt_tool.db.models import OrchestrationSession, Scope
+from prompt_tool.settings import Settings
+from prompt_tool.templates import TemplateAddress, TemplateManager
+
+ROLES = {"system": "system", "planner": "planner", "synthesis": "synthesis"}
+
+
+def _legacy_session(engine: Engine, project: str, texts: dict[str, str | None]) -> int:
+    with engine.begin() as connection:
+        project_id = connection.execute(
+            text("SELECT id FROM projects WHERE slug = :slug"), {"slug": project}
+        ).scalar_one()
+        return int(
+            connection.execute(
+                OrchestrationSession.__table__.insert()
+                .values(project_id=project_id, name="legacy", **texts)
+                .returning(OrchestrationSession.id)
+            ).scalar_one()
+        )
+
+
+def test_two_projects_read_through_their_own_variant_in_one_process(
+    manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    acme = create_session(manager, "acme", ROLES, {"topic": "billing"}, name="a")
+    beta = create_session(manager, "beta", ROLES, {"topic": "billing"}, name="b")
+    set_flag("acme", "templates")
+    set_flag("beta", "legacy")
+
+    read = reader.read_many([acme.session_id, beta.session_id])
+
+    assert read[acme.session_id].variant == "templates"
+    assert read[acme.session_id].planner.source is PromptSource.TEMPLATE
+    assert read[beta.session_id].planner.source is PromptSource.LEGACY
+    assert read[acme.session_id].texts() == read[beta.session_id].texts()
+    assert read[acme.session_id].planner.text == (
+        "The planner prompt about billing.\r\nBe exact: {{raw}}"
+    )
+
+
+def test_dual_written_text_is_the_same_under_every_variant(
+    manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    seen = []
+    for variant in ("legacy", "shadow", "templates"):
+        set_flag("acme", variant)
+        seen.append(reader.read(created.session_id).texts())
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0]["planner"] == created.texts["planner"]
+
+
+def test_kill_switch_forces_legacy(
+    db_engine: Engine, manager: TemplateManager, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    set_flag("acme", "templates")
+    service = flags.FlagService(db_engine, Settings(redis_url=None, templates_enabled=False))
+    try:
+        read = SessionReader(db_engine, flags=service, manager=manager).read(created.session_id)
+    finally:
+        service.close()
+    assert read.variant == "legacy"
+    assert read.system.source is PromptSource.LEGACY
+
+
+def test_templates_falls_back_to_legacy_for_a_session_not_yet_backfilled(
+    db_engine: Engine, reader: SessionReader, set_flag: Any
+) -> None:
+    session_id = _legacy_session(db_engine, "acme", {"planner_prompt": "old {{ text }}"})
+    set_flag("acme", "templates")
+    read = reader.read(session_id)
+    assert (read.planner.text, read.planner.source) == ("old {{ text }}", PromptSource.UNMIGRATED)
+    assert read.system.text is None
+
+
+def test_legacy_text_changed_after_the_reference_wins_as_stale(
+    db_engine: Engine, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    with db_engine.begin() as connection:
+        connection.execute(
+            update(OrchestrationSession)
+            .where(OrchestrationSession.id == created.session_id)
+            .values(planner_prompt="edited by an old app version")
+        )
+    set_flag("acme", "templates")
+    planner = reader.read(created.session_id).planner
+    assert (planner.text, planner.source) == ("edited by an old app version", PromptSource.STALE)
+
+
+def test_shadow_returns_legacy_and_publishes_a_mismatch_without_the_full_text(
+    db_engine: Engine,
+    manager: TemplateManager,
+    reader: SessionReader,
+    publisher: Any,
+    set_flag: Any,
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "secret-topic"}, name="s")
+    with db_engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE session_prompt_refs SET legacy_hash = 'x', variables = :vars "
+                "WHERE role = 'planner'"
+            ),
+            {"vars": '{"topic": "other"}'},
+        )
+    set_flag("acme", "shadow", sample_rate=1.0)
+
+    read = reader.read(created.session_id)
+
+    assert read.planner.text == created.texts["planner"]
+    assert read.planner.source is PromptSource.LEGACY
+    (event,) = publisher.events
+    assert (event.kind, event.role, event.session_id) == ("mismatch", "planner", created.session_id)
+    assert event.legacy_hash != event.rendered_hash
+    assert len(event.diff.splitlines()) <= 8
+    assert reader.shadow_counts.snapshot()["acme"] == {"matched": 2, "mismatched": 1}
+
+
+def test_shadow_sampling_at_zero_compares_nothing(
+    manager: TemplateManager, reader: SessionReader, publisher: Any, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    set_flag("acme", "shadow", sample_rate=0.0)
+    reader.read(created.session_id)
+    assert reader.shadow_counts.snapshot() == {}
+    assert publisher.events == []
+
+
+def test_a_template_that_fails_to_render_serves_the_legacy_text(
+    db_engine: Engine,
+    manager: TemplateManager,
+    reader: SessionReader,
+    publisher: Any,
+    set_flag: Any,
+) -> None:
+    manager.create(
+        TemplateAddress("strict", Scope.GLOBAL),
+        "needs {{ value }}",
+        actor="root",
+        variables=[{"name": "value", "type": "string"}],
+    )
+    created = create_session(manager, "acme", {"planner": "strict"}, {"value": "v"}, name="s")
+    with db_engine.begin() as connection:
+        connection.execute(text("UPDATE session_prompt_refs SET variables = '{}'"))
+    set_flag("acme", "templates")
+    planner = reader.read(created.session_id).planner
+    assert (planner.text, planner.source) == ("needs v", PromptSource.RENDER_ERROR)
+    assert [e.kind for e in publisher.events] == ["render_error"]
+
+
+def test_editing_variables_re_renders_the_legacy_text_in_the_same_transaction(
+    manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "old"}, name="s")
+    update_session_variables(manager, created.session_id, {"topic": "new"})
+    set_flag("acme", "legacy")
+    assert "about new." in (reader.read(created.session_id).planner.text or "")
+    set_flag("acme", "templates")
+    read = reader.read(created.session_id)
+    assert read.planner.source is PromptSource.TEMPLATE
+    assert "about new." in (read.planner.text or "")
+
+
+def test_switching_a_role_to_another_template_rewrites_its_legacy_text(
+    manager: TemplateManager, reader: SessionReader
+) -> None:
+    manager.create(TemplateAddress("terse", Scope.GLOBAL), "Terse on {{ topic }}.", actor="root")
+    created = create_session(manager, "acme", ROLES, {"topic": "tax"}, name="s")
+    set_session_template(manager, created.session_id, "planner", "terse")
+    assert reader.read(created.session_id).planner.text == "Terse on tax."
+
+
+def test_batch_read_costs_the_same_statements_for_10_and_1000_sessions(
+    db_engine: Engine, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    ids = [
+        create_session(manager, "acme", ROLES, {"topic": f"t{i % 7}"}, name=f"s{i}").session_id
+        for i in range(10)
+    ]
+    set_flag("acme", "templates")
+    reader.read_many(ids)  # warm the flag cache
+
+    def count(session_ids: list[int]) -> int:
+        statements: list[str] = []
+
+        def record(*args: Any) -> None:
+            statements.append(args[2])
+
+        event.listen(db_engine, "before_cursor_execute", record)
+        try:
+            read = reader.read_many(session_ids)
+        finally:
+            event.remove(db_engine, "before_cursor_execute", record)
+        assert all(p.planner.source is PromptSource.TEMPLATE for p in read.values())
+        return len(statements)
+
+    small = count(ids)
+    with db_engine.begin() as connection:
+        rows = (
+            connection.execute(
+                text(
+                    "SELECT session_id, role, prompt_version_id, variables, legacy_hash, source "
+                    "FROM session_prompt_refs WHERE session_id = :id"
+                ),
+                {"id": ids[0]},
+            )
+            .mappings()
+            .all()
+        )
+        session = (
+            connection.execute(
+                text("SELECT * FROM orchestration_sessions WHERE id = :id"), {"id": ids[0]}
+            )
+            .mappings()
+            .one()
+        )
+        new_ids = []
+        for i in range(990):
+            new_id = connection.execute(
+                OrchestrationSession.__table__.insert()
+                .values(
+                    project_id=session["project_id"],
+                    name=f"bulk{i}",
+                    system_prompt=session["system_prompt"],
+                    planner_prompt=session["planner_prompt"],
+                    synthesis_prompt=session["synthesis_prompt"],
+                )
+                .returning(OrchestrationSession.id)
+            ).scalar_one()
+            new_ids.append(new_id)
+        connection.execute(
+            text(
+                "INSERT INTO session_prompt_refs "
+                "(session_id, role, prompt_version_id, variables, legacy_hash, source) "
+                "VALUES (:session_id, :role, :prompt_version_id, :variables, :legacy_hash, :source)"
+            ),
+            [
+                {**row, "session_id": new_id, "variables": '{"topic": "t0"}'}
+                for new_id in new_ids
+                for row in rows
+            ],
+        )
+    assert count(ids + new_ids) == small
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"], indirect=True)
+def test_a_template_session_reads_the_same_after_alembic_downgrade(
+    head_db_url: str, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "rollback"}, name="s")
+    set_flag("acme", "templates")
+    through_templates = reader.read(created.session_id).texts()
+    manager.engine.dispose()
+    reader.flags.close()
+
+    schema.downgrade(head_db_url, "-1")
+
+    from prompt_tool.db.engine import make_engine
+
+    engine = make_engine(head_db_url)
+    try:
+        with engine.connect() as connection:
+            row = (
+                connection.execute(
+                    text(
+                        "SELECT system_prompt, planner_prompt, synthesis_prompt "
+                        "FROM orchestration_sessions WHERE id = :id"
+                    ),
+                    {"id": created.session_id},
+                )
+                .mappings()
+                .one()
+            )
+    finally:
+        engine.dispose()
+    assert {column.removesuffix("_prompt"): value for column, value in row.items()} == (
+        through_templates
+    )
