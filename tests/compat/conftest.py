@@ -33,7 +33,8 @@ def manager(db_engine: Engine, settings: Settings) -> TemplateManager:
     for role in ("system", "planner", "synthesis"):
         manager.create(
             TemplateAddress(role, Scope.GLOBAL),
-            f"The {role} prompt about {{{{ topic }}}}.\r\nBe exact: {{{{ '{{{{' }}}}raw{{{{ '}}}}' }}}}",
+            f"The {role} prompt about {{{{ topic }}}}.\r\n"
+            "Be exact: {{ '{{' }}raw{{ '}}' }}",
             actor="root",
         )
     return manager
