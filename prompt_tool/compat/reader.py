@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 
 from prompt_tool.compat.shadow import (
     LogPublisher,
@@ -28,6 +28,7 @@ from prompt_tool.compat.shadow import (
 )
 from prompt_tool.compat.types import PromptSource, RolePrompt, SessionPrompts
 from prompt_tool.core.errors import TemplateError
+from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
     Project,
@@ -89,7 +90,7 @@ class SessionReader:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Connectable,
         *,
         flags: FlagService | None = None,
         manager: TemplateManager | None = None,
@@ -97,7 +98,11 @@ class SessionReader:
     ) -> None:
         self.engine = engine
         self.manager = manager if manager is not None else TemplateManager(engine)
-        self.flags = flags if flags is not None else FlagService(engine, self.manager.settings)
+        if flags is None:
+            # Flags are read on their own connections, outside any caller's transaction.
+            flag_engine = engine.engine if isinstance(engine, Connection) else engine
+            flags = FlagService(flag_engine, self.manager.settings)
+        self.flags = flags
         self.publisher: ShadowPublisher = publisher if publisher is not None else LogPublisher()
         self.shadow_counts = ShadowCounters()
 
@@ -116,7 +121,7 @@ class SessionReader:
             .join(Project, Project.id == OrchestrationSession.project_id)
             .where(OrchestrationSession.id.in_(session_ids))
         )
-        with self.engine.connect() as connection:
+        with connect(self.engine) as connection:
             return [
                 _LegacyRow(
                     session_id,
@@ -156,7 +161,7 @@ class SessionReader:
             .where(SessionPromptRef.session_id.in_(session_ids))
         )
         references: dict[tuple[int, str], _Reference] = {}
-        with self.engine.connect() as connection:
+        with connect(self.engine) as connection:
             for (
                 session_id,
                 role,
@@ -240,7 +245,9 @@ class SessionReader:
                 self._compare(row, role, legacy, reference, render)
             return RolePrompt(role, legacy, PromptSource.LEGACY)
         if reference is None:
-            return RolePrompt(role, legacy, PromptSource.UNMIGRATED)
+            # NULL stays NULL: a role the session never used has nothing to migrate.
+            source = PromptSource.LEGACY if legacy is None else PromptSource.UNMIGRATED
+            return RolePrompt(role, legacy, source)
         version_id = reference.template.version_id
         if reference.legacy_hash != text_hash(legacy):
             return RolePrompt(role, legacy, PromptSource.STALE, version_id)

@@ -57,7 +57,7 @@ class LogPublisher:
 
     def publish(self, event: ShadowEvent) -> None:
         logger.warning(
-            "shadow %s %s",
+            "template read %s %s",
             event.kind,
             json.dumps(
                 {

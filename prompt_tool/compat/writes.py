@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from prompt_tool.core import content_hash, sanitize_variables
-from prompt_tool.db.engine import make_session_factory, session_scope
+from prompt_tool.db.engine import Connectable, make_session_factory, session_scope
 from prompt_tool.db.models import (
     OrchestrationSession,
     Prompt,
@@ -149,7 +149,7 @@ def _locked_session(session: Session, session_id: int) -> OrchestrationSession:
 
 def _rerender(
     manager: TemplateManager,
-    engine: Engine,
+    engine: Connectable,
     session_id: int,
     variables: Mapping[str, Any] | None,
     replace: Mapping[PromptRole, TemplateChoice],

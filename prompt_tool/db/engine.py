@@ -6,20 +6,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from prompt_tool.db.dialect import register_sqlite_functions
 from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import DatabaseUnavailableError
 
-__all__ = ["check_connection", "make_engine", "make_session_factory", "session_scope"]
+__all__ = [
+    "Connectable",
+    "begin",
+    "check_connection",
+    "connect",
+    "make_engine",
+    "make_session_factory",
+    "session_scope",
+]
+
+# Library functions take either: an Engine (each unit of work in its own transaction), or a
+# Connection already inside the caller's transaction (each unit of work becomes a savepoint),
+# which is how `orch-migrate rehearse --rollback` runs everything in one transaction.
+Connectable = Engine | Connection
 
 
-def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+def _prepare_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Readers keep going while a backfill batch writes.
+    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+    register_sqlite_functions(dbapi_connection)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -27,7 +44,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = normalize_url(url)
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _enable_sqlite_foreign_keys)
+        event.listen(engine, "connect", _prepare_sqlite)
     return engine
 
 
@@ -44,8 +61,29 @@ def check_connection(engine: Engine) -> None:
         ) from None
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(db: Connectable) -> sessionmaker[Session]:
+    return sessionmaker(db, expire_on_commit=False, join_transaction_mode="create_savepoint")
+
+
+@contextmanager
+def connect(db: Connectable) -> Iterator[Connection]:
+    """A connection for reading: a new one from an Engine, or the caller's own."""
+    if isinstance(db, Connection):
+        yield db
+        return
+    with db.connect() as connection:
+        yield connection
+
+
+@contextmanager
+def begin(db: Connectable) -> Iterator[Connection]:
+    """One unit of work: a transaction on an Engine, a savepoint on the caller's Connection."""
+    if isinstance(db, Connection):
+        with db.begin_nested():
+            yield db
+        return
+    with db.begin() as connection:
+        yield connection
 
 
 @contextmanager

@@ -28,6 +28,7 @@ __all__ = [
     "drop_column",
     "drop_index_concurrently",
     "migration_timeouts",
+    "single_transaction",
     "timeout_statements",
     "validate_constraint",
 ]
@@ -76,6 +77,16 @@ def _is_postgres() -> bool:
     return bool(op.get_context().dialect.name == "postgresql")
 
 
+def single_transaction() -> bool:
+    """Whether the whole run is inside one caller's transaction (``rehearse --rollback``).
+
+    Then nothing may commit: no autocommit blocks, and indexes are built plainly (inside the
+    transaction, on a database nobody else sees the result of, because it is rolled back).
+    """
+    config = op.get_context().config
+    return bool(config is not None and config.attributes.get("single_transaction"))
+
+
 @contextmanager
 def concurrent_ddl() -> Iterator[None]:
     """Run the enclosed DDL outside a transaction (``CONCURRENTLY`` and ``VALIDATE`` need that).
@@ -84,6 +95,9 @@ def concurrent_ddl() -> Iterator[None]:
     whole table but holds no lock that blocks reads or writes, so it may take as long as it needs;
     ``lock_timeout`` stays, bounding the brief lock each one takes at start and end.
     """
+    if single_transaction():
+        yield
+        return
     with op.get_context().autocommit_block():
         if _is_postgres():
             op.execute("SET statement_timeout = 0")
@@ -130,14 +144,16 @@ def create_index_concurrently(
         list(columns),
         unique=unique,
         if_not_exists=True,
-        postgresql_concurrently=True,
+        postgresql_concurrently=not single_transaction(),
         **predicate,  # type: ignore[arg-type]
     )
 
 
 def drop_index_concurrently(name: str, table: str) -> None:
     """Drop an index without blocking writes; use inside :func:`concurrent_ddl`."""
-    op.drop_index(name, table_name=table, if_exists=True, postgresql_concurrently=True)
+    op.drop_index(
+        name, table_name=table, if_exists=True, postgresql_concurrently=not single_transaction()
+    )
 
 
 def add_check_not_valid(name: str, table: str, condition: str) -> None:

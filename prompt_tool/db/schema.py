@@ -32,6 +32,7 @@ __all__ = [
     "current",
     "downgrade",
     "history",
+    "migrate_on",
     "script_location",
     "stamp",
     "upgrade",
@@ -176,6 +177,23 @@ def _raise_database_error(url: str, action: str, error: DBAPIError) -> None:
     if isinstance(error, OperationalError):
         raise DatabaseUnavailableError(f"{action} on {redact(url)} failed: {first_line}") from None
     raise SchemaError(f"{action} on {redact(url)} failed: {first_line}") from None
+
+
+def migrate_on(connection: Connection, action: str, revision: str) -> str | None:
+    """Run ``upgrade``/``downgrade`` on a connection inside the caller's transaction.
+
+    Nothing commits: the caller decides (``rehearse --rollback`` rolls everything back, which
+    PostgreSQL's transactional DDL makes exact). Returns the revision reached.
+    """
+    if action not in {"upgrade", "downgrade"}:
+        raise ValueError(action)
+    config = alembic_config(connection)
+    config.attributes["single_transaction"] = True
+    try:
+        getattr(command, action)(config, revision)
+    except CommandError as error:
+        raise SchemaError(f"{action} to {revision!r} failed: {error}") from None
+    return _current_on(connection)
 
 
 def upgrade(url: str, revision: str = HEAD) -> SchemaState:

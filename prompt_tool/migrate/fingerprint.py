@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, text
 
-from prompt_tool.db.engine import make_engine
+from prompt_tool.db.engine import connect, make_engine
 from prompt_tool.db.legacy import LEGACY_COLUMNS
 from prompt_tool.db.url import redact
 from prompt_tool.errors import InvalidInputError
@@ -84,7 +84,7 @@ def fingerprint_legacy_tables(url: str, against: Path | None = None) -> LegacyFi
     saved = load_fingerprint(against) if against is not None else None
     engine = make_engine(url)
     try:
-        with engine.connect() as connection:
+        with connect(engine) as connection:
             current = fingerprint_connection(connection, redact(url))
     finally:
         engine.dispose()

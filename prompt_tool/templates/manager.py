@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from prompt_tool.core import TemplateEngine, content_hash
 from prompt_tool.core.errors import TemplateNotFound
-from prompt_tool.db.engine import make_engine, make_session_factory
+from prompt_tool.db.engine import Connectable, make_engine, make_session_factory
 from prompt_tool.db.models import (
     Project,
     Prompt,
@@ -120,7 +120,7 @@ class TemplateManager:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Connectable,
         *,
         settings: Settings | None = None,
         template_engine: TemplateEngine | None = None,

@@ -1,0 +1,100 @@
+"""Content hashing and the in-memory cache of compiled templates.
+
+Template versions are immutable and the cache is keyed by the hash of the source text, so an
+entry can never be stale: the same key always compiles to the same code. Only the size bound
+(LRU) ever evicts anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["CacheStats", "CompiledCache", "content_hash"]
+
+T = TypeVar("T")
+
+
+def content_hash(text: str) -> str:
+    """SHA-256 hex digest of ``text``'s UTF-8 bytes: the identity of a template version."""
+    # surrogatepass keeps this total: a lone surrogate gets *a* stable hash here and is
+    # refused by validation, rather than crashing whoever merely wanted a key.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int
+    misses: int
+    size: int
+    maxsize: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class CompiledCache(Generic[T]):
+    """A bounded, thread-safe LRU mapping content hash -> compiled template, with counters.
+
+    Compilation happens outside the lock: two threads missing the same key at once both
+    compile and one result wins, which is harmless because both are identical.
+    """
+
+    def __init__(self, maxsize: int = 2048) -> None:
+        if maxsize < 1:
+            raise ValueError(f"CompiledCache maxsize must be at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._entries: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    def get(self, key: str) -> T | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self._misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return value
+
+    def put(self, key: str, value: T) -> T:
+        """Store ``value`` and return the entry now cached under ``key`` (first writer wins)."""
+        with self._lock:
+            existing = self._entries.get(key)
+            if existing is not None:
+                self._entries.move_to_end(key)
+                return existing
+            self._entries[key] = value
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+            return value
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._hits = 0
+            self._misses = 0
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                size=len(self._entries),
+                maxsize=self.maxsize,
+            )

@@ -1,0 +1,1384 @@
+"""The sandboxed Jinja2 environment every template is compiled and rendered in.
+
+Layers of defence, from the outside in:
+
+* **Nothing is evaluated at compile time.** Jinja folds constant expressions while compiling
+  (``{{ 'a' * 10**10 }}`` would run inside ``parse``/``compile``). The optimizer is off
+  (``optimized=False``); every arithmetic operator is listed in ``intercepted_binops``, which
+  makes ``BinExpr.as_const`` give up; and the code generator refuses to fold ``{{ ... }}``
+  output (``_output_child_to_const``), the one place that folds even without the optimizer.
+  Hostile sources therefore cost only their parse time, which the source-size limit bounds.
+* **Only plain data is reachable.** Attributes are allow-listed per type (``str``, ``list``,
+  ``dict``, ...); methods are handed out as proxies whose ``repr`` says nothing; only known
+  callables may be called; ``dict``, ``cycler``, ``joiner``, ``lipsum`` and ``namespace`` are
+  gone; ``str.format`` and ``%`` go through a sandboxed, width-checked formatter.
+* **Every operation that can grow data is bounded** (``*``, ``**``, ``+``, ``~``, ``%``,
+  ``range``, padding/joining/replacing filters and methods), and a per-render budget watches
+  the clock, the call depth, the output size and the text buffered inside macros and blocks.
+* **Text is reproduced byte for byte.** The lexer keeps ``\\r\\n`` and ``\\r`` line endings
+  where Jinja would normalise them, and ``keep_trailing_newline`` is on.
+"""
+
+from __future__ import annotations
+
+import functools
+import textwrap
+import types
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from itertools import islice
+from typing import Any, Final, cast
+
+from jinja2 import StrictUndefined, meta, nodes, pass_environment, pass_eval_context
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.environment import Template, TemplateModule
+from jinja2.exceptions import (
+    SecurityError,
+    TemplateRuntimeError,
+    TemplateSyntaxError,
+    UndefinedError,
+)
+from jinja2.exceptions import TemplateNotFound as JinjaTemplateNotFound
+from jinja2.filters import (
+    FILTERS,
+    do_batch,
+    do_center,
+    do_format,
+    do_indent,
+    do_slice,
+    do_sum,
+    do_tojson,
+    make_attrgetter,
+)
+from jinja2.lexer import TOKEN_DATA, TOKEN_STRING, Lexer, newline_re
+from jinja2.loaders import BaseLoader
+from jinja2.nodes import EvalContext
+from jinja2.runtime import (
+    BlockReference,
+    Context,
+    LoopContext,
+    Macro,
+    TemplateReference,
+    Undefined,
+)
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+
+from prompt_tool.core.cache import CompiledCache, content_hash
+from prompt_tool.core.errors import (
+    TemplateError,
+    TemplateLimitError,
+    TemplateNotFound,
+    TemplateRenderError,
+    TemplateValidationError,
+)
+from prompt_tool.core.limits import (
+    CURRENT_BUDGET,
+    Budget,
+    RenderLimits,
+    account_text,
+    charge,
+    check_format_spec,
+    check_int_bits,
+    check_percent_format,
+    check_sequence_length,
+    check_string_length,
+    check_value_size,
+    limit_error,
+    value_size,
+)
+from prompt_tool.core.variables import sanitize_variables
+
+__all__ = [
+    "LOOP_GUARD_FILTER",
+    "PromptEnvironment",
+    "PromptTemplate",
+    "find_undeclared_variables",
+    "render_bounded",
+]
+
+# Output chunks pulled from a template's generator per meter reading (see render_bounded).
+_BATCH: Final = 16
+
+#: Filter wrapped around every ``{% for %}`` iterable so loops watch the clock.
+LOOP_GUARD_FILTER: Final = "_loop_guard"
+
+# Loops over at most this many items of a sized builtin skip the per-item guard: on their own
+# they cannot run long, and the guard is still called (and reads the clock) once per loop.
+_SMALL_LOOP: Final = 4096
+
+#: Filters removed and why:
+#: * ``random``: rendering must be deterministic (verification compares rendered bytes).
+#: * ``safe``, ``escape``/``e``, ``forceescape``, ``urlize``, ``xmlattr``: HTML helpers that
+#:   produce ``Markup``; prompts are plain text (autoescape is off) and ``Markup`` changes how
+#:   ``%``, ``format`` and ``join`` behave, which would need a second set of bounds.
+#:   ``urlize`` also has a history of catastrophic regex backtracking.
+REMOVED_FILTERS: Final = frozenset(
+    {"random", "safe", "escape", "e", "forceescape", "urlize", "xmlattr"}
+)
+
+#: Filters that return a number, a lazy iterator or one of the values passed in: they build
+#: nothing, so they skip the post-check (and the allocation meter) entirely.
+_NON_GROWING_FILTERS: Final = frozenset(
+    {"abs", "attr", "count", "d", "default", "filesizeformat", "first", "float", "int", "items",
+     "last", "length", "map", "max", "min", "reject", "rejectattr", "round", "select",
+     "selectattr", "unique", "wordcount"}
+)  # fmt: skip
+
+#: Filters that may return a lazy iterator (a generator or ``reversed`` object).
+_LAZY_FILTERS: Final = frozenset(
+    {"map", "select", "reject", "selectattr", "rejectattr", "batch", "slice", "unique", "items",
+     "reverse"}
+)  # fmt: skip
+_EAGER_TYPES: Final = frozenset({str, list, tuple, dict, int, float, bool, type(None)})
+
+_ALL_BINOPS: Final = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+
+_STR_ATTRIBUTES: Final = frozenset(
+    {
+        "capitalize", "casefold", "center", "count", "endswith", "expandtabs", "find",
+        "format", "format_map", "index", "isalnum", "isalpha", "isascii", "isdecimal",
+        "isdigit", "isidentifier", "islower", "isnumeric", "isprintable", "isspace",
+        "istitle", "isupper", "join", "ljust", "lower", "lstrip", "partition",
+        "removeprefix", "removesuffix", "replace", "rfind", "rindex", "rjust", "rpartition",
+        "rsplit", "rstrip", "split", "splitlines", "startswith", "strip", "swapcase", "title",
+        "upper", "zfill",
+    }
+)  # fmt: skip
+_INT_ATTRIBUTES: Final = frozenset(
+    {"real", "imag", "numerator", "denominator", "bit_length", "bit_count", "conjugate"}
+)
+#: What templates may read on each plain-data type. Anything not listed (``encode``,
+#: ``translate``, ``to_bytes``, ``fromkeys``, every dunder) is refused. Types not listed at all
+#: get nothing, except Jinja's own runtime objects (see ``_RUNTIME_TYPES``).
+_ALLOWED_ATTRIBUTES: Final[dict[type, frozenset[str]]] = {
+    str: _STR_ATTRIBUTES,
+    list: frozenset({"count", "index", "copy"}),
+    tuple: frozenset({"count", "index"}),
+    dict: frozenset({"get", "items", "keys", "values", "copy"}),
+    int: _INT_ATTRIBUTES,
+    bool: _INT_ATTRIBUTES,
+    float: frozenset({"real", "imag", "is_integer", "conjugate", "as_integer_ratio"}),
+    range: frozenset({"start", "stop", "step", "count", "index"}),
+    type(None): frozenset(),
+}
+_DICT_ATTRIBUTE_NAMES: Final = frozenset(dir(dict))
+_LOOP_VALUES: Final = frozenset(
+    {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0",
+     "previtem", "nextitem"}
+)  # fmt: skip
+_ROUTINE_TYPES: Final = (
+    types.BuiltinFunctionType,
+    types.FunctionType,
+    types.MethodType,
+    types.MethodWrapperType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.ClassMethodDescriptorType,
+    functools.partial,
+)
+
+
+#: Jinja's own runtime objects (``loop``, macros, ``self``, imported modules; blocks come
+#: wrapped in ``_Block``): the sandbox's default rules apply to them, minus type objects.
+_RUNTIME_TYPES: Final = (LoopContext, Macro, TemplateModule, TemplateReference)
+
+
+class _Method:
+    """A callable handed to templates instead of a bound method or builtin.
+
+    Its ``repr`` names only the method, so printing it (``{{ x.upper }}``, ``'%s'|format``,
+    ``~``) reveals no class, module or address, and its only attributes are private (refused
+    by the sandbox).
+    """
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        self._fn = fn
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<method {self._name}>"
+
+    __str__ = __repr__
+
+
+class _Range:
+    """The ``range`` global: Python's ``range`` capped at ``RenderLimits.max_range`` items."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self, env: PromptEnvironment) -> None:
+        self._env = env
+
+    def __call__(self, *args: int) -> range:
+        result = range(*args)
+        limit = self._env.current_limits().max_range
+        try:
+            size = len(result)
+        except OverflowError:  # longer than sys.maxsize
+            size = limit + 1
+        if size > limit:
+            raise limit_error(f"range() of {size} items is over the limit of {limit}")
+        return result
+
+    def __repr__(self) -> str:
+        return "<range>"
+
+    __str__ = __repr__
+
+
+class _Iterator:
+    """What the lazy filters (``map``, ``select``, ``batch``, ...) hand to templates.
+
+    Python's generators print as ``<generator object sync_do_map at 0x7f...>``: a function
+    name and an address. This wrapper iterates the same way and prints as ``<iterator>``.
+    """
+
+    __slots__ = ("_iterator",)
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterator
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def __repr__(self) -> str:
+        return "<iterator>"
+
+    __str__ = __repr__
+
+
+class _Block:
+    """A block as templates see it (``super``, ``self.name``), in place of BlockReference.
+
+    BlockReference prints as ``<jinja2.runtime.BlockReference object at 0x...>`` and renders
+    by joining the block's output with no meter. This proxy prints its name only, renders
+    through a metered buffer, and still offers ``super`` for multi-level inheritance.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, ref: BlockReference) -> None:
+        self._ref = ref
+
+    @property
+    def super(self) -> Any:
+        parent = self._ref.super
+        return _Block(parent) if isinstance(parent, BlockReference) else parent
+
+    def __call__(self) -> str:
+        ref = self._ref
+        # BlockReference keeps the render function stack privately; the attributes have been
+        # the same since Jinja 2.x.
+        context: Context = ref._context
+        render = ref._stack[ref._depth]
+        buffer = cast(PromptEnvironment, context.environment).output_buffer()
+        buffer.extend(render(context))
+        return "".join(buffer)
+
+    def __repr__(self) -> str:
+        return f"<block {self._ref.name!r}>"
+
+    __str__ = __repr__
+
+
+def _block_safe(value: Any) -> Any:
+    return _Block(value) if type(value) is BlockReference else value
+
+
+class _PromptContext(Context):
+    """Jinja's context, except that ``super`` inside a block is a :class:`_Block`."""
+
+    def super(self, name: str, current: Callable[[Context], Iterator[str]]) -> Any:
+        return _block_safe(Context.super(self, name, current))
+
+
+_CALLABLE_TYPES: Final = (_Method, _Range, _Block, Macro, LoopContext, Undefined)
+_ALLOWED_ATTRIBUTES[_Block] = frozenset({"super"})
+
+
+class _OutputBuffer(list[str]):
+    """The list macros, ``{% set %}`` blocks and call/filter blocks write into, with a meter.
+
+    Jinja collects such output in a plain list and joins it when the block ends; without a
+    meter a loop inside a macro could pile up gigabytes of references before anything is
+    yielded to the render loop that counts output.
+    """
+
+    # No clock reads here: loops read it through the loop guard and calls through ``call``,
+    # and every write happens inside one of those or is bounded by the template's size.
+    __slots__ = ("_budget",)
+    _budget: Budget
+
+    def append(self, item: str) -> None:
+        budget = self._budget
+        budget.buffered += len(item)
+        if budget.buffered > budget.buffer_cap:
+            raise budget.buffer_overflow()
+        list.append(self, item)
+
+    def extend(self, items: Iterable[str]) -> None:
+        if type(items) is tuple:
+            # What ``{{ a }} text {{ b }}`` compiles to: a short tuple, cheap to measure first.
+            budget = self._budget
+            budget.buffered += sum(map(len, items))
+            if budget.buffered > budget.buffer_cap:
+                raise budget.buffer_overflow()
+            list.extend(self, items)
+        else:
+            # A block or include streaming its output: count as it comes, never materialise.
+            for item in items:
+                self.append(item)
+
+
+_TEXT_TOKENS: Final = frozenset({TOKEN_DATA, TOKEN_STRING})
+
+
+class _NewlinePreservingLexer(Lexer):
+    """Jinja's lexer, minus its newline normalisation.
+
+    ``Lexer.tokeniter`` rewrites every ``\\r\\n`` and ``\\r`` to ``\\n`` before lexing and
+    ``wrap`` then rewrites them to ``newline_sequence``; a prompt stored with CRLF line endings
+    would come back changed. Token line numbers count newlines, so the *k*-th newline inside a
+    data or string token that starts on line *L* is the source's newline number *L - 1 + k*;
+    the original separator is put back from that index.
+    """
+
+    def _normalize_newlines(self, value: str) -> str:
+        return value
+
+    def tokeniter(
+        self,
+        source: str,
+        name: str | None,
+        filename: str | None = None,
+        state: str | None = None,
+    ) -> Iterator[tuple[int, str, str]]:
+        separators: list[str] = newline_re.findall(source)
+        stream = super().tokeniter(source, name, filename, state)
+        if all(separator == "\n" for separator in separators):
+            yield from stream
+            return
+        for lineno, token, value in stream:
+            if token in _TEXT_TOKENS and "\n" in value:
+                pieces = value.split("\n")
+                first = lineno - 1
+                restored = pieces[0] + "".join(
+                    separators[first + index] + piece for index, piece in enumerate(pieces[1:])
+                )
+                yield lineno, token, restored
+            else:
+                yield lineno, token, value
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator with metered buffers, checked literals and ``~``, no folding."""
+
+    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
+        # ``visit_Output`` evaluates ``{{ ... }}`` at compile time whenever ``as_const``
+        # succeeds, filters included (``{{ 'x'|center(999999) }}`` a few thousand times would
+        # build gigabytes inside ``compile``). Only literal template text is a constant here;
+        # every expression runs at render time, under the render budget.
+        if not isinstance(node, nodes.TemplateData):
+            raise nodes.Impossible()
+        return super()._output_child_to_const(node, frame, finalize)
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+    def _visit_built(self, visit: Callable[[Any, Frame], None], node: Any, frame: Frame) -> None:
+        # A literal whose items are all constants is bounded by the source; one holding names
+        # or expressions can repeat a large value (``[x, x, x]``, or ``m([x, x])`` recursing),
+        # so its deep size is checked as it is built.
+        if all(isinstance(item, nodes.Const) for item in node.items):
+            visit(node, frame)
+            return
+        self.write("environment.built_value(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:  # noqa: N802 - Jinja's visitor
+        self._visit_built(super().visit_List, node, frame)
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:  # noqa: N802 - Jinja's visitor
+        if node.ctx != "load":  # an assignment target such as ``{% set a, b = ... %}``
+            super().visit_Tuple(node, frame)
+            return
+        self._visit_built(super().visit_Tuple, node, frame)
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:  # noqa: N802 - Jinja's visitor
+        if all(isinstance(pair.value, nodes.Const) for pair in node.items):
+            super().visit_Dict(node, frame)
+            return
+        self.write("environment.built_value(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:  # noqa: N802 - Jinja's visitor
+        # ``~`` is not an interceptable operator; without this, recursion on ``s ~ s`` doubles
+        # a string per call with no check at all.
+        self.write("environment.concat_values((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _TrackingCodeGenerator(meta.TrackingCodeGenerator, _BoundedCodeGenerator):
+    """``jinja2.meta``'s introspection, on top of the non-folding code generator.
+
+    ``meta.find_undeclared_variables`` runs a full code generation pass with Jinja's stock
+    generator, which folds ``{{ ... }}`` output: validating ``{{ 'x'|center(999999) }}`` a
+    few dozen times would allocate gigabytes. Same analysis, no folding.
+    """
+
+
+def find_undeclared_variables(tree: nodes.Template, environment: PromptEnvironment) -> set[str]:
+    """Names the template reads from its context (Jinja's ``meta`` function, without folding)."""
+    generator = _TrackingCodeGenerator(environment)
+    generator.visit(tree)
+    return generator.undeclared_identifiers
+
+
+class PromptTemplate(Template):
+    """A compiled template whose ``render`` is always sandboxed, bounded and sanitised."""
+
+    def render(self, *args: Any, **kwargs: Any) -> str:
+        environment = cast(PromptEnvironment, self.environment)
+        values = sanitize_variables(dict(*args, **kwargs))
+        return render_bounded(self, values, environment.limits, None, name=self.name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[str]:
+        # Streaming would bypass the output meter; hand out the bounded result in one piece.
+        yield self.render(*args, **kwargs)
+
+    def make_module(
+        self,
+        vars: dict[str, Any] | None = None,
+        shared: bool = False,
+        locals: Mapping[str, Any] | None = None,
+    ) -> TemplateModule:
+        context = self.new_context(vars, shared, locals)
+        budget = CURRENT_BUDGET.get()
+        if budget is None:
+            return TemplateModule(self, context)
+        body = _OutputBuffer()
+        body._budget = budget
+        body.extend(self.root_render_func(context))
+        return TemplateModule(self, context, body)
+
+    def _get_default_module(self, ctx: Context | None = None) -> TemplateModule:
+        # Jinja caches an imported template's module on the Template object. Ours are shared
+        # by every render (they live in the compiled cache), and a module's own imports are
+        # resolved through the render's loader, so the module is cached per render instead.
+        if ctx is not None:
+            keys = ctx.globals_keys - self.globals.keys()
+            if keys:
+                return self.make_module({key: ctx.parent[key] for key in keys})
+        budget = CURRENT_BUDGET.get()
+        if budget is None:
+            return self.make_module()
+        if budget.modules is None:
+            budget.modules = {}
+        module = budget.modules.get(id(self))
+        if module is None:
+            module = budget.modules[id(self)] = self.make_module()
+        return cast(TemplateModule, module)
+
+
+class _StoredTemplateLoader(BaseLoader):
+    """Resolves ``include``/``import``/``extends`` through the loader of the running render.
+
+    The environment is shared by all renders while each render brings its own loader (the
+    template manager's view of one scope), so the loader is looked up in the render budget.
+    Sources are compiled through the content-hash cache, so a cached top-level template plus
+    the loader always yields the current included text without recompiling it.
+    """
+
+    has_source_access = False
+
+    def load(
+        self,
+        environment: Any,
+        name: str,
+        globals: MutableMapping[str, Any] | None = None,
+    ) -> Template:
+        env = cast(PromptEnvironment, environment)
+        budget = CURRENT_BUDGET.get()
+        if budget is None or budget.resolve is None:
+            raise JinjaTemplateNotFound(name, f"no template loader to resolve {name!r}")
+        if budget.loaded is None:
+            budget.loaded = {}
+        template = budget.loaded.get(name)
+        if template is None:
+            source = budget.resolve(name)
+            if source is None:
+                raise JinjaTemplateNotFound(name)
+            template = env.compile_cached(source, name=name)
+            budget.loaded[name] = template
+        return template
+
+
+def _template_names(node: nodes.Node) -> list[str] | None:
+    target = getattr(node, "template", None)
+    if isinstance(target, nodes.Const) and isinstance(target.value, str):
+        return [target.value]
+    if isinstance(target, nodes.List | nodes.Tuple) and all(
+        isinstance(item, nodes.Const) and isinstance(item.value, str) for item in target.items
+    ):
+        return [cast(nodes.Const, item).value for item in target.items]
+    return None
+
+
+_REFERENCE_NODES: Final = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
+
+
+def template_references(tree: nodes.Template) -> list[tuple[str, int, bool]]:
+    """``(name, line, optional)`` for each template ``tree`` includes, imports or extends."""
+    found: list[tuple[str, int, bool]] = []
+    for node in tree.find_all(_REFERENCE_NODES):
+        names = _template_names(node) or []
+        optional = isinstance(node, nodes.Include) and node.ignore_missing
+        found.extend((name, node.lineno, optional) for name in names)
+    return found
+
+
+class PromptEnvironment(ImmutableSandboxedEnvironment):
+    """``ImmutableSandboxedEnvironment`` hardened for untrusted prompt templates.
+
+    One instance serves many renders concurrently: everything per-render (deadline, depth,
+    loader, counters) lives in the budget context variable, never on the environment.
+    """
+
+    intercepted_binops = _ALL_BINOPS
+    code_generator_class = _BoundedCodeGenerator
+    template_class = PromptTemplate
+    context_class = _PromptContext
+
+    def __init__(
+        self,
+        *,
+        limits: RenderLimits | None = None,
+        cache: CompiledCache[PromptTemplate] | None = None,
+        max_source_bytes: int = 64 * 1024,
+    ) -> None:
+        super().__init__(
+            undefined=StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=False,
+            lstrip_blocks=False,
+            optimized=False,
+            # Jinja's own name-keyed cache would hand out one scope's template to another;
+            # compiled templates are cached by content hash in ``cache`` instead.
+            cache_size=0,
+            auto_reload=False,
+            loader=_StoredTemplateLoader(),
+        )
+        self.limits = limits if limits is not None else RenderLimits()
+        # Not ``self.cache``: that is Jinja's own (disabled) name-keyed cache.
+        self.compiled_cache: CompiledCache[PromptTemplate] = (
+            cache if cache is not None else CompiledCache()
+        )
+        self.max_source_bytes = max_source_bytes
+        self._lexer = _NewlinePreservingLexer(self)
+        # ``dict`` hands out a type object (``{{ dict }}`` prints "<class 'dict'>", the usual
+        # first step of an attribute walk) and literals do the same job; ``cycler``,
+        # ``joiner`` and ``namespace`` are stateful helpers with mutable internals;
+        # ``lipsum`` generates random text. Only a capped ``range`` stays.
+        self.globals.clear()
+        self.globals["range"] = _Range(self)
+        self.filters = self._build_filters()
+        self.filters[LOOP_GUARD_FILTER] = self._loop_guard
+
+    # -- compilation -----------------------------------------------------------------------
+
+    @property
+    def lexer(self) -> Lexer:
+        return self._lexer
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        for node in tree.find_all(_REFERENCE_NODES):
+            if _template_names(node) is None:
+                raise TemplateSyntaxError(
+                    "include, import and extends need a constant template name "
+                    "(a quoted string), not an expression",
+                    node.lineno,
+                    name,
+                    filename,
+                )
+        for node in tree.find_all((nodes.EvalContextModifier, nodes.ScopedEvalContextModifier)):
+            raise TemplateSyntaxError(
+                "the autoescape tag is not supported: prompts are plain text",
+                node.lineno,
+                name,
+                filename,
+            )
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(
+                loop.iter, LOOP_GUARD_FILTER, [], [], None, None, lineno=loop.iter.lineno
+            )
+        tree.set_environment(self)
+        return tree
+
+    def check_source_size(self, source: str) -> int:
+        """UTF-8 size of ``source``; raises if it is over the limit or not encodable."""
+        try:
+            size = len(source.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise TemplateValidationError(
+                f"the source contains a character that is not valid UTF-8 (position {exc.start})",
+                hint="remove lone surrogate characters from the text",
+            ) from None
+        if size > self.max_source_bytes:
+            raise TemplateValidationError(
+                f"the source is {size} bytes, over the limit of {self.max_source_bytes}",
+                hint="split it into smaller templates or raise template_max_source_bytes",
+            )
+        return size
+
+    def compile_tree(self, tree: nodes.Template, name: str | None) -> PromptTemplate:
+        code = self.compile(tree, name)
+        # A plain dict rather than Jinja's ChainMap: every render copies the globals into its
+        # context, and iterating a ChainMap costs more than the rest of a small render. The
+        # globals never change after construction, so a snapshot loses nothing.
+        template = PromptTemplate.from_code(self, code, dict(self.globals), None)
+        return cast(PromptTemplate, template)
+
+    def compile_uncached(self, source: str, name: str | None) -> PromptTemplate:
+        self.check_source_size(source)
+        return self.compile_tree(self.parse(source, name), name)
+
+    def compile_cached(
+        self, source: str, *, name: str | None = None, key: str | None = None
+    ) -> PromptTemplate:
+        """The compiled template for ``source``, from the cache when possible.
+
+        ``key`` is the source's content hash when the caller already has it (stored versions
+        carry theirs), which spares hashing the source on every render.
+        """
+        if key is None:
+            key = content_hash(source)
+        template = self.compiled_cache.get(key)
+        if template is None:
+            template = self.compiled_cache.put(key, self.compile_uncached(source, name))
+        return template
+
+    # -- per-render state --------------------------------------------------------------------
+
+    def current_limits(self) -> RenderLimits:
+        budget = CURRENT_BUDGET.get()
+        return self.limits if budget is None else budget.limits
+
+    def output_buffer(self) -> list[str]:
+        budget = CURRENT_BUDGET.get()
+        if budget is None:
+            return []
+        buffer = _OutputBuffer()
+        buffer._budget = budget
+        return buffer
+
+    def concat_values(self, values: tuple[Any, ...]) -> str:
+        parts = [value if type(value) is str else str(value) for value in values]
+        size = sum(map(len, parts))
+        check_string_length(size, self.current_limits(), "'~'")
+        charge(size)
+        return "".join(parts)
+
+    def built_value(self, value: Any) -> Any:
+        """Check the deep size of a list/tuple/dict literal the template just built."""
+        limits = self.current_limits()
+        check_value_size(value_size(value, limits.max_value_size), limits, "a literal")
+        return value
+
+    @staticmethod
+    def _loop_guard(iterable: Any) -> Any:
+        budget = CURRENT_BUDGET.get()
+        if budget is None:
+            return iterable
+        budget.check_deadline()
+        if type(iterable) in (list, tuple, str, dict, range) and len(iterable) <= _SMALL_LOOP:
+            return iterable
+        return budget.guarded(iterable)
+
+    # -- operators -------------------------------------------------------------------------
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            self._check_multiply(left, right)
+        elif operator == "**":
+            self._check_power(left, right)
+        elif operator == "+":
+            self._check_add(left, right)
+        elif operator == "%" and isinstance(left, str):
+            limits = self.current_limits()
+            check_percent_format(left, limits)
+            result = left % right
+            check_string_length(len(result), limits, "'%' formatting")
+            charge(len(result))
+            return result
+        result = self.binop_table[operator](left, right)
+        if type(result) in (str, list, tuple):
+            charge(len(result))
+        return result
+
+    def _check_multiply(self, left: Any, right: Any) -> None:
+        limits = self.current_limits()
+        for sequence, count in ((left, right), (right, left)):
+            if isinstance(sequence, str | list | tuple) and isinstance(count, int):
+                times = max(count, 0)
+                if isinstance(sequence, str):
+                    check_string_length(len(sequence) * times, limits, "'*'")
+                else:
+                    check_sequence_length(len(sequence) * times, limits, "'*'")
+                    deep = value_size(sequence, limits.max_value_size)
+                    check_value_size((deep - 1) * times + 1, limits, "'*'")
+                return
+        if isinstance(left, int) and isinstance(right, int):
+            check_int_bits(abs(left).bit_length() + abs(right).bit_length(), limits, "'*'")
+
+    def _check_power(self, base: Any, exponent: Any) -> None:
+        if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
+            check_int_bits(abs(base).bit_length() * exponent, self.current_limits(), "'**'")
+
+    def _check_add(self, left: Any, right: Any) -> None:
+        if isinstance(left, str) and isinstance(right, str):
+            check_string_length(len(left) + len(right), self.current_limits(), "'+'")
+        elif isinstance(left, list | tuple) and isinstance(right, list | tuple):
+            limits = self.current_limits()
+            check_sequence_length(len(left) + len(right), limits, "'+'")
+            deep = value_size(left, limits.max_value_size) + value_size(
+                right, limits.max_value_size
+            )
+            check_value_size(deep, limits, "'+'")
+
+    # -- attribute access and calls --------------------------------------------------------
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        allowed = _ALLOWED_ATTRIBUTES.get(type(obj))
+        if allowed is not None:
+            # The allow-lists hold no private or mutating names: the base checks add nothing.
+            return attr in allowed
+        if not super().is_safe_attribute(obj, attr, value):
+            return False
+        if isinstance(obj, str):
+            return attr in _STR_ATTRIBUTES
+        if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+            # Named tuples such as groupby's (grouper, list) pairs: fields only.
+            return attr in cast("tuple[str, ...]", type(obj)._fields)  # type: ignore[attr-defined]
+        if isinstance(obj, _RUNTIME_TYPES):
+            return not isinstance(value, type)
+        return False
+
+    def _expose(self, obj: Any, attribute: str, value: Any) -> Any:
+        if not self.is_safe_attribute(obj, attribute, value):
+            return self.unsafe_undefined(obj, attribute)
+        if not isinstance(value, _ROUTINE_TYPES):
+            return value
+        if isinstance(obj, str):
+            formatter = self.wrap_str_format(value)
+            if formatter is not None:
+                return formatter
+            bounded = _BOUNDED_STR_METHODS.get(attribute)
+            if bounded is not None:
+                return _Method(functools.partial(bounded, self, obj), attribute)
+        return _Method(value, attribute)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        kind = type(obj)
+        if kind is dict and attribute not in _DICT_ATTRIBUTE_NAMES:
+            # The common case, ``{{ user.name }}`` on JSON data, without raising and catching
+            # an AttributeError first.
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        if kind is LoopContext and attribute in _LOOP_VALUES:
+            # ``loop.index`` and friends, read on every iteration: plain values, no checks due.
+            return getattr(obj, attribute)
+        try:
+            value = getattr(obj, attribute)
+        except AttributeError:
+            try:
+                return _block_safe(obj[attribute])
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return self._expose(obj, attribute, value)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        # Filters reach attributes of every item through here (``sort(attribute=...)``,
+        # ``groupby``, ``map(attribute=...)``): one loop in C calling back per item, which only
+        # this tick lets the deadline interrupt.
+        budget = CURRENT_BUDGET.get()
+        if budget is not None:
+            budget.tick()
+            if type(argument) is slice:
+                result = obj[argument]
+                if type(result) in (str, list, tuple):
+                    charge(len(result))
+                return result
+        try:
+            return _block_safe(obj[argument])
+        except (TypeError, LookupError):
+            if isinstance(argument, str):
+                try:
+                    value = getattr(obj, argument)
+                except AttributeError:
+                    pass
+                else:
+                    return self._expose(obj, argument, value)
+        return self.undefined(obj=obj, name=argument)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        if not isinstance(value, types.BuiltinMethodType | types.MethodType) or (
+            value.__name__ not in ("format", "format_map")
+        ):
+            return None
+        template_text = value.__self__
+        if not isinstance(template_text, str):
+            return None
+        is_format_map = value.__name__ == "format_map"
+
+        def bounded_format(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs:
+                    raise TypeError("format_map() takes no keyword arguments")
+                if len(args) != 1:
+                    raise TypeError(f"format_map() takes exactly one argument ({len(args)} given)")
+                kwargs = args[0]
+                args = ()
+            limits = self.current_limits()
+            result = _BoundedFormatter(self, limits).vformat(str(template_text), args, kwargs)
+            check_string_length(len(result), limits, "str.format")
+            return result  # charged by the call hook, like every method result
+
+        return _Method(bounded_format, value.__name__)
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        kind = type(obj)
+        if kind is not Macro and kind is not _Method and not isinstance(obj, _CALLABLE_TYPES):
+            raise SecurityError(f"calling a {kind.__name__!r} object is not allowed")
+        budget = CURRENT_BUDGET.get()
+        if budget is None:
+            return context.call(obj, *args, **kwargs)
+        budget.calls += 1
+        if not budget.calls % 16:
+            budget.check_deadline()
+        if budget.depth >= budget.limits.max_call_depth:
+            raise limit_error(
+                f"calls nest deeper than {budget.limits.max_call_depth} levels "
+                "(a macro or recursive loop that does not stop?)"
+            )
+        # Jinja passes loop and block variables along for callables that take the context;
+        # none of the callables allowed here do, so they are dropped as Context.call would.
+        kwargs.pop("_block_vars", None)
+        kwargs.pop("_loop_vars", None)
+        if (args or kwargs) and kind is Macro and (obj.catch_varargs or obj.catch_kwargs):
+            # Extra arguments become a new ``varargs`` tuple / ``kwargs`` dict: a container
+            # built from whatever was passed, so ``m(x, x)`` recursing doubles like a literal.
+            limits = budget.limits
+            size = value_size(args, limits.max_value_size)
+            if kwargs:
+                size += value_size(kwargs, limits.max_value_size)
+            check_value_size(size, limits, "the arguments of a call")
+        budget.depth += 1
+        try:
+            if kind is _Method:
+                result = obj(*args, **kwargs)
+                if type(result) in (str, list, tuple):
+                    charge(len(result))
+                return result
+            if kind is Macro:
+                # Calling the macro directly skips Context.call's generic introspection, which
+                # makes macro calls cheaper than in an unsandboxed Jinja environment.
+                return obj(*args, **kwargs)
+            return context.call(obj, *args, **kwargs)
+        finally:
+            budget.depth -= 1
+
+    def call_filter(
+        self,
+        name: str,
+        value: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        context: Context | None = None,
+        eval_ctx: EvalContext | None = None,
+    ) -> Any:
+        # ``map('name')`` applies a filter per item from inside C-driven iteration: tick here.
+        budget = CURRENT_BUDGET.get()
+        if budget is not None:
+            budget.tick()
+        return super().call_filter(name, value, args, kwargs, context, eval_ctx)
+
+    def call_test(
+        self,
+        name: str,
+        value: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        context: Context | None = None,
+        eval_ctx: EvalContext | None = None,
+    ) -> Any:
+        # ``select('name')`` / ``reject`` apply a test per item: tick here too.
+        budget = CURRENT_BUDGET.get()
+        if budget is not None:
+            budget.tick()
+        return super().call_test(name, value, args, kwargs, context, eval_ctx)
+
+    # -- filters ---------------------------------------------------------------------------
+
+    def _build_filters(self) -> dict[str, Callable[..., Any]]:
+        filters: dict[str, Callable[..., Any]] = {
+            name: func for name, func in FILTERS.items() if name not in REMOVED_FILTERS
+        }
+        checked = {
+            name: func if name in _NON_GROWING_FILTERS else self._post_checked(func)
+            for name, func in filters.items()
+        }
+        # The bounded versions check their own result; wrapping them again would only cost.
+        checked.update(_BOUNDED_FILTERS)
+        for name in _LAZY_FILTERS:
+            checked[name] = _iterator_safe(checked[name])
+        return checked
+
+    def _post_checked(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a filter so no result longer than the string/list limits escapes it.
+
+        Filters with a bounded version are refused *before* they allocate; for the rest (whose
+        output grows at most a small constant factor, e.g. ``upper``, ``tojson``) this stops
+        the growth from compounding through recursion.
+        """
+
+        @functools.wraps(func)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            result = func(*args, **kwargs)
+            kind = type(result)
+            if kind is str:
+                return account_text(result, self.limits, f"the {func.__name__}")
+            if kind is list or kind is tuple:
+                limits = self.current_limits()
+                check_sequence_length(len(result), limits, f"the {func.__name__}")
+                check_value_size(
+                    value_size(result, limits.max_value_size), limits, f"the {func.__name__}"
+                )
+                charge(len(result))
+            return result
+
+        return checked
+
+
+def _iterator_safe(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        if type(result) in _EAGER_TYPES or not isinstance(result, Iterator):
+            return result
+        return _Iterator(result)
+
+    return wrapper
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """``str.format`` with sandboxed field lookup and a cap on what the fields produce."""
+
+    def __init__(self, env: PromptEnvironment, limits: RenderLimits) -> None:
+        super().__init__(env)
+        self._limits = limits
+        self._produced = 0
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        check_format_spec(format_spec, self._limits)
+        text = super().format_field(value, format_spec)
+        self._produced += len(text)
+        check_string_length(self._produced, self._limits, "str.format")
+        return text
+
+
+# -- bounded string methods ----------------------------------------------------------------
+
+
+def _str_pad(method: str) -> Callable[..., str]:
+    def pad(env: PromptEnvironment, text: str, width: Any, *args: Any) -> str:
+        if isinstance(width, int):
+            check_string_length(width, env.current_limits(), f"str.{method}")
+        return cast(str, getattr(str, method)(text, width, *args))  # charged by the call hook
+
+    return pad
+
+
+def _str_expandtabs(env: PromptEnvironment, text: str, tabsize: Any = 8) -> str:
+    if isinstance(tabsize, int):
+        size = len(text) + text.count("\t") * max(tabsize, 0)
+        check_string_length(size, env.current_limits(), "str.expandtabs")
+    return text.expandtabs(tabsize)
+
+
+def _replaced_size(text: str, old: str, new: str, count: int) -> int:
+    occurrences = len(text) + 1 if not old else text.count(old)
+    if count >= 0:
+        occurrences = min(occurrences, count)
+    return len(text) + occurrences * (len(new) - len(old))
+
+
+def _str_replace(env: PromptEnvironment, text: str, old: Any, new: Any, count: Any = -1) -> str:
+    if isinstance(old, str) and isinstance(new, str) and isinstance(count, int):
+        check_string_length(
+            _replaced_size(text, old, new, count), env.current_limits(), "str.replace"
+        )
+    return text.replace(old, new, count)
+
+
+def _bounded_join(env: PromptEnvironment, separator: str, items: Iterable[Any], what: str) -> str:
+    limit = env.current_limits().max_string_length
+    parts = [item if type(item) is str else str(item) for item in items]
+    # Measuring after converting is safe: each part is an existing string or the str() of a
+    # value whose deep size was bounded when it was built.
+    total = sum(map(len, parts)) + len(separator) * max(len(parts) - 1, 0)
+    if total > limit:
+        check_string_length(total, env.current_limits(), what)
+    return separator.join(parts)
+
+
+def _str_join(env: PromptEnvironment, separator: str, items: Iterable[Any]) -> str:
+    # str.join refuses non-strings; keep that rather than silently converting like |join.
+    materialised = list(items)
+    if not all(isinstance(item, str) for item in materialised):
+        return separator.join(materialised)  # raises Python's own TypeError
+    return _bounded_join(env, separator, materialised, "str.join")
+
+
+_BOUNDED_STR_METHODS: Final[dict[str, Callable[..., str]]] = {
+    "center": _str_pad("center"),
+    "ljust": _str_pad("ljust"),
+    "rjust": _str_pad("rjust"),
+    "zfill": _str_pad("zfill"),
+    "expandtabs": _str_expandtabs,
+    "replace": _str_replace,
+    "join": _str_join,
+}
+
+
+# -- bounded filters -----------------------------------------------------------------------
+
+
+def _limits_of(env: Any) -> RenderLimits:
+    return cast(PromptEnvironment, env).current_limits()
+
+
+def _charged(result: str) -> str:
+    # Callers have already checked the length (usually before building the string).
+    charge(len(result))
+    return result
+
+
+@pass_environment
+def _center_filter(env: Any, value: Any, width: int = 80) -> str:
+    if isinstance(width, int):
+        check_string_length(width, _limits_of(env), "the center filter")
+    return _charged(do_center(value, width))
+
+
+@pass_environment
+def _indent_filter(
+    env: Any, s: Any, width: int | str = 4, first: bool = False, blank: bool = False
+) -> str:
+    text = str(s)
+    pad = len(width) if isinstance(width, str) else max(width, 0) if isinstance(width, int) else 0
+    limits = _limits_of(env)
+    check_string_length(pad, limits, "the indent filter")
+    lines = len(text.splitlines()) + 1
+    check_string_length(len(text) + lines * pad, limits, "the indent filter")
+    return _charged(do_indent(text, width, first, blank))
+
+
+@pass_environment
+def _wordwrap_filter(
+    env: Any,
+    s: Any,
+    width: int = 79,
+    break_long_words: bool = True,
+    wrapstring: str | None = None,
+    break_on_hyphens: bool = True,
+) -> str:
+    # Jinja's wordwrap joins with ``wrapstring`` before anything can look at the size; this
+    # is the same algorithm with the size known before each join.
+    separator = cast(str, env.newline_sequence) if wrapstring is None else str(wrapstring)
+    limits = _limits_of(env)
+    budget = CURRENT_BUDGET.get()
+    paragraphs: list[str] = []
+    total = 0
+    for line in str(s).splitlines():
+        if budget is not None:
+            budget.check_deadline()
+        if break_long_words and isinstance(width, int) and width > 0:
+            _check_long_words(line, width, limits)
+        wrapped = textwrap.wrap(
+            line,
+            width=width,
+            expand_tabs=False,
+            replace_whitespace=False,
+            break_long_words=break_long_words,
+            break_on_hyphens=break_on_hyphens,
+        )
+        total += sum(map(len, wrapped)) + len(separator) * len(wrapped)
+        check_string_length(total, limits, "the wordwrap filter")
+        paragraphs.append(separator.join(wrapped))
+    return _charged(separator.join(paragraphs))
+
+
+def _check_long_words(line: str, width: int, limits: RenderLimits) -> None:
+    """Refuse wrapping that would take textwrap quadratic time.
+
+    textwrap breaks a word longer than ``width`` by re-slicing the rest of the word for every
+    line it fills: about ``len(word) ** 2 / width`` characters copied, 10**12 for a
+    million-character word at width 1, and all of it in one uninterruptible call.
+    """
+    if len(line) <= width * 64:
+        return  # at most 64 * len(line) copied: linear enough
+    cost = sum(len(word) * len(word) // width for word in line.split() if len(word) > width)
+    if cost > 50 * limits.max_string_length:
+        raise limit_error(
+            f"wordwrap at width {width} would split words of this text too many times; "
+            "use a larger width or break_long_words=false"
+        )
+
+
+@pass_environment
+def _format_filter(env: Any, value: Any, *args: Any, **kwargs: Any) -> str:
+    limits = _limits_of(env)
+    check_percent_format(str(value), limits)
+    # The arguments' own length adds up too: '%s%s'|format(x, x) doubles x.
+    return account_text(do_format(value, *args, **kwargs), limits, "the format filter")
+
+
+@pass_environment
+def _replace_filter(env: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text, old_text, new_text = str(s), str(old), str(new)
+    limit = -1 if count is None else count
+    check_string_length(
+        _replaced_size(text, old_text, new_text, limit), _limits_of(env), "the replace filter"
+    )
+    return _charged(text.replace(old_text, new_text, limit))
+
+
+@pass_environment
+def _join_filter(env: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+    items = value if attribute is None else map(make_attrgetter(env, attribute), value)
+    return _charged(_bounded_join(cast(PromptEnvironment, env), str(d), items, "the join filter"))
+
+
+@pass_environment
+def _batch_filter(env: Any, value: Iterable[Any], linecount: int, fill_with: Any = None) -> Any:
+    if isinstance(linecount, int):
+        limits = _limits_of(env)
+        check_sequence_length(linecount, limits, "the batch filter")
+        _check_fill(fill_with, linecount, limits, "the batch filter")
+    return do_batch(value, linecount, fill_with)
+
+
+@pass_environment
+def _slice_filter(env: Any, value: Any, slices: int, fill_with: Any = None) -> Any:
+    if isinstance(slices, int):
+        limits = _limits_of(env)
+        check_sequence_length(slices, limits, "the slice filter")
+        _check_fill(fill_with, slices, limits, "the slice filter")
+    return do_slice(value, slices, fill_with)
+
+
+def _check_fill(fill_with: Any, times: int, limits: RenderLimits, what: str) -> None:
+    # The fill value is repeated to pad the last group: the same amplification as ``[x] * n``.
+    if fill_with is not None:
+        deep = value_size(fill_with, limits.max_value_size)
+        check_value_size(deep * max(times, 0), limits, what)
+
+
+@pass_eval_context
+def _tojson_filter(eval_ctx: EvalContext, value: Any, indent: int | str | None = None) -> str:
+    too_wide = (isinstance(indent, int) and not 0 <= indent <= 16) or (
+        isinstance(indent, str) and len(indent) > 16
+    )
+    if too_wide:
+        raise limit_error("tojson indent must be between 0 and 16")
+    # Plain str, not Markup: output is plain text and Markup would change later operations.
+    result = str(do_tojson(eval_ctx, value, cast("int | None", indent)))
+    # Escaping grows text (a quote becomes \"), and chained tojson compounds it.
+    check_string_length(
+        len(result), cast(PromptEnvironment, eval_ctx.environment).current_limits(), "tojson"
+    )
+    return _charged(result)
+
+
+@pass_environment
+def _sum_filter(env: Any, iterable: Iterable[Any], attribute: Any = None, start: Any = 0) -> Any:
+    # Summing lists is quadratic (every step copies); summing strings is refused by Python.
+    if type(start) not in (int, float, bool):
+        raise TypeError("the sum filter adds numbers; use the join filter for text")
+    return do_sum(env, iterable, attribute, start)
+
+
+_BOUNDED_FILTERS: Final[dict[str, Callable[..., Any]]] = {
+    "center": _center_filter,
+    "indent": _indent_filter,
+    "wordwrap": _wordwrap_filter,
+    "format": _format_filter,
+    "replace": _replace_filter,
+    "join": _join_filter,
+    "batch": _batch_filter,
+    "slice": _slice_filter,
+    "tojson": _tojson_filter,
+    "sum": _sum_filter,
+}
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def render_bounded(
+    template: PromptTemplate,
+    values: dict[str, Any],
+    limits: RenderLimits,
+    resolve: Callable[[str], str | None] | None,
+    *,
+    name: str | None,
+    version: int | str | None = None,
+) -> str:
+    """Render ``template`` with already-sanitised ``values`` under ``limits``.
+
+    Output is pulled chunk by chunk from the template's generator so the output cap and the
+    deadline are enforced as text is produced, not after it has all been built.
+    """
+    budget = Budget(limits, resolve)
+    token = CURRENT_BUDGET.set(budget)
+    cap = limits.max_output_bytes
+    parts: list[str] = []
+    size = 0
+    try:
+        stream = cast(
+            "Generator[str, None, None]",
+            template.root_render_func(template.new_context(values)),
+        )
+        try:
+            # Pull chunks in small batches: islice/list/sum run in C, so the meter costs a few
+            # nanoseconds per chunk instead of a Python-level loop iteration. A batch can
+            # overshoot the cap by at most _BATCH chunks, each already bounded by the string
+            # limit.
+            while True:
+                batch = list(islice(stream, _BATCH))
+                size += sum(map(len, batch))
+                if size > cap:
+                    # Characters never outnumber UTF-8 bytes, so this is already over.
+                    raise limit_error(f"the output is over the limit of {cap} bytes")
+                parts += batch
+                if len(batch) < _BATCH:
+                    break  # a short batch means the stream is exhausted
+                budget.check_deadline()
+        finally:
+            stream.close()
+    except Exception as exc:  # a template can make any Python operation fail
+        raise translate_error(exc, template, name=name, version=version) from exc
+    finally:
+        CURRENT_BUDGET.reset(token)
+    text = "".join(parts)
+    if size * 4 > cap and len(text.encode("utf-8", "surrogatepass")) > cap:
+        raise limit_error(f"the output is over the limit of {cap} bytes").located(
+            template=name, version=version
+        )
+    return text
+
+
+def _template_frames(exc: BaseException) -> list[tuple[Template, int]]:
+    frames: list[tuple[Template, int]] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if isinstance(template, Template):
+            frames.append((template, template.get_corresponding_lineno(tb.tb_lineno)))
+        tb = tb.tb_next
+    return frames
+
+
+def translate_error(
+    exc: BaseException,
+    template: Template | None,
+    *,
+    name: str | None,
+    version: int | str | None = None,
+) -> TemplateError:
+    """Turn whatever a render raised into a :class:`TemplateError` naming template and line."""
+    frames = _template_frames(exc)
+    top_lines = [line for owner, line in frames if owner is template]
+    lineno = top_lines[-1] if top_lines else None
+    prefix = ""
+    if frames and frames[-1][0] is not template:
+        inner, inner_line = frames[-1]
+        prefix = f"in included template {inner.name!r}, line {inner_line}: "
+    located = functools.partial(_located, template=name, version=version, lineno=lineno)
+
+    if isinstance(exc, TemplateError):
+        if not prefix:
+            return exc.located(template=name, version=version, lineno=lineno)
+        return located(
+            type(exc)(
+                prefix + exc.detail,
+                template=exc.template,
+                version=exc.version,
+                lineno=exc.lineno,
+                hint=exc.hint,
+            )
+        )
+    if isinstance(exc, JinjaTemplateNotFound):
+        return located(TemplateNotFound(f"{prefix}included template {exc.name!r} does not exist"))
+    if isinstance(exc, TemplateSyntaxError):
+        if exc.name is not None and exc.name != name:
+            prefix = f"in included template {exc.name!r}, line {exc.lineno}: "
+        return located(TemplateValidationError(f"{prefix}{exc.message or 'syntax error'}"))
+    if isinstance(exc, UndefinedError):
+        return located(
+            TemplateRenderError(
+                f"{prefix}{exc.message}",
+                hint="pass the variable, or guard it with 'is defined' or the default filter",
+            )
+        )
+    if isinstance(exc, SecurityError):
+        return located(
+            TemplateRenderError(
+                f"{prefix}unsafe operation refused: {exc}",
+                hint="templates may only read plain data and call allowed methods",
+            )
+        )
+    if isinstance(exc, TemplateRuntimeError):
+        return located(TemplateRenderError(f"{prefix}{exc}"))
+    if isinstance(exc, RecursionError):
+        return located(
+            TemplateLimitError(f"{prefix}templates nest too deeply (an include or macro cycle?)")
+        )
+    if isinstance(exc, MemoryError):
+        return located(TemplateLimitError(f"{prefix}rendering ran out of memory"))
+    return located(TemplateRenderError(f"{prefix}{type(exc).__name__}: {exc}"))
+
+
+def _located(
+    error: TemplateError,
+    *,
+    template: str | None,
+    version: int | str | None,
+    lineno: int | None,
+) -> TemplateError:
+    return error.located(template=template, version=version, lineno=lineno)

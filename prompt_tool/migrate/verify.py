@@ -1,0 +1,357 @@
+"""`orch-migrate verify`: does the templates path give back every legacy text, byte for byte?
+
+For every selected session and role it classifies what the read shim's ``templates`` path
+would return: matched (the rendered reference equals the legacy text), mismatched, unmigrated
+(no reference yet), stale (the legacy text changed after the reference was made), render error.
+Equality is checked on SHA-256 digests computed in the database, so legacy texts never cross the
+wire except for the first few mismatches, whose diffs are shown; each distinct (version,
+variables) pair is rendered once. Sessions are streamed in keyset batches: memory stays flat.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, and_, cast, func, literal, select, union_all
+from sqlalchemy.types import Text
+
+from prompt_tool.core import content_hash
+from prompt_tool.core.errors import TemplateError
+from prompt_tool.db.dialect import sha256_hex
+from prompt_tool.db.engine import Connectable, connect
+from prompt_tool.db.models import (
+    OrchestrationSession,
+    Project,
+    Prompt,
+    PromptRole,
+    PromptVersion,
+    SessionPromptRef,
+)
+from prompt_tool.errors import NotFoundError
+from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.templates import ResolvedTemplate, TemplateManager
+
+__all__ = ["Mismatch", "ProjectVerification", "VerifyOptions", "VerifyReport", "verify"]
+
+_SESSIONS = OrchestrationSession.__table__
+_REFS = SessionPromptRef.__table__
+_RENDER_MEMO_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyOptions:
+    projects: Sequence[str] = ()
+    sample: int | None = None
+    allow_unmigrated: bool = False
+    batch_size: int = 5_000
+    show_diffs: int = 3
+
+
+@dataclass
+class ProjectVerification:
+    project: str
+    checked: int = 0
+    matched: int = 0
+    mismatched: int = 0
+    unmigrated: int = 0
+    stale: int = 0
+    render_errors: int = 0
+
+    def passed(self, allow_unmigrated: bool) -> bool:
+        blocking = self.mismatched + self.render_errors
+        if not allow_unmigrated:
+            blocking += self.unmigrated + self.stale
+        return blocking == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    session_id: int
+    project: str
+    role: str
+    version_id: int
+    kind: str  # "mismatch" or "render_error"
+    diff: str
+
+
+@dataclass
+class VerifyReport:
+    run_id: int
+    passed: bool
+    allow_unmigrated: bool
+    sampled: int | None
+    projects: list[ProjectVerification]
+    mismatches: list[Mismatch] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def totals(self) -> ProjectVerification:
+        total = ProjectVerification("(all)")
+        for p in self.projects:
+            for name in (
+                "checked",
+                "matched",
+                "mismatched",
+                "unmigrated",
+                "stale",
+                "render_errors",
+            ):
+                setattr(total, name, getattr(total, name) + getattr(p, name))
+        return total
+
+
+class _RenderedDigests:
+    """sha256 of each distinct (version, variables) rendering, or the error: rendered once."""
+
+    def __init__(self, manager: TemplateManager) -> None:
+        self._manager = manager
+        self._digests: OrderedDict[tuple[int, str], str | TemplateError] = OrderedDict()
+        self._texts: dict[tuple[int, str], str] = {}
+
+    def digest(
+        self, template: ResolvedTemplate, variables_json: str, project: str
+    ) -> str | TemplateError:
+        key = (template.version_id, variables_json)
+        found = self._digests.get(key)
+        if found is not None:
+            self._digests.move_to_end(key)
+            return found
+        try:
+            variables = json.loads(variables_json) if variables_json else {}
+            rendered = self._manager.render_resolved(template, variables or {}, project=project)
+            outcome: str | TemplateError = content_hash(rendered)
+        except TemplateError as error:
+            outcome = error
+        self._digests[key] = outcome
+        if len(self._digests) > _RENDER_MEMO_SIZE:
+            self._digests.popitem(last=False)
+        return outcome
+
+    def text(self, template: ResolvedTemplate, variables_json: str, project: str) -> str:
+        variables = json.loads(variables_json) if variables_json else {}
+        return self._manager.render_resolved(template, variables or {}, project=project)
+
+
+def _rows_query(after: int, limit: int, project_ids: Sequence[int], sample_ids: Any) -> Any:
+    batch = (
+        select(_SESSIONS.c.id, _SESSIONS.c.project_id)
+        .where(_SESSIONS.c.id > after)
+        .order_by(_SESSIONS.c.id)
+        .limit(limit)
+    )
+    if project_ids:
+        batch = batch.where(_SESSIONS.c.project_id.in_(list(project_ids)))
+    if sample_ids is not None:
+        batch = batch.where(_SESSIONS.c.id.in_(sample_ids))
+    batch_ids = batch.subquery()
+    per_role = []
+    for role in PromptRole:
+        column = _SESSIONS.c[role.legacy_column]
+        per_role.append(
+            select(
+                _SESSIONS.c.id.label("session_id"),
+                _SESSIONS.c.project_id.label("project_id"),
+                literal(role.value).label("role"),
+                sha256_hex(column).label("legacy_hash"),
+                _REFS.c.prompt_version_id.label("version_id"),
+                _REFS.c.legacy_hash.label("linked_hash"),
+                cast(_REFS.c.variables, Text).label("variables"),
+            )
+            .join(batch_ids, batch_ids.c.id == _SESSIONS.c.id)
+            .outerjoin(
+                _REFS, and_(_REFS.c.session_id == _SESSIONS.c.id, _REFS.c.role == role.value)
+            )
+        )
+    return union_all(*per_role)
+
+
+def _versions(connection: Connection, ids: set[int]) -> dict[int, ResolvedTemplate]:
+    if not ids:
+        return {}
+    rows = connection.execute(
+        select(
+            PromptVersion.id,
+            PromptVersion.version,
+            PromptVersion.content,
+            PromptVersion.content_hash,
+            Prompt.id,
+            Prompt.name,
+            Prompt.scope,
+            Prompt.declared_variables,
+        )
+        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+        .where(PromptVersion.id.in_(sorted(ids)))
+    )
+    return {
+        version_id: ResolvedTemplate(
+            name=name,
+            scope=scope or "global",
+            template_id=template_id,
+            version_id=version_id,
+            version=version,
+            source=source,
+            content_hash=digest or content_hash(source),
+            declared_variables=tuple(declared or ()),
+        )
+        for version_id, version, source, digest, template_id, name, scope, declared in rows
+    }
+
+
+def _diff(engine: Connectable, session_id: int, role: PromptRole, rendered: str) -> str:
+    with connect(engine) as connection:
+        legacy = (
+            connection.execute(
+                select(_SESSIONS.c[role.legacy_column]).where(_SESSIONS.c.id == session_id)
+            ).scalar_one_or_none()
+            or ""
+        )
+    return "".join(
+        difflib.unified_diff(
+            legacy.splitlines(keepends=True),
+            rendered.splitlines(keepends=True),
+            f"session {session_id} {role.value} (legacy)",
+            f"session {session_id} {role.value} (templates)",
+        )
+    )
+
+
+def verify(
+    engine: Connectable,
+    options: VerifyOptions | None = None,
+    *,
+    manager: TemplateManager | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Compare the templates path with the legacy text for the selected sessions."""
+    options = options or VerifyOptions()
+    manager = manager if manager is not None else TemplateManager(engine)
+    started = time.monotonic()
+    with connect(engine) as connection:
+        query = select(Project.id, Project.slug)
+        if options.projects:
+            query = query.where(Project.slug.in_(list(options.projects)))
+        projects = {project_id: slug for project_id, slug in connection.execute(query)}
+        missing = sorted(set(options.projects) - set(projects.values()))
+        if missing:
+            raise NotFoundError(f"no project with slug {', '.join(missing)}; check --project")
+        scope = list(projects) if options.projects else []
+        sample_ids = None
+        if options.sample is not None:
+            chosen = select(_SESSIONS.c.id).order_by(func.random()).limit(options.sample)
+            if scope:
+                chosen = chosen.where(_SESSIONS.c.project_id.in_(scope))
+            sample_ids = [session_id for (session_id,) in connection.execute(chosen)]
+        total_query = select(func.count()).select_from(_SESSIONS)
+        if scope:
+            total_query = total_query.where(_SESSIONS.c.project_id.in_(scope))
+        total = (
+            len(sample_ids)
+            if sample_ids is not None
+            else connection.execute(total_query).scalar_one()
+        )
+    run_id = start_run(
+        engine,
+        RunKind.VERIFY,
+        project_id=scope[0] if len(scope) == 1 else None,
+        params={
+            "scope": ",".join(sorted(projects[p] for p in scope)) or "*",
+            "sample": options.sample,
+            "allow_unmigrated": options.allow_unmigrated,
+        },
+    )
+    per_project = {slug: ProjectVerification(slug) for slug in sorted(projects.values())}
+    report = VerifyReport(run_id, False, options.allow_unmigrated, options.sample, [])
+    renders = _RenderedDigests(manager)
+    try:
+        after, seen = 0, 0
+        while True:
+            with connect(engine) as connection:
+                rows = connection.execute(
+                    _rows_query(after, options.batch_size, scope, sample_ids)
+                ).all()
+                if not rows:
+                    break
+                versions = _versions(
+                    connection, {row.version_id for row in rows if row.version_id is not None}
+                )
+            batch_sessions = {row.session_id for row in rows}
+            after = max(batch_sessions)
+            seen += len(batch_sessions)
+            for row in rows:
+                _classify(engine, row, projects, per_project, versions, renders, report, options)
+            if progress is not None:
+                progress(seen, total)
+    except BaseException as error:
+        finish_run(engine, run_id, RunStatus.FAILED, error=str(error)[:2000])
+        raise
+    report.projects = list(per_project.values())
+    report.passed = all(p.passed(options.allow_unmigrated) for p in report.projects)
+    report.elapsed_s = time.monotonic() - started
+    finish_run(
+        engine,
+        run_id,
+        RunStatus.COMPLETED,
+        summary={
+            "passed": report.passed,
+            "projects": {
+                p.project: {**p.__dict__, "passed": p.passed(options.allow_unmigrated)}
+                for p in report.projects
+            },
+        },
+    )
+    return report
+
+
+def _classify(
+    engine: Connectable,
+    row: Any,
+    projects: dict[int, str],
+    per_project: dict[str, ProjectVerification],
+    versions: dict[int, ResolvedTemplate],
+    renders: _RenderedDigests,
+    report: VerifyReport,
+    options: VerifyOptions,
+) -> None:
+    project = projects[row.project_id]
+    counts = per_project[project]
+    if row.legacy_hash is None and row.version_id is None:
+        return  # NULL stays NULL: nothing to migrate, nothing to check
+    counts.checked += 1
+    if row.version_id is None:
+        counts.unmigrated += 1
+        return
+    if row.linked_hash != row.legacy_hash:
+        counts.stale += 1
+        return
+    template = versions[row.version_id]
+    digest = renders.digest(template, row.variables or "", project)
+    role = PromptRole(row.role)
+    if isinstance(digest, TemplateError):
+        counts.render_errors += 1
+        if len(report.mismatches) < options.show_diffs:
+            report.mismatches.append(
+                Mismatch(
+                    row.session_id, project, role.value, row.version_id, "render_error", str(digest)
+                )
+            )
+    elif digest == row.legacy_hash:
+        counts.matched += 1
+    else:
+        counts.mismatched += 1
+        if len(report.mismatches) < options.show_diffs:
+            rendered = renders.text(template, row.variables or "", project)
+            report.mismatches.append(
+                Mismatch(
+                    row.session_id,
+                    project,
+                    role.value,
+                    row.version_id,
+                    "mismatch",
+                    _diff(engine, row.session_id, role, rendered),
+                )
+            )

@@ -1,0 +1,69 @@
+"""``literal_template`` turns any text into a template that renders back to exactly that text."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prompt_tool.core import TemplateEngine, literal_template
+from prompt_tool.settings import Settings
+
+ENGINE = TemplateEngine(settings=Settings())
+
+# Tokens chosen to collide with every piece of Jinja syntax: delimiters, whitespace control,
+# raw/endraw, quotes, line endings, and multi-byte text.
+_TOKENS = st.sampled_from(
+    [
+        "{", "}", "%", "#", "-", "+", "\r", "\n", "\r\n", " ", "raw", "endraw", "{%", "%}",
+        "{{", "}}", "{#", "#}", "{% raw %}", "{% endraw %}", "{%- raw -%}", "'", '"', "\\",
+        "x", "é", "中", "😀", "\u2028", "\x00", "\t",
+    ]
+)  # fmt: skip
+_TEXTS = st.lists(_TOKENS, max_size=40).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=_TEXTS)
+def test_literal_template_renders_back_byte_for_byte(text: str) -> None:
+    source = literal_template(text)
+    assert ENGINE.render(source, name="literal").encode("utf-8") == text.encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_literal_template_round_trips_arbitrary_unicode(text: str) -> None:
+    assert ENGINE.render(literal_template(text), name="literal") == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_TEXTS.filter(lambda t: "{{" not in t and "{%" not in t and "{#" not in t))
+def test_text_without_delimiters_is_returned_unchanged(text: str) -> None:
+    assert literal_template(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{% raw %}{{ x }}{% endraw %}",
+        "{% endraw %}",
+        "{{{{ deep }}}}",
+        "{%- if x -%}\r\n{#- c -#}",
+        "{{ ''.__class__ }}",
+        "ends with {",
+        "{{'{'}}",
+    ],
+)
+def test_jinja_looking_text_is_escaped_and_validates_without_variables(text: str) -> None:
+    source = literal_template(text)
+    info = ENGINE.validate(source, name="literal")
+    assert info.undeclared_variables == frozenset()
+    assert info.referenced_templates == ()
+    assert ENGINE.render(source, name="literal") == text
+
+
+def test_escaping_is_compact() -> None:
+    # Only braces that open a tag are escaped: in "{{ b" just the first one.
+    assert literal_template("a {{ b }} c") == "a {{'{'}}{ b }} c"
+    assert literal_template("{%") == "{{'{'}}%"
+    assert literal_template("{{{#") == "{{'{{{'}}#"
