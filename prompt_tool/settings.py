@@ -66,6 +66,7 @@ class Settings:
     redis_url: str | None = None
     templates_enabled: bool = True
     template_max_source_bytes: int = 64 * 1024
+    template_max_stored_source_bytes: int = 16 * 1024 * 1024
     template_max_output_bytes: int = 1024 * 1024
     template_render_timeout_s: float = 2.0
     name_cache_ttl_s: float = 60.0
@@ -89,6 +90,9 @@ class Settings:
             redis_url=env.get("PROMPT_TOOL_REDIS_URL") or None,
             templates_enabled=_flag(env, "PROMPT_TOOL_TEMPLATES_ENABLED", True),
             template_max_source_bytes=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_SOURCE_BYTES", 64 * 1024),
+            template_max_stored_source_bytes=_int(
+                env, "PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES", 16 * 1024 * 1024
+            ),
             template_max_output_bytes=_int(
                 env, "PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES", 1024 * 1024
             ),

@@ -101,7 +101,10 @@ class TemplateEngine:
         )
         self.cache: CompiledCache[PromptTemplate] = CompiledCache(cache_size)
         self.environment = PromptEnvironment(
-            limits=self.limits, cache=self.cache, max_source_bytes=self.max_source_bytes
+            limits=self.limits,
+            cache=self.cache,
+            max_source_bytes=self.max_source_bytes,
+            max_stored_source_bytes=settings.template_max_stored_source_bytes,
         )
 
     def cache_stats(self) -> CacheStats:

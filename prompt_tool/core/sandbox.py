@@ -576,6 +576,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         limits: RenderLimits | None = None,
         cache: CompiledCache[PromptTemplate] | None = None,
         max_source_bytes: int = 64 * 1024,
+        max_stored_source_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         super().__init__(
             undefined=StrictUndefined,
@@ -596,6 +597,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             cache if cache is not None else CompiledCache()
         )
         self.max_source_bytes = max_source_bytes
+        # Versions already stored passed validation, or are literal imports of legacy text
+        # (which may be any size); compiling them is linear, so only a hard ceiling applies.
+        self.max_stored_source_bytes = max(max_source_bytes, max_stored_source_bytes)
         self._lexer = _NewlinePreservingLexer(self)
         # ``dict`` hands out a type object (``{{ dict }}`` prints "<class 'dict'>", the usual
         # first step of an attribute walk) and literals do the same job; ``cycler``,
@@ -637,8 +641,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         tree.set_environment(self)
         return tree
 
-    def check_source_size(self, source: str) -> int:
+    def check_source_size(self, source: str, limit: int | None = None) -> int:
         """UTF-8 size of ``source``; raises if it is over the limit or not encodable."""
+        limit = self.max_source_bytes if limit is None else limit
         try:
             size = len(source.encode("utf-8"))
         except UnicodeEncodeError as exc:
@@ -646,9 +651,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
                 f"the source contains a character that is not valid UTF-8 (position {exc.start})",
                 hint="remove lone surrogate characters from the text",
             ) from None
-        if size > self.max_source_bytes:
+        if size > limit:
             raise TemplateValidationError(
-                f"the source is {size} bytes, over the limit of {self.max_source_bytes}",
+                f"the source is {size} bytes, over the limit of {limit}",
                 hint="split it into smaller templates or raise template_max_source_bytes",
             )
         return size
@@ -662,7 +667,8 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         return cast(PromptTemplate, template)
 
     def compile_uncached(self, source: str, name: str | None) -> PromptTemplate:
-        self.check_source_size(source)
+        # New sources meet max_source_bytes in validation, before they are stored.
+        self.check_source_size(source, self.max_stored_source_bytes)
         return self.compile_tree(self.parse(source, name), name)
 
     def compile_cached(
