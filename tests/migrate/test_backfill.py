@@ -198,8 +198,7 @@ def test_a_second_concurrent_run_exits_with_a_clear_message_or_waits(
         holder.commit()
         with pytest.raises(
             BackfillBusyError,
-            match="another backfill is running for project-2|"
-            "another backfill is running for project project-2",
+            match="another backfill is running for project project-2",
         ):
             backfill(legacy_engine)
 
