@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,8 +67,9 @@ _SCOPE_RANK = case(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _NameKey:
+class _NameKey(NamedTuple):
+    """A tuple, so the hot cache lookup hashes and compares in C."""
+
     project: str | None
     user: str | None
     name: str
