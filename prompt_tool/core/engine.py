@@ -12,6 +12,7 @@ renders the included text the loader returns now, never a stale copy.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from jinja2.exceptions import TemplateSyntaxError
 from prompt_tool.core.cache import CacheStats, CompiledCache, content_hash
 from prompt_tool.core.errors import (
     TemplateError,
+    TemplateLimitError,
     TemplateNotFound,
     TemplateValidationError,
 )
@@ -361,6 +363,18 @@ class TemplateEngine:
             values = prepare_variables(variables, specs)
         except TemplateError as exc:
             raise exc.located(template=name, version=version) from None
+        effective = limits if limits is not None else self.limits
+        if _MARKUP.search(source) is None:
+            # No tag, expression or comment opens anywhere: Jinja would hand the text back
+            # unchanged (no line statements, newlines kept), so skip compiling it at all.
+            # Most imported legacy texts are like this, and verify renders every one.
+            if len(source) > effective.max_output_bytes:
+                raise TemplateLimitError(
+                    f"the output is over the limit of {effective.max_output_bytes} bytes",
+                    template=name,
+                    version=version,
+                )
+            return source
         template = self.compile(source, name=name, version=version, content_hash=content_hash)
         return render_bounded(
             template,
@@ -370,6 +384,9 @@ class TemplateEngine:
             name=name,
             version=version,
         )
+
+
+_MARKUP = re.compile(r"\{[{%#]")
 
 
 def _require_text(source: object, name: str | None, version: int | str | None) -> None:

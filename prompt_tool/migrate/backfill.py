@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     and_,
     delete,
@@ -36,14 +37,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from prompt_tool.core import content_hash, literal_template
+from prompt_tool.core import literal_template
 from prompt_tool.db.dialect import (
     acquire_advisory_lock,
     insert_for,
     is_retryable,
+    literal_template_sql,
+    provide_sqlite_function,
     release_advisory_lock,
     set_local_timeouts,
     sha256_hex,
+    wall_clock,
 )
 from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.db.models import (
@@ -233,103 +237,154 @@ def _batch_states(
     return states
 
 
-def _existing_imports(connection: Connection, wanted: set[tuple[int, str]]) -> set[tuple[int, str]]:
-    if not wanted:
-        return set()
-    rows = connection.execute(
-        select(Prompt.project_id, Prompt.name).where(
-            Prompt.scope == Scope.PROJECT.value,
-            tuple_(Prompt.project_id, Prompt.name).in_(sorted(wanted)),
-        )
+def _batch_texts(
+    after: int, last: int, project_ids: Sequence[int], scoped: bool, *, needing_link: bool
+) -> Any:
+    """The batch's non-NULL legacy texts, one row per (session, role), with their hash.
+
+    ``needing_link``: only those without a reference, or whose reference was made for another
+    text (stale), which is all a run has to write.
+    """
+    in_batch = and_(
+        _SESSIONS.c.id > after, _SESSIONS.c.id <= last, _session_filter(project_ids, scoped)
     )
-    return {(project_id, name) for project_id, name in rows if project_id is not None}
-
-
-def _import_templates(connection: Connection, missing: dict[tuple[int, str], _RoleState]) -> int:
-    """Create one imported template per distinct missing text: literal source, version 1."""
-    if not missing:
-        return 0
-    by_session: dict[tuple[int, PromptRole], tuple[int, str]] = {
-        (state.session_id, state.role): key for key, state in missing.items()
-    }
-    texts: dict[tuple[int, str], str] = {}
+    per_role = []
     for role in PromptRole:
-        session_ids = [sid for (sid, r) in by_session if r is role]
-        if not session_ids:
-            continue
         column = _SESSIONS.c[role.legacy_column]
-        for session_id, legacy in connection.execute(
-            select(_SESSIONS.c.id, column).where(_SESSIONS.c.id.in_(session_ids))
-        ):
-            if legacy is not None:
-                texts[by_session[(session_id, role)]] = legacy
-    rows = []
-    for (project_id, name), legacy in texts.items():
-        source = literal_template(legacy)
-        rows.append(
-            {
-                "project_id": project_id,
-                "name": name,
-                "content": source,
-                "category": "imported",
-                "is_template": True,
-                "prompt_type": PromptType.ORCHESTRATION_TEMPLATE.value,
-                "scope": Scope.PROJECT.value,
-                "description": "Imported from legacy session text by orch-migrate backfill",
-                "tags": ["imported", name.split("/")[1]],
-                "declared_variables": [],
-                "content_hash": content_hash(source),
-            }
-        )
-    if not rows:
-        return 0
-    statement = insert_for(connection, Prompt.__table__).on_conflict_do_nothing(
-        index_elements=["project_id", "name"], index_where=text("scope = 'project'")
+        digest = sha256_hex(column)
+        query = select(
+            _SESSIONS.c.id.label("session_id"),
+            _SESSIONS.c.project_id.label("project_id"),
+            literal(role.value).label("role"),
+            digest.label("legacy_hash"),
+            column.label("legacy_text"),
+        ).where(in_batch, column.is_not(None))
+        if needing_link:
+            linked = _REFS.alias(f"linked_{role.value}")
+            query = query.outerjoin(
+                linked, and_(linked.c.session_id == _SESSIONS.c.id, linked.c.role == role.value)
+            ).where(linked.c.legacy_hash.is_distinct_from(digest))
+        per_role.append(query)
+    return union_all(*per_role).subquery()
+
+
+def _imported_name_of(texts: Any) -> Any:
+    return literal(IMPORTED_PREFIX) + texts.c.role + literal("/") + texts.c.legacy_hash
+
+
+def _literal_or_null(text_value: str | None) -> str | None:
+    return None if text_value is None else literal_template(text_value)
+
+
+def _import_templates(
+    connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
+) -> int:
+    """Create the imported template of every distinct text that has none yet: set-based.
+
+    Its single version is the literal template of the text (computed in SQL), labelled
+    ``latest`` and ``production`` like any template.
+    """
+    provide_sqlite_function(connection, "pt_literal_template", _literal_or_null)
+    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
+    name = _imported_name_of(texts)
+    existing = select(Prompt.id).where(
+        Prompt.project_id == texts.c.project_id,
+        Prompt.scope == Scope.PROJECT.value,
+        Prompt.name == name,
     )
-    connection.execute(statement, rows)
-    created = connection.execute(
-        select(Prompt.id, Prompt.content, Prompt.content_hash)
-        .where(
-            Prompt.scope == Scope.PROJECT.value,
-            tuple_(Prompt.project_id, Prompt.name).in_(sorted(texts)),
+    distinct_texts = (
+        select(
+            texts.c.project_id,
+            name.label("name"),
+            func.min(texts.c.legacy_text).label("legacy_text"),
         )
-        .where(~select(PromptVersion.id).where(PromptVersion.prompt_id == Prompt.id).exists())
-    ).all()
+        .where(~existing.exists())
+        .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
+        .subquery()
+    )
+    source = literal_template_sql(distinct_texts.c.legacy_text)
+    rows = select(
+        distinct_texts.c.project_id,
+        distinct_texts.c.name,
+        source,
+        literal("imported"),
+        true(),
+        literal(PromptType.ORCHESTRATION_TEMPLATE.value),
+        literal(Scope.PROJECT.value),
+        literal("Imported from legacy session text by orch-migrate backfill"),
+        literal(["imported"], type_=JSON),
+        literal([], type_=JSON),
+        sha256_hex(source),
+    ).where(true())  # SQLite needs a WHERE before ON CONFLICT in INSERT ... SELECT
+    statement = (
+        insert_for(connection, Prompt.__table__)
+        .from_select(
+            [
+                "project_id",
+                "name",
+                "content",
+                "category",
+                "is_template",
+                "prompt_type",
+                "scope",
+                "description",
+                "tags",
+                "declared_variables",
+                "content_hash",
+            ],
+            rows,
+        )
+        .on_conflict_do_nothing(
+            index_elements=["project_id", "name"], index_where=text("scope = 'project'")
+        )
+        .returning(Prompt.id)
+    )
+    created = list(connection.execute(statement).scalars())
     if not created:
         return 0
     connection.execute(
-        insert(PromptVersion),
-        [
-            {
-                "prompt_id": prompt_id,
-                "version": 1,
-                "content": source,
-                "content_hash": digest,
-                "created_by": ACTOR,
-                "change_note": "imported from legacy session text",
-            }
-            for prompt_id, source, digest in created
-        ],
-    )
-    versions = connection.execute(
-        select(PromptVersion.prompt_id, PromptVersion.id).where(
-            PromptVersion.prompt_id.in_([prompt_id for prompt_id, _, _ in created])
+        insert(PromptVersion).from_select(
+            ["prompt_id", "version", "content", "content_hash", "created_by", "change_note"],
+            select(
+                Prompt.id,
+                literal(1),
+                Prompt.content,
+                Prompt.content_hash,
+                literal(ACTOR),
+                literal("imported from legacy session text"),
+            ).where(Prompt.id.in_(created)),
         )
-    ).all()
-    connection.execute(
-        insert(TemplateLabel),
-        [
-            {
-                "prompt_id": prompt_id,
-                "label": label,
-                "prompt_version_id": version_id,
-                "moved_by": ACTOR,
-            }
-            for prompt_id, version_id in versions
-            for label in ("latest", "production")
-        ],
     )
+    for label in ("latest", "production"):
+        connection.execute(
+            insert(TemplateLabel).from_select(
+                ["prompt_id", "label", "prompt_version_id", "moved_by"],
+                select(
+                    PromptVersion.prompt_id, literal(label), PromptVersion.id, literal(ACTOR)
+                ).where(PromptVersion.prompt_id.in_(created)),
+            )
+        )
     return len(created)
+
+
+def _missing_templates(
+    connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
+) -> int:
+    """How many templates :func:`_import_templates` would create (for --dry-run)."""
+    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
+    name = _imported_name_of(texts)
+    existing = select(Prompt.id).where(
+        Prompt.project_id == texts.c.project_id,
+        Prompt.scope == Scope.PROJECT.value,
+        Prompt.name == name,
+    )
+    distinct = (
+        select(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
+        .where(~existing.exists())
+        .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
+        .subquery()
+    )
+    return int(connection.execute(select(func.count()).select_from(distinct)).scalar_one())
 
 
 def _upsert_references(
@@ -340,21 +395,7 @@ def _upsert_references(
     Set-based: one INSERT ... SELECT; an existing reference is rewritten only when its hash
     differs (the legacy text changed since it was made).
     """
-    in_batch = and_(
-        _SESSIONS.c.id > after, _SESSIONS.c.id <= last, _session_filter(project_ids, scoped)
-    )
-    texts = union_all(
-        *(
-            select(
-                _SESSIONS.c.id.label("session_id"),
-                _SESSIONS.c.project_id.label("project_id"),
-                literal(role.value).label("role"),
-                sha256_hex(_SESSIONS.c[role.legacy_column]).label("legacy_hash"),
-            ).where(in_batch, _SESSIONS.c[role.legacy_column].is_not(None))
-            for role in PromptRole
-        )
-    ).subquery()
-    name = literal(IMPORTED_PREFIX) + texts.c.role + literal("/") + texts.c.legacy_hash
+    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
     source = (
         select(
             texts.c.session_id,
@@ -368,7 +409,7 @@ def _upsert_references(
             and_(
                 Prompt.project_id == texts.c.project_id,
                 Prompt.scope == Scope.PROJECT.value,
-                Prompt.name == name,
+                Prompt.name == _imported_name_of(texts),
             ),
         )
         .join(PromptVersion, and_(PromptVersion.prompt_id == Prompt.id, PromptVersion.version == 1))
@@ -438,28 +479,27 @@ def _run_batch(
         return None
     last_id = states[-1].session_id
     result = _BatchResult(last_id=last_id, sessions=len(states) // len(PromptRole))
-    wanted: dict[tuple[int, str], _RoleState] = {}
     removals: list[tuple[int, str]] = []
     for state in states:
         if state.legacy_hash is None:
             if state.has_reference:
                 removals.append((state.session_id, state.role.value))
                 result.removed += 1
-            continue
-        if not state.has_reference:
+        elif not state.has_reference:
             result.created += 1
         elif state.linked_hash != state.legacy_hash:
             result.relinked += 1
         else:
             result.unchanged += 1
-            continue
-        wanted.setdefault((state.project_id, imported_name(state.role, state.legacy_hash)), state)
-    existing = _existing_imports(connection, set(wanted))
-    missing = {key: state for key, state in wanted.items() if key not in existing}
-    if options.dry_run:
-        result.templates = len(missing)
+    if not (result.created or result.relinked or result.removed):
+        pass
+    elif options.dry_run:
+        result.templates = _missing_templates(connection, after, last_id, project_ids, scoped)
         return result
-    result.templates = _import_templates(connection, missing)
+    else:
+        result.templates = _import_templates(connection, after, last_id, project_ids, scoped)
+    if options.dry_run:
+        return result
     if result.created or result.relinked:
         _upsert_references(connection, after, last_id, project_ids, scoped)
     _remove_references(connection, removals)
@@ -479,7 +519,7 @@ def _run_batch(
                     "templates": result.templates,
                 },
                 checksum=_checksum(states),
-                finished_at=func.now(),
+                finished_at=wall_clock(),
             )
         )
     return result

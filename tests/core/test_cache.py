@@ -94,5 +94,22 @@ def test_engine_compiles_each_distinct_source_once(engine: TemplateEngine) -> No
 def test_engine_cache_is_bounded() -> None:
     engine = TemplateEngine(settings=Settings(), cache_size=3)
     for i in range(10):
-        engine.render(f"{i}", name="t")
+        engine.render(f"{{{{ {i} }}}}", name="t")
     assert engine.cache_stats().size == 3
+
+
+def test_text_without_markup_renders_to_itself_without_compiling() -> None:
+    engine = TemplateEngine(settings=Settings())
+    text = "plain {text} with braces }} and 100% of it\r\n"
+    assert engine.render(text, name="t") == text
+    assert engine.cache_stats().size == 0
+
+
+def test_text_without_markup_still_meets_the_output_cap_and_variable_checks() -> None:
+    from prompt_tool.core import RenderLimits, TemplateLimitError, VariableError
+
+    engine = TemplateEngine(settings=Settings(), limits=RenderLimits(max_output_bytes=10))
+    with pytest.raises(TemplateLimitError):
+        engine.render("x" * 11, name="t")
+    with pytest.raises(VariableError):
+        engine.render("x", {"a": 1}, name="t", declared_variables=[{"name": "b"}])
