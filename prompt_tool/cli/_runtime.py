@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -17,16 +19,21 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from prompt_tool.errors import PromptToolError
+from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.settings import get_settings
 
 __all__ = [
+    "AsOption",
     "DbOption",
     "JsonOption",
+    "VarOption",
+    "VarsFileOption",
+    "acting_user",
     "emit",
     "errors_mapped",
     "fail",
     "new_app",
+    "parse_variables",
     "run",
     "table",
 ]
@@ -59,6 +66,47 @@ class _App(typer.Typer):
             return function
 
         return decorator
+
+
+AsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--as", metavar="USER", help="Act as USER (default: $PROMPT_TOOL_USER, else you)."
+    ),
+]
+VarOption = Annotated[
+    list[str] | None,
+    typer.Option("--var", metavar="KEY=VALUE", help="A string variable (repeatable)."),
+]
+VarsFileOption = Annotated[
+    Path | None, typer.Option("--vars-file", metavar="FILE", help="Variables from a JSON object.")
+]
+
+
+def acting_user(as_user: str | None) -> str:
+    """Who a command acts as: --as, else PROMPT_TOOL_USER, else the operating-system user."""
+    return as_user or get_settings().user or getpass.getuser()
+
+
+def parse_variables(pairs: list[str] | None, vars_file: Path | None) -> dict[str, Any]:
+    """``--vars-file`` (a JSON object) overlaid with ``--var KEY=VALUE`` pairs (strings)."""
+    variables: dict[str, Any] = {}
+    if vars_file is not None:
+        try:
+            loaded = json.loads(vars_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInputError(f"no variables file at {vars_file}") from None
+        except ValueError as error:
+            raise InvalidInputError(f"{vars_file} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"{vars_file} must hold a JSON object of variables")
+        variables.update(loaded)
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--var {pair!r} must look like KEY=VALUE")
+        variables[key] = value
+    return variables
 
 
 def new_app(help_text: str) -> typer.Typer:

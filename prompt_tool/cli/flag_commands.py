@@ -3,7 +3,9 @@
 Mounted by the main app with ``app.add_typer(flag_app, name="flag")``. Each command parses its
 arguments, calls one function of :mod:`prompt_tool.flags` and prints the result as a table or,
 with ``--json``, as the same data in JSON. Bad input (an unknown variant or project) is raised by
-the library and becomes a one-line error with exit code 2 in ``_runtime.run``.
+the library and becomes a one-line error with exit code 2 in ``_runtime.run``; so does a switch to
+``templates`` that the readiness guard (:func:`prompt_tool.migrate.status.readiness_guard`)
+refuses, unless ``--force``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import typer
 
 from prompt_tool import flags
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, table
+from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
+from prompt_tool.migrate.status import readiness_guard
 
 __all__ = ["flag_app"]
 
@@ -77,6 +81,15 @@ def _render_change(change: flags.FlagChange) -> str:
     )
 
 
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Switch to templates even when `orch-migrate status` says the project is not ready.",
+    ),
+]
+
+
 @flag_app.command("set")
 def flag_set(
     variant: VariantArgument,
@@ -84,25 +97,35 @@ def flag_set(
     default: DefaultOption = False,
     sample_rate: SampleRateOption = None,
     as_user: AsOption = None,
+    force: ForceOption = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Set a project's variant (--project SLUG) or the global default (--default)."""
+    """Set a project's variant (--project SLUG) or the global default (--default).
+
+    `templates` is refused (exit 2, saying what to run) unless the project is ready: fully
+    backfilled and verified since (for the default: every project following it); --force skips
+    the check.
+    """
     slug = _one_target(project, default)
-    # The readiness check before `templates` (and its --force) plugs in here, as guard=...
-    if slug is None:
-        change = flags.set_default(
-            resolve_url(db), variant, actor=_actor(as_user), sample_rate=sample_rate, guard=None
-        )
-    else:
-        change = flags.set_variant(
-            resolve_url(db),
-            slug,
-            variant,
-            actor=_actor(as_user),
-            sample_rate=sample_rate,
-            guard=None,
-        )
+    engine = make_engine(resolve_url(db))
+    try:
+        guard = None if force else readiness_guard(engine)
+        if slug is None:
+            change = flags.set_default(
+                engine, variant, actor=_actor(as_user), sample_rate=sample_rate, guard=guard
+            )
+        else:
+            change = flags.set_variant(
+                engine,
+                slug,
+                variant,
+                actor=_actor(as_user),
+                sample_rate=sample_rate,
+                guard=guard,
+            )
+    finally:
+        engine.dispose()
     emit(change, as_json=as_json, render=_render_change)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from pathlib import Path
@@ -11,11 +10,23 @@ from typing import Annotated, Any
 import typer
 
 from prompt_tool import __version__
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, run, table
+from prompt_tool.cli._runtime import (
+    AsOption,
+    DbOption,
+    JsonOption,
+    VarOption,
+    VarsFileOption,
+    acting_user,
+    emit,
+    new_app,
+    parse_variables,
+    run,
+    table,
+)
+from prompt_tool.cli.session_commands import orchestrate_app, sessions_app
 from prompt_tool.db.models import Scope
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
-from prompt_tool.settings import get_settings
 from prompt_tool.templates import (
     HistoryEntry,
     LabelMove,
@@ -33,6 +44,8 @@ roles_app = new_app("Template permissions: viewer, editor, admin per project; gl
 app.add_typer(projects_app, name="projects")
 app.add_typer(templates_app, name="templates")
 app.add_typer(roles_app, name="roles")
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(orchestrate_app, name="orchestrate")
 
 ProjectOption = Annotated[
     str | None, typer.Option("--project", "-p", metavar="SLUG", help="The project (slug).")
@@ -45,23 +58,10 @@ ScopeOption = Annotated[
         help="global, project or custom (default: project with --project, else global).",
     ),
 ]
-AsOption = Annotated[
-    str | None,
-    typer.Option(
-        "--as", metavar="USER", help="Act as USER (default: $PROMPT_TOOL_USER, else you)."
-    ),
-]
 NameArgument = Annotated[str, typer.Argument(help="The template's name.")]
 FileOption = Annotated[
     str | None,
     typer.Option("--file", "-f", metavar="PATH", help="Template text from PATH ('-': stdin)."),
-]
-VarOption = Annotated[
-    list[str] | None,
-    typer.Option("--var", metavar="KEY=VALUE", help="A string variable (repeatable)."),
-]
-VarsFileOption = Annotated[
-    Path | None, typer.Option("--vars-file", metavar="FILE", help="Variables from a JSON object.")
 ]
 LabelOption = Annotated[str, typer.Option("--label", help="Resolve this label.")]
 VersionOption = Annotated[
@@ -71,10 +71,6 @@ VersionOption = Annotated[
 
 def _manager(db: str | None) -> TemplateManager:
     return TemplateManager.from_url(resolve_url(db))
-
-
-def _actor(as_user: str | None) -> str:
-    return as_user or get_settings().user or getpass.getuser()
 
 
 def _address(name: str, scope: Scope | None, project: str | None, actor: str) -> TemplateAddress:
@@ -94,26 +90,6 @@ def _read_text(path: str | None) -> str:
         raise InvalidInputError(f"no file at {path}") from None
     except UnicodeDecodeError:
         raise InvalidInputError(f"{path} is not UTF-8 text") from None
-
-
-def _variables(pairs: list[str] | None, vars_file: Path | None) -> dict[str, Any]:
-    variables: dict[str, Any] = {}
-    if vars_file is not None:
-        try:
-            loaded = json.loads(vars_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidInputError(f"no variables file at {vars_file}") from None
-        except ValueError as error:
-            raise InvalidInputError(f"{vars_file} is not valid JSON: {error}") from None
-        if not isinstance(loaded, dict):
-            raise InvalidInputError(f"{vars_file} must hold a JSON object of variables")
-        variables.update(loaded)
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInputError(f"--var {pair!r} must look like KEY=VALUE")
-        variables[key] = value
-    return variables
 
 
 def _declarations(specs: list[str] | None, path: Path | None) -> list[dict[str, Any]]:
@@ -211,7 +187,7 @@ def templates_list(
     """List the templates you may see, with their labels and latest version."""
     emit(
         _manager(db).list_templates(
-            actor=_actor(as_user),
+            actor=acting_user(as_user),
             project=project,
             scope=scope,
             category=category,
@@ -246,7 +222,7 @@ def templates_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a template's metadata and the text of one version."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     emit(
         _manager(db).show(
             _address(name, scope, project, actor), actor=actor, version=version, label=label
@@ -278,7 +254,7 @@ def templates_create(
     as_json: JsonOption = False,
 ) -> None:
     """Create a template; version 1 gets the labels latest and production."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     result = _manager(db).create(
         _address(name, scope, project, actor),
         _read_text(file),
@@ -305,7 +281,7 @@ def templates_update(
     as_json: JsonOption = False,
 ) -> None:
     """Store a new version (labelled latest); identical text stores nothing."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     result = _manager(db).update(
         _address(name, scope, project, actor),
         _read_text(file),
@@ -330,7 +306,7 @@ def templates_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check a template text as if stored under NAME (exit 1 if it is not valid)."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     info = _manager(db).validate(
         _address(name, scope, project, actor),
         _read_text(file),
@@ -354,9 +330,9 @@ def templates_render(
     """Resolve NAME (custom, then project, then global) and render it with the variables."""
     rendered = _manager(db).render(
         name,
-        _variables(var, vars_file),
+        parse_variables(var, vars_file),
         project=project,
-        user=_actor(as_user),
+        user=acting_user(as_user),
         label=label,
         version=version,
     )
@@ -398,7 +374,7 @@ def templates_history(
     as_json: JsonOption = False,
 ) -> None:
     """The audit trail: versions published, labels moved, rollbacks, who and when."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     emit(
         _manager(db).history(_address(name, scope, project, actor), actor=actor),
         as_json=as_json,
@@ -418,7 +394,7 @@ def templates_diff(
     as_json: JsonOption = False,
 ) -> None:
     """A unified diff between two versions."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     diff = _manager(db).diff(
         _address(name, scope, project, actor), from_version, to_version, actor=actor
     )
@@ -438,7 +414,7 @@ def templates_label(
     as_json: JsonOption = False,
 ) -> None:
     """Point a label at a version (recorded in the history)."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     emit(
         _manager(db).move_label(
             _address(name, scope, project, actor), label, version, actor=actor, note=note
@@ -463,7 +439,7 @@ def templates_rollback(
     as_json: JsonOption = False,
 ) -> None:
     """Move a label back to the version it pointed at before (recorded in the history)."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     emit(
         _manager(db).rollback(
             _address(name, scope, project, actor),
@@ -499,7 +475,7 @@ def roles_grant(
     as_json: JsonOption = False,
 ) -> None:
     """Give USER a role in a project, or globally (the first global admin may grant itself)."""
-    grant = _manager(db).grant(_actor(as_user), user, role, _role_scope(project, is_global))
+    grant = _manager(db).grant(acting_user(as_user), user, role, _role_scope(project, is_global))
     emit(
         grant,
         as_json=as_json,
@@ -518,7 +494,7 @@ def roles_revoke(
 ) -> None:
     """Remove USER's role in a project, or their global role."""
     scope = _role_scope(project, is_global)
-    _manager(db).revoke(_actor(as_user), user, scope)
+    _manager(db).revoke(acting_user(as_user), user, scope)
     emit(
         {"user": user, "project": scope, "revoked": True},
         as_json=as_json,

@@ -1,0 +1,173 @@
+"""`orch-migrate status` and `orch-migrate rehearse`.
+
+Mounted by the main app::
+
+    app.command("status")(status_command)
+    app.command("rehearse")(rehearse_command)
+
+Each parses its options, calls one library function (:func:`prompt_tool.migrate.status.status`,
+:func:`prompt_tool.migrate.rehearse.rehearse`) and prints the result as a table or, with
+``--json``, as the same data in JSON. A rehearsal that found a difference prints its report first,
+then exits 1 with the failed steps on stderr.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.text import Text
+
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
+from prompt_tool.db.engine import make_engine
+from prompt_tool.db.url import resolve_url
+from prompt_tool.migrate.rehearse import RehearsalReport, rehearse
+from prompt_tool.migrate.status import LastRun, StatusReport, status
+
+__all__ = ["rehearse_command", "status_command"]
+
+
+def _run(run: LastRun | None) -> str:
+    return "-" if run is None else run.describe()
+
+
+def _render_status(report: StatusReport) -> Any:
+    at = report.revision or "no revision"
+    behind = "" if report.revision == report.head else f" (head is {report.head})"
+    rows = [
+        (
+            p.project,
+            p.sessions,
+            p.migrated,
+            p.unmigrated,
+            p.stale,
+            f"{p.flag} ({p.flag_source})",
+            _run(p.last_export),
+            _run(p.last_backfill),
+            _run(p.last_verify),
+            "yes" if p.readiness.ready else "no",
+        )
+        for p in report.projects
+    ]
+    lines = [
+        Text(
+            f"{p.project}: "
+            + (
+                "ready for templates"
+                if p.readiness.ready
+                else "not ready for templates: " + "; ".join(p.readiness.reasons)
+            ),
+            style="" if p.readiness.ready else "yellow",
+        )
+        for p in report.projects
+    ]
+    return Group(
+        Text(f"{report.database} at revision {at}{behind}"),
+        table(
+            None,
+            [
+                "project",
+                "sessions",
+                "migrated",
+                "unmigrated",
+                "stale",
+                "flag",
+                "last export",
+                "last backfill",
+                "last verify",
+                "ready",
+            ],
+            rows,
+        ),
+        *lines,
+    )
+
+
+def status_command(
+    project: Annotated[
+        list[str] | None,
+        typer.Option("--project", "-p", metavar="SLUG", help="Only this project (repeatable)."),
+    ] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Where the move stands per project (sessions migrated, flag, last runs) and whether each
+    may be switched to templates."""
+    engine = make_engine(resolve_url(db))
+    try:
+        report = status(engine, projects=project or ())
+    finally:
+        engine.dispose()
+    emit(report, as_json=as_json, render=_render_status)
+
+
+def _render_rehearsal(report: RehearsalReport) -> Any:
+    if report.source is not None:
+        where = f"a scratch copy ({report.database}) of {report.source}"
+    else:
+        where = report.database
+    mode = "in one transaction, rolled back" if report.rollback else "with real writes"
+    result = table(
+        f"Rollback rehearsal on {where}, {mode}",
+        ["step", "ok", "seconds", "details"],
+        [
+            (step.name, "ok" if step.ok else "FAILED", f"{step.duration_s:.2f}", step.details)
+            for step in report.steps
+        ],
+    )
+    differences = [
+        Text(f"{step.name}: {difference}", style="red")
+        for step in report.steps
+        for difference in step.differences
+    ]
+    verdict = (
+        f"rehearsal passed in {report.elapsed_s:.1f}s; the database is at revision "
+        f"{report.end_revision}, where it started"
+        if report.passed
+        else f"rehearsal FAILED; the database is at revision {report.end_revision}"
+    )
+    return Group(result, *differences, Text(verdict))
+
+
+def rehearse_command(
+    rollback: Annotated[
+        bool,
+        typer.Option(
+            "--rollback",
+            help="Run everything in one transaction and roll it back: the database is left "
+            "exactly as it was.",
+        ),
+    ] = False,
+    scratch: Annotated[
+        str | None,
+        typer.Option(
+            "--scratch",
+            metavar="URL",
+            help="Copy the database into this empty one (same kind) and rehearse there; the "
+            "source is only read.",
+        ),
+    ] = None,
+    sessions: Annotated[
+        int, typer.Option("--sessions", min=0, help="Sessions to create through templates.")
+    ] = 3,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rehearse the rollback: upgrade, backfill, verify, new sessions, downgrade -1, legacy data
+    checked row for row, upgrade, verify; exit 1 on any difference."""
+    report = rehearse(
+        resolve_url(db), rollback=rollback, scratch=scratch, sessions_to_create=sessions
+    )
+    emit(report, as_json=as_json, render=_render_rehearsal)
+    if not report.passed:
+        fail(f"the rehearsal found differences: {_failed_steps(report)}", 1)
+
+
+def _failed_steps(report: RehearsalReport) -> str:
+    """``legacy_intact (orchestration_sessions), verify``: each failed step and what differs."""
+    named = []
+    for step in report.failures():
+        what = list(dict.fromkeys(d.split(":", 1)[0] for d in step.differences))
+        named.append(f"{step.name} ({', '.join(what)})" if what else step.name)
+    return ", ".join(named)
