@@ -28,6 +28,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     text,
     true,
@@ -61,7 +62,6 @@ from prompt_tool.db.models import (
     PromptVersion,
     Scope,
     SessionPromptRef,
-    TemplateLabel,
 )
 from prompt_tool.errors import InvalidInputError, NotFoundError, PromptToolError
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
@@ -80,6 +80,11 @@ __all__ = [
 IMPORTED_PREFIX = "imported/"
 SOURCE_BACKFILL = "backfill"
 ACTOR = "orch-migrate backfill"
+_MIN_BATCH = 50
+# Spelled as SQL, not a bound parameter: only then can the planner prove that a query matches
+# the partial unique index on (project_id, name) WHERE scope = 'project', also in the generic
+# plans psycopg switches to once a statement is prepared.
+_IN_PROJECT_SCOPE = Prompt.scope == literal_column("'project'")
 _LOCK_NAMESPACE = 0x5054_4246  # "PTBF": keeps our advisory keys apart from the application's
 _SESSIONS = OrchestrationSession.__table__
 _REFS = SessionPromptRef.__table__
@@ -102,6 +107,8 @@ class BackfillOptions:
     dry_run: bool = False
     wait: bool = False
     max_retries: int = 5
+    # The batch size adapts so one batch's transaction stays near this (see _next_batch_size).
+    target_batch_ms: int = 150
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -211,16 +218,17 @@ def _batch_states(
         .limit(size)
         .subquery()
     )
-    links = {role: _REFS.alias(f"ref_{role.value}") for role in PromptRole}
     query = select(
         batch,
-        *(links[role].c.legacy_hash.label(f"linked_{role.value}") for role in PromptRole),
-        *(links[role].c.session_id.label(f"has_{role.value}") for role in PromptRole),
-    ).select_from(batch)
-    for role, link in links.items():
-        query = query.outerjoin(
-            link, and_(link.c.session_id == batch.c.id, link.c.role == role.value)
-        )
+        *(
+            _linked(batch.c.id, role, _REFS.c.legacy_hash).label(f"linked_{role.value}")
+            for role in PromptRole
+        ),
+        *(
+            _linked(batch.c.id, role, _REFS.c.session_id).label(f"has_{role.value}")
+            for role in PromptRole
+        ),
+    )
     states: list[_RoleState] = []
     for row in connection.execute(query.order_by(batch.c.id)).mappings():
         for role in PromptRole:
@@ -235,6 +243,34 @@ def _batch_states(
                 )
             )
     return states
+
+
+def _linked(session_id: Any, role: PromptRole, column: Any) -> Any:
+    """A column of the session's reference for ``role``, as a scalar subquery.
+
+    Scalar subqueries run as primary-key lookups whatever the statistics say; a join here gets
+    planned as a scan of the whole (fast-growing, not yet analysed) references table.
+    """
+    return (
+        select(column)
+        .where(_REFS.c.session_id == session_id, _REFS.c.role == literal_column(f"'{role.value}'"))
+        .scalar_subquery()
+    )
+
+
+def _imported_version(project_id: Any, name: Any) -> Any:
+    """The id of an imported template's version 1, as a scalar subquery (index lookups)."""
+    return (
+        select(PromptVersion.id)
+        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+        .where(
+            Prompt.project_id == project_id,
+            _IN_PROJECT_SCOPE,
+            Prompt.name == name,
+            PromptVersion.version == literal_column("1"),
+        )
+        .scalar_subquery()
+    )
 
 
 def _batch_texts(
@@ -260,10 +296,8 @@ def _batch_texts(
             column.label("legacy_text"),
         ).where(in_batch, column.is_not(None))
         if needing_link:
-            linked = _REFS.alias(f"linked_{role.value}")
-            query = query.outerjoin(
-                linked, and_(linked.c.session_id == _SESSIONS.c.id, linked.c.role == role.value)
-            ).where(linked.c.legacy_hash.is_distinct_from(digest))
+            linked = _linked(_SESSIONS.c.id, role, _REFS.c.legacy_hash)
+            query = query.where(linked.is_distinct_from(digest))
         per_role.append(query)
     return union_all(*per_role).subquery()
 
@@ -281,24 +315,18 @@ def _import_templates(
 ) -> int:
     """Create the imported template of every distinct text that has none yet: set-based.
 
-    Its single version is the literal template of the text (computed in SQL), labelled
-    ``latest`` and ``production`` like any template.
+    Its single version is the literal template of the text, computed in SQL.
     """
     provide_sqlite_function(connection, "pt_literal_template", _literal_or_null)
     texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
     name = _imported_name_of(texts)
-    existing = select(Prompt.id).where(
-        Prompt.project_id == texts.c.project_id,
-        Prompt.scope == Scope.PROJECT.value,
-        Prompt.name == name,
-    )
     distinct_texts = (
         select(
             texts.c.project_id,
             name.label("name"),
             func.min(texts.c.legacy_text).label("legacy_text"),
         )
-        .where(~existing.exists())
+        .where(_imported_version(texts.c.project_id, name).is_(None))
         .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
         .subquery()
     )
@@ -355,15 +383,9 @@ def _import_templates(
             ).where(Prompt.id.in_(created)),
         )
     )
-    for label in ("latest", "production"):
-        connection.execute(
-            insert(TemplateLabel).from_select(
-                ["prompt_id", "label", "prompt_version_id", "moved_by"],
-                select(
-                    PromptVersion.prompt_id, literal(label), PromptVersion.id, literal(ACTOR)
-                ).where(PromptVersion.prompt_id.in_(created)),
-            )
-        )
+    # No labels: an imported version is only ever reached through the references that pin it,
+    # never resolved by name, and labelling a few hundred thousand of them would cost a third
+    # of the backfill's writes.
     return len(created)
 
 
@@ -373,14 +395,9 @@ def _missing_templates(
     """How many templates :func:`_import_templates` would create (for --dry-run)."""
     texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
     name = _imported_name_of(texts)
-    existing = select(Prompt.id).where(
-        Prompt.project_id == texts.c.project_id,
-        Prompt.scope == Scope.PROJECT.value,
-        Prompt.name == name,
-    )
     distinct = (
         select(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
-        .where(~existing.exists())
+        .where(_imported_version(texts.c.project_id, name).is_(None))
         .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
         .subquery()
     )
@@ -396,25 +413,21 @@ def _upsert_references(
     differs (the legacy text changed since it was made).
     """
     texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
-    source = (
+    linked = (
         select(
             texts.c.session_id,
             texts.c.role,
-            PromptVersion.id,
+            _imported_version(texts.c.project_id, _imported_name_of(texts)).label("version_id"),
             texts.c.legacy_hash,
-            literal(SOURCE_BACKFILL),
         )
-        .join(
-            Prompt,
-            and_(
-                Prompt.project_id == texts.c.project_id,
-                Prompt.scope == Scope.PROJECT.value,
-                Prompt.name == _imported_name_of(texts),
-            ),
-        )
-        .join(PromptVersion, and_(PromptVersion.prompt_id == Prompt.id, PromptVersion.version == 1))
-        .where(true())  # SQLite needs a WHERE before ON CONFLICT in INSERT ... SELECT
-    )
+    ).subquery()
+    source = select(
+        linked.c.session_id,
+        linked.c.role,
+        linked.c.version_id,
+        linked.c.legacy_hash,
+        literal(SOURCE_BACKFILL),
+    ).where(linked.c.version_id.is_not(None))
     statement = insert_for(connection, _REFS).from_select(
         ["session_id", "role", "prompt_version_id", "legacy_hash", "source"], source
     )
@@ -685,8 +698,8 @@ def _walk(
     started: float,
     progress: Callable[[BackfillProgress], None] | None,
 ) -> None:
+    size = options.batch_size
     while options.limit is None or summary.sessions_scanned < options.limit:
-        size = options.batch_size
         if options.limit is not None:
             size = min(size, options.limit - summary.sessions_scanned)
         batch = functools.partial(
@@ -703,6 +716,7 @@ def _walk(
         result = _with_retries(engine, options, summary, batch)
         if result is None:
             break
+        size = _next_batch_size(size, summary.batch_seconds[-1], options)
         after = result.last_id
         summary.batches += 1
         summary.sessions_scanned += result.sessions
@@ -719,6 +733,17 @@ def _walk(
             )
         if options.sleep_ms:
             time.sleep(options.sleep_ms / 1000)
+
+
+def _next_batch_size(size: int, seconds: float, options: BackfillOptions) -> int:
+    """Keep each batch's transaction near the target: halve after a slow one, grow back after
+    fast ones, never above --batch-size. Locks stay short whatever the texts cost to import."""
+    target = options.target_batch_ms / 1000
+    if seconds > target:
+        return max(_MIN_BATCH, size // 2)
+    if seconds < target / 2:
+        return min(options.batch_size, size * 2)
+    return size
 
 
 def _with_retries(

@@ -241,7 +241,7 @@ backfill(engine, BackfillOptions(batch_size=50))
 """
 
 
-@pytest.mark.parametrize("kill_at", [9, 23, 40, 77])
+@pytest.mark.parametrize("kill_at", [7, 19, 33, 52])
 def test_a_run_killed_at_any_point_ends_like_an_uninterrupted_one(
     legacy_url: str, legacy_engine: Engine, kill_at: int, tmp_path: Any
 ) -> None:
