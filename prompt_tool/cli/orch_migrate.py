@@ -11,6 +11,7 @@ from rich.table import Table
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, new_app, run, table
 from prompt_tool.cli.flag_commands import flag_app
 from prompt_tool.cli.migrate_commands import backfill_command, verify_command
+from prompt_tool.cli.transfer_commands import export_command, restore_command
 from prompt_tool.db import schema
 from prompt_tool.db.url import resolve_url
 from prompt_tool.migrate import fingerprint as fingerprints
@@ -20,6 +21,8 @@ app = new_app("Move prompt-tool deployments to orchestration templates, safely a
 db_app = new_app("The schema history: upgrade, downgrade, stamp, current, history.")
 app.add_typer(db_app, name="db")
 app.add_typer(flag_app, name="flag")
+app.command("export")(export_command)
+app.command("restore")(restore_command)
 app.command("backfill")(backfill_command)
 app.command("verify")(verify_command)
 

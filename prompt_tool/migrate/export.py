@@ -1,0 +1,568 @@
+"""`orch-migrate export`: stream a deployment's data to a directory of JSON Lines files.
+
+The export is written under a temporary sibling name (``.NAME.incomplete-XXXX``) and renamed into
+place only when every file and then the manifest are written, so an interrupted export never
+leaves a directory that looks complete; an existing directory is replaced (``force``) only after
+the new export is complete and flushed to disk. Memory stays flat: rows are streamed from one
+consistent snapshot and written in 1 MiB blocks; on PostgreSQL a big table is read in parallel
+key ranges. The format is described in :mod:`prompt_tool.migrate.archive`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import closing, suppress
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, Engine, select
+
+import prompt_tool
+from prompt_tool.db.models import Project
+from prompt_tool.db.url import redact
+from prompt_tool.errors import InvalidInputError, NotFoundError, SchemaError
+from prompt_tool.migrate.archive import (
+    FLUSH_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ArchivedFile,
+    DialectIO,
+    Manifest,
+    ProgressCallback,
+    TableSpec,
+    database_state,
+    dialect_io,
+    existing_table_specs,
+)
+from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+
+__all__ = ["ExportResult", "ExportedTable", "export"]
+
+# Deterministic gzip (no name, mtime 0): the same data gives the same bytes and checksums.
+# Level 6 (zlib's default) rather than gzip's 9: a third of the CPU for a few % of size.
+_GZIP_LEVEL = 6
+# Parallel readers of one big PostgreSQL table when not told: one per core, at most this many.
+_MAX_AUTO_JOBS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedTable:
+    table: str
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    database: str
+    directory: str
+    alembic_revision: str | None
+    tool_version: str
+    projects: list[str] | None
+    compression: str | None
+    tables: list[ExportedTable]
+    rows: int
+    bytes: int
+    seconds: float
+    run_id: int | None
+
+    @property
+    def row_counts(self) -> dict[str, int]:
+        return {table.table: table.rows for table in self.tables}
+
+
+class _HashingFile:
+    """A file being written: counts and hashes exactly the bytes that reach the disk."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in close()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        # A raw file may write less than asked; loop until every byte is down.
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            view = view[written or 0 :]
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        # No fsync here: it would cost as much as the whole COPY. A machine crash can tear an
+        # export, and restore then refuses it by its checksums; only replacing an old export
+        # (see _publish) waits for the new one to be on disk.
+        self._file.close()
+
+
+class _LinesFile:
+    """Lines going into a file, gzip-compressed or not; ``append`` adds a finished part.
+
+    A compressed table is a series of gzip members (one per part read in parallel, compressed
+    by the thread that read it); concatenated members are one valid gzip file.
+    """
+
+    def __init__(self, path: Path, compress: bool) -> None:
+        self.path = path
+        self._raw = _HashingFile(path)
+        self._compress = compress
+        self._gzip: gzip.GzipFile | None = None
+        self.rows = 0
+
+    def write(self, data: bytes, rows: int) -> None:
+        if self._compress:
+            if self._gzip is None:
+                # No name, mtime 0: the same data gives the same bytes and checksum.
+                self._gzip = gzip.GzipFile(
+                    filename="", mode="wb", fileobj=self._raw, compresslevel=_GZIP_LEVEL, mtime=0
+                )
+            self._gzip.write(data)
+        else:
+            self._raw.write(data)
+        self.rows += rows
+
+    def _end_member(self) -> None:
+        if self._gzip is not None:
+            self._gzip.close()  # writes the member's trailer; the raw file stays open
+            self._gzip = None
+
+    def append(self, part: Path, rows: int) -> None:
+        self._end_member()
+        with open(part, "rb") as source:
+            while block := source.read(FLUSH_BYTES):
+                self._raw.write(block)
+        self.rows += rows
+
+    def close(self) -> None:
+        try:
+            if self._compress and self._gzip is None and self._raw.size == 0:
+                self._gzip = gzip.GzipFile(
+                    filename="", mode="wb", fileobj=self._raw, compresslevel=_GZIP_LEVEL, mtime=0
+                )  # an empty table is still a valid (empty) gzip file
+            self._end_member()
+        finally:
+            self._raw.close()
+
+    @property
+    def compressed(self) -> bool:
+        return self._compress
+
+    @property
+    def size(self) -> int:
+        return self._raw.size
+
+    @property
+    def sha256(self) -> str:
+        return self._raw.sha256.hexdigest()
+
+
+class _CancelledError(Exception):
+    """A parallel part stops because the export as a whole failed."""
+
+
+@dataclass
+class _Part:
+    """One key range of a big table, read on its own connection into its own file."""
+
+    path: Path
+    condition: str
+    rows: int = 0
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+
+def _read_part(
+    engine: Engine,
+    dialect: DialectIO,
+    spec: TableSpec,
+    part: _Part,
+    compress: bool,
+    stop: threading.Event,
+) -> None:
+    try:
+        with dialect.worker(engine) as connection:
+            output = _LinesFile(part.path, compress)
+            try:
+                with closing(dialect.stream_lines(connection, spec, part.condition)) as blocks:
+                    for data, rows in blocks:
+                        if stop.is_set():
+                            raise _CancelledError
+                        output.write(data, rows)
+            finally:
+                output.close()
+            part.rows = output.rows
+    except BaseException as error:  # noqa: BLE001 - handed to the main thread, re-raised there
+        part.error = error
+
+
+def _and(*conditions: str | None) -> str | None:
+    present = [f"({c})" for c in conditions if c]
+    return " AND ".join(present) if present else None
+
+
+def _write_table(
+    connection: Connection,
+    dialect: DialectIO,
+    spec: TableSpec,
+    where: str | None,
+    output: _LinesFile,
+    jobs: int,
+    progress: ProgressCallback | None,
+) -> None:
+    """Stream one table into ``output``: in one go, or in key ranges read in parallel where
+    the first range streams here while the others fill part files, appended in order."""
+    split = dialect.split(connection, spec, where, jobs)
+    ranges: list[str | None] = [*split] if split else [None]
+    parts = [
+        _Part(output.path.with_name(f".{output.path.name}.part{number}"), str(condition))
+        for number, condition in enumerate(ranges[1:], start=1)
+    ]
+    stop = threading.Event()
+    engine = connection.engine
+    for part in parts:
+        part.thread = threading.Thread(
+            target=_read_part,
+            args=(engine, dialect, spec, part, output.compressed, stop),
+            name=f"export-{spec.name}-{part.path.suffix}",
+            daemon=True,
+        )
+        part.thread.start()
+    try:
+        with closing(dialect.stream_lines(connection, spec, _and(where, ranges[0]))) as blocks:
+            for data, rows in blocks:
+                output.write(data, rows)
+                if progress is not None:
+                    progress(spec.name, output.rows, None)
+                for part in parts:
+                    if part.error is not None:  # fail fast, not after the first range
+                        raise part.error
+        for part in parts:
+            assert part.thread is not None
+            part.thread.join()
+            if part.error is not None:
+                raise part.error
+            output.append(part.path, part.rows)
+            part.path.unlink()
+            if progress is not None:
+                progress(spec.name, output.rows, None)
+    finally:
+        stop.set()
+        for part in parts:
+            if part.thread is not None:
+                part.thread.join()
+
+
+def _scope_conditions(project_ids: list[int] | None, tables: set[str]) -> dict[str, str | None]:
+    """The WHERE condition of every table for an export of ``project_ids`` (None: everything).
+
+    The selected projects' sessions and A/B tests; every global prompt (project_id NULL) and
+    every prompt those sessions' references and A/B tests point at, even in another project, with
+    all their versions, labels and events; the projects rows those prompts belong to. So restore
+    never meets a reference to a row the export left out.
+    """
+    if project_ids is None:
+        return dict.fromkeys(tables)
+    # Inlined, not bound: COPY takes no parameters. They are ints read from the database.
+    ids = ", ".join(str(int(i)) for i in project_ids) or "NULL"
+    sessions = f"SELECT id FROM orchestration_sessions WHERE project_id IN ({ids})"
+    tests = f"SELECT id FROM ab_tests WHERE project_id IN ({ids})"
+    referenced = [
+        f"SELECT prompt_id FROM ab_tests WHERE project_id IN ({ids})",
+        "SELECT v.prompt_id FROM prompt_versions v JOIN ab_test_variants a "
+        f"ON a.prompt_version_id = v.id WHERE a.ab_test_id IN ({tests})",
+    ]
+    if "session_prompt_refs" in tables:
+        referenced.append(
+            "SELECT v.prompt_id FROM prompt_versions v JOIN session_prompt_refs r "
+            f"ON r.prompt_version_id = v.id WHERE r.session_id IN ({sessions})"
+        )
+    prompts_condition = (
+        f"project_id IN ({ids}) OR project_id IS NULL OR id IN ({' UNION '.join(referenced)})"
+    )
+    prompts = f"SELECT id FROM prompts WHERE {prompts_condition}"
+    conditions: dict[str, str | None] = {
+        "projects": (
+            f"id IN ({ids}) OR id IN (SELECT project_id FROM prompts WHERE {prompts_condition})"
+        ),
+        "prompts": prompts_condition,
+        "prompt_versions": f"prompt_id IN ({prompts})",
+        "orchestration_sessions": f"project_id IN ({ids})",
+        "session_prompt_refs": f"session_id IN ({sessions})",
+        "orchestration_steps": f"session_id IN ({sessions})",
+        "ab_tests": f"project_id IN ({ids})",
+        "ab_test_variants": f"ab_test_id IN ({tests})",
+        # Both ends: an assignment is meaningless (and unrestorable) without its session.
+        "ab_assignments": f"ab_test_id IN ({tests}) AND session_id IN ({sessions})",
+        "template_labels": f"prompt_id IN ({prompts})",
+        "template_events": f"prompt_id IN ({prompts})",
+    }
+    return {name: conditions[name] for name in tables}
+
+
+def _homes() -> set[Path]:
+    places = {Path.cwd().resolve()}
+    with suppress(RuntimeError):  # no home directory known: nothing to protect there
+        places.add(Path.home().resolve())
+    return places | {parent for place in places for parent in place.parents}
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(f"{target} exists and is not a directory; choose another target")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
+        raise InvalidInputError(
+            f"{target} is not empty; choose another directory, or pass --force to replace it "
+            "(the old contents are removed only once the new export is complete)"
+        )
+    # --force removes the old contents: never the directory we run in, a home, or a parent.
+    if target.resolve() in _homes():
+        raise InvalidInputError(
+            f"refusing to replace {target}: it is (or holds) the current or home directory; "
+            "export to a directory of its own"
+        )
+
+
+def _fsync(path: Path) -> None:
+    # Not every platform can open a directory for fsync; where it can't, the rename is all.
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        _fsync(path)
+    _fsync(directory)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the complete export into place; an old one goes only after the new one is in."""
+    if not target.exists():
+        staging.rename(target)
+    elif not any(target.iterdir()):
+        target.rmdir()
+        staging.rename(target)
+    else:
+        old = target.with_name(f".{target.name}.replaced-{secrets.token_hex(4)}")
+        # The old export goes only once the new one is on disk, even across a machine crash.
+        _fsync_tree(staging)
+        target.rename(old)
+        try:
+            staging.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
+        _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _project_ids(engine: Engine, slugs: list[str] | None) -> list[int] | None:
+    if not slugs:
+        return None
+    with engine.connect() as connection:
+        found: dict[str, int] = {
+            slug: project_id
+            for slug, project_id in connection.execute(
+                select(Project.slug, Project.id).where(Project.slug.in_(slugs))
+            )
+        }
+    missing = [slug for slug in slugs if slug not in found]
+    if missing:
+        raise NotFoundError(
+            f"no project with slug {', '.join(map(repr, missing))}; "
+            "`prompt-tool projects list` shows the projects"
+        )
+    return [found[slug] for slug in slugs]
+
+
+def _write_tables(
+    connection: Connection,
+    dialect: DialectIO,
+    staging: Path,
+    project_ids: list[int] | None,
+    compress: bool,
+    jobs: int,
+    progress: ProgressCallback | None,
+) -> tuple[str | None, list[ArchivedFile]]:
+    revision = MigrationContext.configure(connection).get_current_revision()
+    specs = existing_table_specs(connection)
+    conditions = _scope_conditions(project_ids, {spec.name for spec in specs})
+    files = []
+    for spec in specs:
+        output = _LinesFile(
+            staging / (f"{spec.name}.jsonl" + (".gz" if compress else "")), compress
+        )
+        try:
+            if progress is not None:
+                progress(spec.name, 0, None)
+            _write_table(connection, dialect, spec, conditions[spec.name], output, jobs, progress)
+        finally:
+            output.close()
+        files.append(
+            ArchivedFile(
+                table=spec.name,
+                file=output.path.name,
+                columns=list(spec.columns),
+                kinds=[kind.value for kind in spec.kinds],
+                primary_key=list(spec.primary_key),
+                rows=output.rows,
+                bytes=output.size,
+                sha256=output.sha256,
+            )
+        )
+    return revision, files
+
+
+def _write_manifest(staging: Path, manifest: Manifest) -> None:
+    with open(staging / MANIFEST_NAME, "x", encoding="utf-8") as file:
+        file.write(manifest.to_json())
+
+
+def export(
+    engine: Engine,
+    target: Path | str,
+    *,
+    projects: Sequence[str] | None = None,
+    compress: bool = False,
+    force: bool = False,
+    jobs: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> ExportResult:
+    """Export the data of ``engine``'s database to the directory ``target``.
+
+    ``projects`` (slugs; None or empty: everything) limits it to those projects' data plus what
+    it references. ``compress`` gzips every file. ``jobs`` parallel readers for a big PostgreSQL
+    table (default: one per core, at most 4). ``progress(table, rows_done, None)`` is called as
+    rows are written; whatever it (or anything else) raises midway, no complete-looking
+    directory is left behind and an existing ``target`` is untouched.
+
+    Raises :class:`InvalidInputError` when ``target`` is a non-empty directory and ``force`` is
+    not set, :class:`NotFoundError` for an unknown project, :class:`SchemaError` when the
+    database is not under Alembic.
+    """
+    target = Path(target).absolute()
+    _check_target(target, force)
+    jobs = min(_MAX_AUTO_JOBS, os.cpu_count() or 1) if jobs is None else jobs
+    if jobs < 1:
+        raise InvalidInputError(f"jobs must be 1 or more, not {jobs}")
+    state = database_state(engine)
+    if state.revision is None:
+        raise SchemaError(
+            f"{redact(engine.url)} is not under Alembic; run `orch-migrate db stamp 0001` or "
+            "`orch-migrate db upgrade` first, so the export can say which schema it holds"
+        )
+    started = time.perf_counter()
+    slugs = list(dict.fromkeys(projects)) if projects else None
+    project_ids = _project_ids(engine, slugs)
+    run_id = (
+        start_run(
+            engine,
+            RunKind.EXPORT,
+            project_id=project_ids[0] if project_ids and len(project_ids) == 1 else None,
+            params={"directory": str(target), "projects": slugs, "gzip": compress},
+        )
+        if state.has_run_ledger
+        else None
+    )
+    try:
+        result = _export(engine, target, slugs, project_ids, compress, jobs, progress, started)
+    except BaseException as error:
+        if run_id is not None:
+            finish_run(engine, run_id, RunStatus.FAILED, error=_one_line(error))
+        raise
+    result = replace(result, run_id=run_id)
+    if run_id is not None:
+        finish_run(engine, run_id, RunStatus.COMPLETED, summary=_summary(result))
+    return result
+
+
+def _export(
+    engine: Engine,
+    target: Path,
+    projects: list[str] | None,
+    project_ids: list[int] | None,
+    compress: bool,
+    jobs: int,
+    progress: ProgressCallback | None,
+    started: float,
+) -> ExportResult:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incomplete-", dir=target.parent))
+    try:
+        with engine.connect() as connection:
+            dialect = dialect_io(connection)
+            with dialect.snapshot(connection):
+                revision, files = _write_tables(
+                    connection, dialect, staging, project_ids, compress, jobs, progress
+                )
+        manifest = Manifest(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            tool_version=prompt_tool.__version__,
+            alembic_revision=revision,
+            source_dialect=engine.dialect.name,
+            created_at=datetime.now(UTC).isoformat(),
+            projects=projects,
+            compression="gzip" if compress else None,
+            files=files,
+        )
+        _write_manifest(staging, manifest)  # last: only a complete export has one
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(
+        database=redact(engine.url),
+        directory=str(target),
+        alembic_revision=revision,
+        tool_version=manifest.tool_version,
+        projects=projects,
+        compression=manifest.compression,
+        tables=[ExportedTable(f.table, f.file, f.rows, f.bytes, f.sha256) for f in files],
+        rows=sum(f.rows for f in files),
+        bytes=sum(f.bytes for f in files),
+        seconds=round(time.perf_counter() - started, 3),
+        run_id=None,
+    )
+
+
+def _summary(result: ExportResult) -> dict[str, Any]:
+    return {
+        "directory": result.directory,
+        "alembic_revision": result.alembic_revision,
+        "rows": {t.table: t.rows for t in result.tables},
+        "bytes": result.bytes,
+        "seconds": result.seconds,
+    }
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"[:1000]

@@ -1,0 +1,34 @@
+"""The sub-apps mounted on a small Typer app, as the main `prompt-tool` app will mount them."""
+
+from __future__ import annotations
+
+import sys
+
+from typer.testing import CliRunner
+
+from prompt_tool.cli._runtime import new_app, run
+from prompt_tool.cli.session_commands import orchestrate_app, sessions_app
+
+app = new_app("test host for the sessions and orchestrate sub-apps")
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(orchestrate_app, name="orchestrate")
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    """``prompt-tool ARGS`` through ``run``, the one place errors become exit codes:
+    (exit code, stdout, stderr)."""
+    argv = sys.argv
+    sys.argv = ["prompt-tool", *args]
+    try:
+        with runner.isolation() as (out, err, _both):
+            try:
+                run(app)
+                code = 0
+            except SystemExit as exit_:
+                code = int(exit_.code or 0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return code, out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        sys.argv = argv
