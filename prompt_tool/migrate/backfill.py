@@ -81,6 +81,7 @@ IMPORTED_PREFIX = "imported/"
 SOURCE_BACKFILL = "backfill"
 ACTOR = "orch-migrate backfill"
 _MIN_BATCH = 50
+_FIRST_BATCH = 200
 # Spelled as SQL, not a bound parameter: only then can the planner prove that a query matches
 # the partial unique index on (project_id, name) WHERE scope = 'project', also in the generic
 # plans psycopg switches to once a statement is prepared.
@@ -108,7 +109,7 @@ class BackfillOptions:
     wait: bool = False
     max_retries: int = 5
     # The batch size adapts so one batch's transaction stays near this (see _next_batch_size).
-    target_batch_ms: int = 150
+    target_batch_ms: int = 200
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -698,7 +699,9 @@ def _walk(
     started: float,
     progress: Callable[[BackfillProgress], None] | None,
 ) -> None:
-    size = options.batch_size
+    # Start small and grow: the first batches import the most templates, so a full-size first
+    # batch would be the longest lock of the run.
+    size = min(options.batch_size, _FIRST_BATCH)
     while options.limit is None or summary.sessions_scanned < options.limit:
         if options.limit is not None:
             size = min(size, options.limit - summary.sessions_scanned)
