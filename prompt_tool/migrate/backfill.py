@@ -392,8 +392,8 @@ def _import_templates(
 
 def _missing_templates(
     connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
-) -> int:
-    """How many templates :func:`_import_templates` would create (for --dry-run)."""
+) -> set[tuple[int, str, str]]:
+    """The (project, role, text hash) :func:`_import_templates` would create (for --dry-run)."""
     texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
     name = _imported_name_of(texts)
     distinct = (
@@ -402,7 +402,10 @@ def _missing_templates(
         .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
         .subquery()
     )
-    return int(connection.execute(select(func.count()).select_from(distinct)).scalar_one())
+    return {
+        (project_id, role, digest)
+        for project_id, role, digest in connection.execute(select(distinct))
+    }
 
 
 def _upsert_references(
@@ -484,6 +487,7 @@ def _run_batch(
     project_ids: Sequence[int],
     scoped: bool,
     settings: Settings,
+    dry_run_seen: set[tuple[int, str, str]],
 ) -> _BatchResult | None:
     set_local_timeouts(
         connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
@@ -508,7 +512,11 @@ def _run_batch(
     if not (result.created or result.relinked or result.removed):
         pass
     elif options.dry_run:
-        result.templates = _missing_templates(connection, after, last_id, project_ids, scoped)
+        # Nothing is created in a dry run, so later batches see the same texts as missing
+        # again: count each distinct one once over the whole run.
+        missing = _missing_templates(connection, after, last_id, project_ids, scoped)
+        result.templates = len(missing - dry_run_seen)
+        dry_run_seen.update(missing)
         return result
     else:
         result.templates = _import_templates(connection, after, last_id, project_ids, scoped)
@@ -702,6 +710,7 @@ def _walk(
     # Start small and grow: the first batches import the most templates, so a full-size first
     # batch would be the longest lock of the run.
     size = min(options.batch_size, _FIRST_BATCH)
+    dry_run_seen: set[tuple[int, str, str]] = set()
     while options.limit is None or summary.sessions_scanned < options.limit:
         if options.limit is not None:
             size = min(size, options.limit - summary.sessions_scanned)
@@ -715,6 +724,7 @@ def _walk(
             project_ids=project_ids,
             scoped=scoped,
             settings=settings,
+            dry_run_seen=dry_run_seen,
         )
         result = _with_retries(engine, options, summary, batch)
         if result is None:
