@@ -11,6 +11,7 @@ from rich.table import Table
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, new_app, run, table
 from prompt_tool.cli.flag_commands import flag_app
 from prompt_tool.cli.migrate_commands import backfill_command, verify_command
+from prompt_tool.cli.readiness_commands import rehearse_command, status_command
 from prompt_tool.cli.transfer_commands import export_command, restore_command
 from prompt_tool.db import schema
 from prompt_tool.db.url import resolve_url
@@ -25,6 +26,8 @@ app.command("export")(export_command)
 app.command("restore")(restore_command)
 app.command("backfill")(backfill_command)
 app.command("verify")(verify_command)
+app.command("status")(status_command)
+app.command("rehearse")(rehearse_command)
 
 RevisionArgument = Annotated[str, typer.Argument(help="Target revision (id, head, -1, ...).")]
 

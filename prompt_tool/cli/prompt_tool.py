@@ -23,6 +23,7 @@ from prompt_tool.cli._runtime import (
     run,
     table,
 )
+from prompt_tool.cli.ab_commands import ab_app
 from prompt_tool.cli.session_commands import orchestrate_app, sessions_app
 from prompt_tool.db.models import Scope
 from prompt_tool.db.url import resolve_url
@@ -46,6 +47,7 @@ app.add_typer(templates_app, name="templates")
 app.add_typer(roles_app, name="roles")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(orchestrate_app, name="orchestrate")
+app.add_typer(ab_app, name="ab")
 
 ProjectOption = Annotated[
     str | None, typer.Option("--project", "-p", metavar="SLUG", help="The project (slug).")

@@ -5,12 +5,13 @@ application versions all still see the right text."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from prompt_tool.ab_testing import Assignment, check_unit_key, enrol_session
 from prompt_tool.core import content_hash, sanitize_variables
 from prompt_tool.db.engine import Connectable, make_session_factory, session_scope
 from prompt_tool.db.models import (
@@ -22,6 +23,7 @@ from prompt_tool.db.models import (
 )
 from prompt_tool.db.projects import get_project
 from prompt_tool.errors import InvalidInputError, NotFoundError
+from prompt_tool.flags import FlagService, Variant
 from prompt_tool.templates import DEFAULT_LABEL, ResolvedTemplate, TemplateManager
 
 __all__ = [
@@ -50,6 +52,8 @@ class CreatedSession:
     project: str
     texts: dict[str, str | None]
     versions: dict[str, int]
+    # Role -> the A/B test variant the session was enrolled in (empty when none ran).
+    assignments: dict[str, Assignment] = field(default_factory=dict)
 
 
 def _role(value: str | PromptRole) -> PromptRole:
@@ -107,14 +111,31 @@ def create_session(
     *,
     name: str,
     user: str | None = None,
+    flags: FlagService | None = None,
+    unit_key: str | None = None,
 ) -> CreatedSession:
     """Create a session through templates: references and rendered legacy text, one transaction.
 
     Roles not given keep a NULL legacy text and no reference.
+
+    A/B tests: with ``flags``, in a project whose flag is not ``legacy``, the session is
+    enrolled in the running test of each template it uses (see :mod:`prompt_tool.ab_testing`).
+    The variant follows from the test and ``unit_key`` (e.g. a user id, so one user always gets
+    one variant), else the session id; the enrolled role renders the variant's version, and its
+    reference and legacy text are that version's, in the same transaction as everything else.
     """
     values = sanitize_variables(dict(variables or {}))
     choices = {_role(role): _choice(choice) for role, choice in templates.items()}
+    if unit_key is not None:
+        check_unit_key(unit_key)
     rendered = _resolve_and_render(manager, project, user, choices, values)
+    # Asked before the transaction: the flag is answered from memory, off the write path.
+    enrol = (
+        flags is not None
+        and bool(rendered)
+        and flags.variant_for(project).variant is not Variant.LEGACY
+    )
+    assignments: dict[str, Assignment] = {}
     with session_scope(make_session_factory(manager.engine)) as session:
         project_row = get_project(session, project)
         row = OrchestrationSession(
@@ -125,6 +146,21 @@ def create_session(
         )
         session.add(row)
         session.flush()
+        if enrol:
+            enrolled = enrol_session(
+                session,
+                project_id=project_row.id,
+                session_id=row.id,
+                templates={role: resolved.template_id for role, (resolved, _) in rendered.items()},
+                unit_key=unit_key,
+            )
+            for role, enrolment in enrolled.items():
+                text = manager.render_resolved(
+                    enrolment.template, values, project=project, user=user
+                )
+                rendered[role] = (enrolment.template, text)
+                setattr(row, role.legacy_column, text)
+                assignments[role.value] = enrolment.assignment
         session.add_all(
             _reference(row.id, role, resolved, text, values)
             for role, (resolved, text) in rendered.items()
@@ -135,6 +171,7 @@ def create_session(
         project=project,
         texts={role.value: text for role, (_, text) in rendered.items()},
         versions={role.value: resolved.version for role, (resolved, _) in rendered.items()},
+        assignments=assignments,
     )
 
 

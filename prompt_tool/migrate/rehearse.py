@@ -1,0 +1,930 @@
+"""`orch-migrate rehearse`: the rollback rehearsal in one command, for CI and for operators.
+
+The journey, every step timed and checked, from whatever revision the database is at (0001: a
+legacy deployment about to migrate; head: one already migrated) and back to it:
+
+``fingerprint``
+    every legacy table (rows, sha256 of each column's text form), each table's highest id, the
+    revision, and (``rollback``) the row count and columns of every table.
+``upgrade``
+    to head (nothing to do when already there).
+``backfill``, ``verify``
+    every project; verify must pass.
+``create_sessions``
+    ``sessions_to_create`` sessions through templates, the dual write: global templates
+    ``rehearse/system|planner|synthesis`` made by ``orch-migrate rehearse``, which makes itself
+    the bootstrap global admin (when another global admin exists already, it may not, and uses
+    custom templates of its own in each project instead: no permission is taken from anyone).
+``downgrade``
+    ``-1``, preceded by a full legacy fingerprint; then ``after_downgrade(connection)`` if given.
+``legacy_intact``
+    (a) every legacy row that existed before the rehearsal (id up to the table's highest id at
+    the start) is byte-identical to what it was; (b) the downgrade itself changed no legacy row at
+    all, the rehearsal's new rows included (full fingerprint just before and just after it);
+    (c) the only rows added to legacy tables are the rehearsal's own: exactly the new sessions,
+    and one prompt plus one prompt version per template made (imported by backfill, or made for
+    the new sessions); nothing in projects, ab_tests, ab_test_variants.
+``new_sessions_intact``
+    each new session's legacy columns hold exactly the text rendered when it was created
+    (sha256 compared in SQL), in its project, under its name.
+``upgrade_again``, ``backfill_again``, ``verify_again``
+    forward again; the downgrade dropped the references, so the backfill links them anew.
+``return_to_start``, ``legacy_intact_at_end``
+    back down to the starting revision if it was below head; (a), (c) and the new sessions again.
+
+Modes:
+
+- in place (default): real writes on a database meant for rehearsal; it ends at its starting
+  revision with the rehearsal's sessions and templates in it. Refused when the downgrade would
+  drop rows the rehearsal did not make (an already migrated database with references, flags,
+  runs...): rehearse on a copy (``scratch``) or in a transaction (``rollback``) instead.
+- ``rollback``: everything runs in one transaction on one connection and is rolled back; the
+  last step (``rolled_back_exactly``) proves the database is as it was: revision, tables and
+  columns, row count of every table, legacy fingerprint. PostgreSQL's DDL is transactional;
+  SQLite's is too once the driver's own transaction handling is switched off for this connection
+  (pysqlite otherwise commits DDL on its own), which is what happens here.
+- ``scratch``: the source is copied into ``scratch`` (an empty database of the same kind), then
+  the rehearsal runs there; the source is only read, in one read-only snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import (
+    Connection,
+    Engine,
+    MetaData,
+    column,
+    event,
+    insert,
+    inspect,
+    literal_column,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from prompt_tool.compat.writes import CreatedSession, create_session
+from prompt_tool.core import content_hash
+from prompt_tool.core.errors import PermissionDenied, TemplateNotFound
+from prompt_tool.db import schema
+from prompt_tool.db.dialect import sha256_hex
+from prompt_tool.db.engine import Connectable, begin, check_connection, connect, make_engine
+from prompt_tool.db.legacy import LEGACY_COLUMNS, LEGACY_TABLES
+from prompt_tool.db.models import (
+    OrchestrationSession,
+    PermissionRole,
+    Project,
+    PromptRole,
+    Scope,
+)
+from prompt_tool.db.url import normalize_url, redact
+from prompt_tool.errors import InvalidInputError, PromptToolError, SchemaError
+from prompt_tool.migrate.backfill import BackfillOptions, backfill
+from prompt_tool.migrate.fingerprint import changed_tables, fingerprint_legacy_tables
+from prompt_tool.migrate.verify import VerifyOptions, verify
+from prompt_tool.settings import Settings, get_settings
+from prompt_tool.templates import TemplateAddress, TemplateManager
+
+__all__ = [
+    "ACTOR",
+    "TEMPLATE_SOURCES",
+    "RehearsalRefusedError",
+    "RehearsalReport",
+    "RehearsalStep",
+    "copy_database",
+    "rehearse",
+]
+
+ACTOR = "orch-migrate rehearse"
+# What the rehearsal's sessions are made from: variables, a loop, raw blocks, CRLF, unicode, so
+# the dual write is checked on text that is easy to get wrong.
+TEMPLATE_SOURCES: dict[PromptRole, str] = {
+    PromptRole.SYSTEM: (
+        "You are the rehearsal assistant of {{ project }}.\r\n"
+        "Keep {% raw %}{{ braces }}{% endraw %} as written: ünïcödé — 日本語 🚀\n"
+    ),
+    PromptRole.PLANNER: (
+        "Plan for {{ topic }}:\n{% for step in steps %}{{ loop.index }}. {{ step }}\n{% endfor %}"
+    ),
+    PromptRole.SYNTHESIS: "Combine what was found about {{ topic }} into one answer.{# note #}",
+}
+_TEMPLATE_NAMES = {role: f"rehearse/{role.value}" for role in PromptRole}
+_SESSIONS = OrchestrationSession.__table__
+_COPY_BATCH_ROWS = 1_000
+_STREAM_ROWS = 5_000
+_MAX_SHOWN = 5
+
+
+class RehearsalRefusedError(InvalidInputError):
+    """The rehearsal cannot run as asked; nothing was written anywhere."""
+
+
+@dataclass
+class RehearsalStep:
+    name: str
+    ok: bool
+    duration_s: float
+    details: str
+    differences: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RehearsalReport:
+    database: str
+    source: str | None
+    rollback: bool
+    start_revision: str | None
+    end_revision: str | None
+    head: str
+    sessions_created: list[int] = field(default_factory=list)
+    steps: list[RehearsalStep] = field(default_factory=list)
+    passed: bool = False
+    elapsed_s: float = 0.0
+
+    def failures(self) -> list[RehearsalStep]:
+        return [step for step in self.steps if not step.ok]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    ok: bool
+    details: str
+    differences: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What ``rollback`` must leave exactly as it found it."""
+
+    revision: str | None
+    columns: dict[str, list[str]]
+    rows: dict[str, int]
+    legacy: dict[str, tuple[int, str]]
+
+
+# --- reading the database ------------------------------------------------------------------
+
+
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _head() -> str:
+    return next(r.revision for r in schema.history() if r.is_head)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _legacy_digests(
+    connection: Connection, bounds: Mapping[str, int] | None = None
+) -> dict[str, tuple[int, str]]:
+    """(rows, sha256) of each legacy table, or of its rows with ``id <= bounds[table]``.
+
+    The fingerprint's encoding (each value's text form, length-prefixed, NULL marked), computed
+    here because the streaming option must stay on the statement: set on a caller's connection it
+    would stick to it, and every later statement of the rehearsal would become a cursor.
+    """
+    digests: dict[str, tuple[int, str]] = {}
+    for name, columns in LEGACY_COLUMNS.items():
+        select_list = ", ".join(f"CAST({_quote(c)} AS TEXT)" for c in columns)
+        where = "" if bounds is None else " WHERE id <= :bound"
+        statement = text(f"SELECT {select_list} FROM {_quote(name)}{where} ORDER BY id")
+        result = connection.execute(
+            statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS),
+            {} if bounds is None else {"bound": bounds[name]},
+        )
+        digest = hashlib.sha256()
+        rows = 0
+        for row in result:
+            rows += 1
+            digest.update(
+                "".join(
+                    "\x00N" if value is None else f"\x00{len(value)}:{value}" for value in row
+                ).encode("utf-8", "surrogatepass")
+            )
+            digest.update(b"\x1e")
+        digests[name] = (rows, digest.hexdigest())
+    return digests
+
+
+def _highest_ids(connection: Connection) -> dict[str, int]:
+    return {
+        name: int(
+            connection.execute(
+                text(f"SELECT COALESCE(MAX(id), 0) FROM {_quote(name)}")
+            ).scalar_one()
+        )
+        for name in LEGACY_TABLES
+    }
+
+
+def _added_rows(connection: Connection, bounds: Mapping[str, int]) -> dict[str, int]:
+    return {
+        name: int(
+            connection.execute(
+                text(f"SELECT count(*) FROM {_quote(name)} WHERE id > :bound"),
+                {"bound": bounds[name]},
+            ).scalar_one()
+        )
+        for name in LEGACY_TABLES
+    }
+
+
+def _snapshot(connection: Connection) -> _Snapshot:
+    inspector = inspect(connection)
+    names = sorted(inspector.get_table_names())
+    return _Snapshot(
+        revision=_revision(connection),
+        columns={name: sorted(c["name"] for c in inspector.get_columns(name)) for name in names},
+        rows={
+            name: int(connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one())
+            for name in names
+        },
+        legacy=_legacy_digests(connection),
+    )
+
+
+def _snapshot_differences(before: _Snapshot, after: _Snapshot) -> list[str]:
+    differences = []
+    if before.revision != after.revision:
+        differences.append(f"revision: {before.revision} before, {after.revision} after")
+    for name in sorted(before.columns.keys() | after.columns.keys()):
+        if name not in after.columns:
+            differences.append(f"{name}: table gone")
+        elif name not in before.columns:
+            differences.append(f"{name}: table left behind")
+        elif before.columns[name] != after.columns[name]:
+            differences.append(f"{name}: columns differ")
+        elif before.rows[name] != after.rows[name]:
+            differences.append(f"{name}: {before.rows[name]} rows before, {after.rows[name]} after")
+    differences += [
+        f"{name}: legacy rows differ"
+        for name in LEGACY_TABLES
+        if before.legacy[name] != after.legacy[name]
+    ]
+    return differences
+
+
+# --- the database the rehearsal runs on -----------------------------------------------------
+
+
+def _transactional_sqlite(engine: Engine) -> None:
+    """Let SQLAlchemy, not pysqlite, open SQLite transactions: DDL then rolls back too.
+
+    pysqlite only opens a transaction before INSERT/UPDATE/DELETE, so a CREATE or ALTER that
+    comes first is committed on its own; with its handling off and BEGIN emitted here, every
+    statement is inside the transaction (and SAVEPOINT works).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+class _Target:
+    """The database being rehearsed on: its engine, and in ``rollback`` the one connection."""
+
+    def __init__(self, url: str, engine: Engine, connection: Connection | None) -> None:
+        self.url = url
+        self.engine = engine
+        self.connection = connection
+
+    @property
+    def db(self) -> Connectable:
+        return self.connection if self.connection is not None else self.engine
+
+    def migrate(self, action: str, revision: str) -> str | None:
+        if self.connection is not None:
+            return schema.migrate_on(self.connection, action, revision)
+        run = schema.upgrade if action == "upgrade" else schema.downgrade
+        state = run(self.url, revision)
+        # No pooled connection keeps statements prepared against the schema before.
+        self.engine.dispose()
+        return state.current
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with connect(self.db) as connection:
+            yield connection
+
+    @contextmanager
+    def unit(self) -> Iterator[Connection]:
+        with begin(self.db) as connection:
+            yield connection
+
+
+# --- the journey ------------------------------------------------------------------------------
+
+
+def _ensure_templates(manager: TemplateManager, slugs: Sequence[str]) -> tuple[str, int]:
+    """The rehearsal's templates: global ones as the bootstrap admin, else custom ones."""
+    try:
+        manager.grant(ACTOR, ACTOR, PermissionRole.ADMIN.value, None)
+    except PermissionDenied:
+        scope = Scope.CUSTOM
+        addresses = [
+            (TemplateAddress(_TEMPLATE_NAMES[role], scope, project=slug, owner=ACTOR), source)
+            for slug in slugs
+            for role, source in TEMPLATE_SOURCES.items()
+        ]
+    else:
+        scope = Scope.GLOBAL
+        addresses = [
+            (TemplateAddress(_TEMPLATE_NAMES[role], scope), source)
+            for role, source in TEMPLATE_SOURCES.items()
+        ]
+    made = 0
+    for address, source in addresses:
+        try:
+            manager.show(address)
+        except TemplateNotFound:
+            manager.create(
+                address, source, actor=ACTOR, description="made by the rollback rehearsal"
+            )
+            made += 1
+    return scope.value, made
+
+
+class _Journey:
+    def __init__(
+        self,
+        target: _Target,
+        report: RehearsalReport,
+        settings: Settings,
+        sessions_to_create: int,
+        after_downgrade: Callable[[Connection], None] | None,
+    ) -> None:
+        self.target = target
+        self.report = report
+        self.settings = settings
+        self.sessions_to_create = sessions_to_create
+        self.after_downgrade = after_downgrade
+        self.stopped = False
+        self.head = report.head
+        self.start: str | None = None
+        self.bounds: dict[str, int] = {}
+        self.before: dict[str, tuple[int, str]] = {}
+        self.snapshot: _Snapshot | None = None
+        self.before_downgrade: dict[str, tuple[int, str]] | None = None
+        self.templates_made = 0
+        self.created: list[CreatedSession] = []
+
+    # --- bookkeeping ---
+
+    def step(self, name: str, work: Callable[[], _Outcome]) -> None:
+        if self.stopped:
+            return
+        started = time.perf_counter()
+        try:
+            outcome = work()
+        except (PromptToolError, SQLAlchemyError) as error:
+            self.stopped = True
+            outcome = _Outcome(
+                False, f"{type(error).__name__}: {_one_line(error)} (the rehearsal stopped here)"
+            )
+        self.report.steps.append(
+            RehearsalStep(
+                name,
+                outcome.ok,
+                round(time.perf_counter() - started, 3),
+                outcome.details,
+                list(outcome.differences),
+            )
+        )
+
+    def _manager(self) -> TemplateManager:
+        # The rehearsal never touches a shared cache: its templates may be rolled back.
+        return TemplateManager(self.target.db, settings=self.settings.with_(redis_url=None))
+
+    # --- steps ---
+
+    def fingerprint(self) -> _Outcome:
+        with self.target.reading() as connection:
+            self.start = _revision(connection)
+            self.bounds = _highest_ids(connection)
+            self.before = _legacy_digests(connection, self.bounds)
+            if self.target.connection is not None:
+                self.snapshot = _snapshot(connection)
+        self.report.start_revision = self.start
+        rows = ", ".join(f"{name} {rows}" for name, (rows, _) in self.before.items())
+        return _Outcome(True, f"at revision {self.start}; legacy rows: {rows}")
+
+    def migrate(self, action: str, revision: str) -> _Outcome:
+        with self.target.reading() as connection:
+            before = _revision(connection)
+        if action == "upgrade" and before == self.head and revision == schema.HEAD:
+            return _Outcome(True, f"already at head {self.head}")
+        after = self.target.migrate(action, revision)
+        return _Outcome(True, f"{before} -> {after}")
+
+    def run_backfill(self) -> _Outcome:
+        summary = backfill(self.target.db, BackfillOptions(), settings=self.settings)
+        self.templates_made += summary.templates_created
+        return _Outcome(True, summary.describe())
+
+    def run_verify(self) -> _Outcome:
+        report = verify(self.target.db, VerifyOptions(), manager=self._manager())
+        totals = report.totals()
+        differences = [
+            f"project {p.project}: {p.mismatched} mismatched, {p.unmigrated} unmigrated, "
+            f"{p.stale} stale, {p.render_errors} render errors"
+            for p in report.projects
+            if not p.passed(report.allow_unmigrated)
+        ] + [
+            f"session {m.session_id} {m.role} (project {m.project}): {m.kind}"
+            for m in report.mismatches
+        ]
+        return _Outcome(
+            report.passed,
+            f"{'passed' if report.passed else 'FAILED'}: {totals.checked} texts checked, "
+            f"{totals.matched} matched, {totals.mismatched} mismatched, {totals.unmigrated} "
+            f"unmigrated, {totals.stale} stale, {totals.render_errors} render errors",
+            differences,
+        )
+
+    def create_sessions(self) -> _Outcome:
+        if self.sessions_to_create == 0:
+            return _Outcome(True, "none asked for")
+        with self.target.reading() as connection:
+            slugs = list(
+                connection.execute(
+                    select(Project.slug).order_by(Project.id).limit(self.sessions_to_create)
+                ).scalars()
+            )
+        if not slugs:
+            return _Outcome(True, "no project to create sessions in: skipped")
+        manager = self._manager()
+        scope, made = _ensure_templates(manager, slugs)
+        self.templates_made += made
+        for number in range(self.sessions_to_create):
+            slug = slugs[number % len(slugs)]
+            self.created.append(
+                create_session(
+                    manager,
+                    slug,
+                    {role: name for role, name in _TEMPLATE_NAMES.items()},
+                    {"project": slug, "topic": "the rollback", "steps": ["read", "plan", "answer"]},
+                    name=f"rehearse-{number + 1}",
+                    user=ACTOR,
+                )
+            )
+        self.report.sessions_created = [c.session_id for c in self.created]
+        used = sorted({c.project for c in self.created})
+        return _Outcome(
+            True,
+            f"{len(self.created)} sessions (ids "
+            f"{', '.join(map(str, self.report.sessions_created))}) in {', '.join(used)} "
+            f"through {scope} templates rehearse/*; {made} templates made",
+        )
+
+    def downgrade(self) -> _Outcome:
+        with self.target.reading() as connection:
+            self.before_downgrade = _legacy_digests(connection)
+        outcome = self.migrate("downgrade", "-1")
+        if self.after_downgrade is not None:
+            with self.target.unit() as connection:
+                self.after_downgrade(connection)
+        return outcome
+
+    def _rows_added_differences(self, connection: Connection) -> list[str]:
+        added = _added_rows(connection, self.bounds)
+        expected = dict.fromkeys(LEGACY_TABLES, 0)
+        expected["orchestration_sessions"] = len(self.created)
+        expected["prompts"] = expected["prompt_versions"] = self.templates_made
+        differences = [
+            f"{name}: {added[name]} rows added by the rehearsal, expected {expected[name]}"
+            for name in LEGACY_TABLES
+            if added[name] != expected[name]
+        ]
+        new_ids = set(
+            connection.execute(
+                select(_SESSIONS.c.id).where(_SESSIONS.c.id > self.bounds["orchestration_sessions"])
+            ).scalars()
+        )
+        created = {c.session_id for c in self.created}
+        if new_ids != created:
+            differences.append(
+                "orchestration_sessions: the new sessions are "
+                f"{sorted(new_ids)[:_MAX_SHOWN]}, expected {sorted(created)[:_MAX_SHOWN]}"
+            )
+        return differences
+
+    def _old_rows_differences(self, connection: Connection) -> list[str]:
+        now = _legacy_digests(connection, self.bounds)
+        return [
+            f"{name}: rows that existed before the rehearsal differ ({self.before[name][0]} rows "
+            f"before, {now[name][0]} now)"
+            for name in LEGACY_TABLES
+            if now[name] != self.before[name]
+        ]
+
+    def legacy_intact(self) -> _Outcome:
+        assert self.before_downgrade is not None
+        with self.target.reading() as connection:
+            differences = self._old_rows_differences(connection)
+            after = _legacy_digests(connection)
+            differences += [
+                f"{name}: the downgrade changed it ({rows} rows before it, {after[name][0]} after)"
+                for name, (rows, digest) in self.before_downgrade.items()
+                if after[name] != (rows, digest)
+            ]
+            differences += self._rows_added_differences(connection)
+        return self._verdict(differences, "every legacy row as before; only the rehearsal's added")
+
+    def new_sessions_intact(self) -> _Outcome:
+        if not self.created:
+            return _Outcome(True, "no new sessions to check")
+        by_id = {c.session_id: c for c in self.created}
+        with self.target.reading() as connection:
+            project_ids = {
+                slug: project_id
+                for slug, project_id in connection.execute(
+                    select(Project.slug, Project.id).where(
+                        Project.slug.in_({c.project for c in self.created})
+                    )
+                )
+            }
+            rows = connection.execute(
+                select(
+                    _SESSIONS.c.id,
+                    _SESSIONS.c.project_id,
+                    _SESSIONS.c.name,
+                    *(sha256_hex(_SESSIONS.c[role.legacy_column]) for role in PromptRole),
+                ).where(_SESSIONS.c.id.in_(list(by_id)))
+            ).all()
+        differences = [f"session {sid}: gone" for sid in sorted(set(by_id) - {r[0] for r in rows})]
+        for session_id, project_id, name, *hashes in rows:
+            created = by_id[session_id]
+            if project_id != project_ids.get(created.project) or not name.startswith("rehearse-"):
+                differences.append(f"session {session_id}: project or name changed")
+            for role, stored in zip(PromptRole, hashes, strict=True):
+                wanted = created.texts.get(role.value)
+                if stored != (None if wanted is None else content_hash(wanted)):
+                    differences.append(
+                        f"session {session_id}: {role.legacy_column} is not the rendered text"
+                    )
+        return self._verdict(
+            differences, f"{len(rows)} new sessions hold their rendered text in the legacy columns"
+        )
+
+    def legacy_intact_at_end(self) -> _Outcome:
+        with self.target.reading() as connection:
+            differences = self._old_rows_differences(connection)
+            differences += self._rows_added_differences(connection)
+        sessions = self.new_sessions_intact()
+        differences += list(sessions.differences)
+        return self._verdict(
+            differences, "every legacy row as before; the new sessions hold their rendered text"
+        )
+
+    @staticmethod
+    def _verdict(differences: Sequence[str], good: str) -> _Outcome:
+        if not differences:
+            return _Outcome(True, good)
+        tables = sorted({d.split(":", 1)[0] for d in differences})
+        return _Outcome(False, f"DIFFERENT: {', '.join(tables)}", differences)
+
+    # --- the whole ---
+
+    def run(self) -> None:
+        self.step("fingerprint", self.fingerprint)
+        self.step("upgrade", lambda: self.migrate("upgrade", schema.HEAD))
+        self.step("backfill", self.run_backfill)
+        self.step("verify", self.run_verify)
+        self.step("create_sessions", self.create_sessions)
+        self.step("downgrade", self.downgrade)
+        self.step("legacy_intact", self.legacy_intact)
+        self.step("new_sessions_intact", self.new_sessions_intact)
+        self.step("upgrade_again", lambda: self.migrate("upgrade", schema.HEAD))
+        self.step("backfill_again", self.run_backfill)
+        self.step("verify_again", self.run_verify)
+        if self.target.connection is None:
+            if self.start is not None and self.start != self.head:
+                start = self.start
+                self.step("return_to_start", lambda: self.migrate("downgrade", start))
+            self.step("legacy_intact_at_end", self.legacy_intact_at_end)
+
+
+# --- copying into a scratch database ----------------------------------------------------------
+
+
+def _same_database(first: Engine, second: Engine) -> bool:
+    def key(engine: Engine) -> str:
+        url = engine.url.set(password=None)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            url = url.set(database=str(Path(str(url.database)).resolve()))
+        return url.render_as_string(hide_password=True)
+
+    return key(first) == key(second)
+
+
+@contextmanager
+def _read_only_snapshot(connection: Connection) -> Iterator[None]:
+    """One consistent, read-only view of the source for every table."""
+    if connection.dialect.name == "postgresql":
+        snapshot = connection.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
+        )
+        with snapshot.begin():
+            yield
+        return
+    connection.exec_driver_sql("PRAGMA query_only = ON")
+    connection.exec_driver_sql("BEGIN")
+    try:
+        yield
+    finally:
+        connection.rollback()
+        connection.exec_driver_sql("PRAGMA query_only = OFF")
+
+
+def _copy_select(name: str, columns: Sequence[str], order: Sequence[str], dialect: str) -> Any:
+    """Every column as the database stores it: raw on SQLite, its text form on PostgreSQL.
+
+    PostgreSQL parses each text back with the column's own type (the insert's parameters are
+    untyped), so timestamps keep their microseconds and json its exact spelling.
+    """
+    form = "CAST({} AS TEXT)" if dialect == "postgresql" else "{}"
+    expressions: list[Any] = [literal_column(form.format(_quote(c))).label(c) for c in columns]
+    return (
+        select(*expressions)
+        .select_from(table(name))
+        .order_by(*(literal_column(_quote(c)) for c in order))
+    )
+
+
+def _advance_identity(connection: Connection, name: str) -> None:
+    """PostgreSQL: move the id sequence past the copied ids (SQLite hands out max + 1)."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.execute(
+        text(
+            "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence(:name, 'id') AS seq, "
+            f"(SELECT max(id) FROM {_quote(name)}) AS top) AS s "
+            "WHERE s.seq IS NOT NULL AND s.top IS NOT NULL"
+        ),
+        {"name": _quote(name)},
+    )
+
+
+def copy_database(source_url: str, scratch_url: str) -> dict[str, int]:
+    """Copy every table of ``source_url`` into the empty ``scratch_url``; returns rows per table.
+
+    The scratch database is first brought to the source's revision with the migration scripts,
+    then the rows are copied in foreign-key order, in batches, with their ids, inside one
+    transaction (a failed copy leaves the scratch database at that revision with no rows). The
+    source is only read, in one read-only snapshot. Both must be the same kind of database: a
+    rehearsal is about that database's DDL.
+    """
+    source = make_engine(source_url)
+    scratch = make_engine(scratch_url)
+    try:
+        check_connection(source)
+        check_connection(scratch)
+        _check_copy(source, scratch, source_url, scratch_url)
+        with source.connect() as connection:
+            revision = _revision(connection)
+        schema.upgrade(scratch_url, str(revision))
+        scratch.dispose()
+        copied: dict[str, int] = {}
+        with source.connect() as reader, _read_only_snapshot(reader):
+            metadata = MetaData()
+            metadata.reflect(reader)
+            with scratch.begin() as writer:
+                for source_table in metadata.sorted_tables:
+                    if source_table.name == "alembic_version":
+                        continue
+                    copied[source_table.name] = _copy_table(reader, writer, source_table)
+    finally:
+        source.dispose()
+        scratch.dispose()
+    return copied
+
+
+def _check_copy(source: Engine, scratch: Engine, source_url: str, scratch_url: str) -> None:
+    if source.dialect.name != scratch.dialect.name:
+        raise RehearsalRefusedError(
+            f"--scratch must be the same kind of database as the source ({source.dialect.name}, "
+            f"not {scratch.dialect.name}): the rehearsal is about that database's DDL"
+        )
+    if _same_database(source, scratch):
+        raise RehearsalRefusedError(
+            "--scratch names the source database itself; give an empty database to copy into"
+        )
+    with source.connect() as connection:
+        tables = inspect(connection).get_table_names()
+        revision = _revision(connection)
+    if "projects" not in tables or revision is None:
+        raise RehearsalRefusedError(
+            f"{redact(source_url)} has no legacy tables under Alembic to rehearse on; "
+            "`orch-migrate db stamp 0001` adopts a legacy deployment"
+        )
+    with scratch.connect() as connection:
+        present = inspect(connection).get_table_names()
+    if present:
+        raise RehearsalRefusedError(
+            f"the scratch database {redact(scratch_url)} is not empty ({len(present)} tables); "
+            "give an empty one: the rehearsal copies the source into it"
+        )
+
+
+def _copy_table(reader: Connection, writer: Connection, source_table: Any) -> int:
+    name = source_table.name
+    columns = [c.name for c in source_table.columns]
+    target_columns = {c["name"] for c in inspect(writer).get_columns(name)}
+    if not set(columns) <= target_columns:
+        raise SchemaError(
+            f"table {name} of the source has columns the migration scripts do not make "
+            f"({', '.join(sorted(set(columns) - target_columns))}); the source has drifted from "
+            "its revision, so a copy would not be the same database"
+        )
+    order = [c.name for c in source_table.primary_key.columns] or columns
+    rows = reader.execute(
+        _copy_select(name, columns, order, reader.dialect.name).execution_options(
+            stream_results=True, yield_per=_COPY_BATCH_ROWS
+        )
+    )
+    statement = insert(table(name, *(column(c) for c in columns)))
+    copied = 0
+    for batch in rows.partitions():
+        writer.execute(statement, [dict(zip(columns, row, strict=True)) for row in batch])
+        copied += len(batch)
+    if "id" in columns:
+        _advance_identity(writer, name)
+    return copied
+
+
+# --- the public face --------------------------------------------------------------------------
+
+
+def _refuse_in_place_data_loss(engine: Engine, url: str) -> None:
+    """In place, the downgrade drops the tables above the legacy schema: they must hold nothing
+    the rehearsal did not make."""
+    with engine.connect() as connection:
+        names = [
+            name
+            for name in inspect(connection).get_table_names()
+            if name not in LEGACY_TABLES and name != "alembic_version"
+        ]
+        holding = [
+            name
+            for name in sorted(names)
+            if connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one()
+        ]
+    if holding:
+        raise RehearsalRefusedError(
+            f"rehearsing in place on {redact(url)} would drop the rows of "
+            f"{', '.join(holding)} with the downgrade; rehearse on a copy (--scratch URL) or in "
+            "one rolled-back transaction (--rollback)"
+        )
+
+
+def _check_rehearsable(engine: Engine, url: str) -> None:
+    check_connection(engine)
+    with engine.connect() as connection:
+        tables = inspect(connection).get_table_names()
+        revision = _revision(connection)
+    if "projects" not in tables:
+        raise RehearsalRefusedError(
+            f"{redact(url)} has no legacy tables to rehearse on; load a deployment (or "
+            "`orch-migrate sample-data` on a scratch database) first"
+        )
+    if revision is None:
+        raise RehearsalRefusedError(
+            f"{redact(url)} has the legacy tables but is not under Alembic; adopt it with "
+            "`orch-migrate db stamp 0001` first"
+        )
+
+
+def rehearse(
+    url: str,
+    *,
+    rollback: bool = False,
+    scratch: str | None = None,
+    sessions_to_create: int = 3,
+    after_downgrade: Callable[[Connection], None] | None = None,
+    settings: Settings | None = None,
+) -> RehearsalReport:
+    """Rehearse upgrade, backfill, verify, dual writes, downgrade and back. See the module.
+
+    ``scratch``: copy ``url`` into this empty database and rehearse there (``url`` is only read).
+    ``rollback``: run everything in one transaction and roll it back. ``after_downgrade`` runs on
+    the rehearsal's connection right after the downgrade (tests sabotage the legacy data there).
+    Raises :class:`RehearsalRefusedError` before writing anything when it cannot run as asked;
+    any difference found is in the report (``passed`` False), not raised.
+    """
+    if sessions_to_create < 0:
+        raise InvalidInputError(f"sessions to create {sessions_to_create} must be 0 or more")
+    settings = settings or get_settings()
+    started = time.perf_counter()
+    head = _head()
+    copy_step: RehearsalStep | None = None
+    if scratch is not None:
+        normalize_url(scratch)
+        copy_started = time.perf_counter()
+        copied = copy_database(url, scratch)
+        unequal = changed_tables(fingerprint_legacy_tables(url), fingerprint_legacy_tables(scratch))
+        copy_step = RehearsalStep(
+            "copy_to_scratch",
+            not unequal,
+            round(time.perf_counter() - copy_started, 3),
+            f"{sum(copied.values())} rows of {len(copied)} tables copied from {redact(url)}; "
+            + ("legacy fingerprint as the source's" if not unequal else "NOT the same legacy rows"),
+            [f"{name}: differs from the source" for name in unequal],
+        )
+    target_url = scratch or url
+    report = RehearsalReport(
+        database=redact(target_url),
+        source=redact(url) if scratch is not None else None,
+        rollback=rollback,
+        start_revision=None,
+        end_revision=None,
+        head=head,
+        steps=[copy_step] if copy_step else [],
+    )
+    engine = make_engine(target_url)
+    try:
+        _check_rehearsable(engine, target_url)
+        if rollback:
+            _run_in_transaction(
+                engine, target_url, report, settings, sessions_to_create, after_downgrade
+            )
+        else:
+            if scratch is None:
+                _refuse_in_place_data_loss(engine, target_url)
+            journey = _Journey(
+                _Target(target_url, engine, None),
+                report,
+                settings,
+                sessions_to_create,
+                after_downgrade,
+            )
+            journey.run()
+            with engine.connect() as connection:
+                report.end_revision = _revision(connection)
+    finally:
+        engine.dispose()
+    report.passed = bool(report.steps) and all(step.ok for step in report.steps)
+    report.elapsed_s = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _run_in_transaction(
+    engine: Engine,
+    url: str,
+    report: RehearsalReport,
+    settings: Settings,
+    sessions_to_create: int,
+    after_downgrade: Callable[[Connection], None] | None,
+) -> None:
+    if engine.dialect.name == "sqlite":
+        _transactional_sqlite(engine)
+        engine.dispose()  # connections made before must not be reused without it
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        journey = _Journey(
+            _Target(url, engine, connection), report, settings, sessions_to_create, after_downgrade
+        )
+        try:
+            journey.run()
+        finally:
+            transaction.rollback()
+    before = journey.snapshot
+    started = time.perf_counter()
+    with engine.connect() as connection:
+        after = _snapshot(connection)
+    report.end_revision = after.revision
+    if before is None:
+        return
+    differences = _snapshot_differences(before, after)
+    report.steps.append(
+        RehearsalStep(
+            "rolled_back_exactly",
+            not differences,
+            round(time.perf_counter() - started, 3),
+            "revision, tables, columns, row counts and legacy fingerprint as at the start"
+            if not differences
+            else "DIFFERENT after the rollback",
+            differences,
+        )
+    )
