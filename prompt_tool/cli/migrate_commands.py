@@ -72,6 +72,13 @@ def backfill_command(
     wait: Annotated[
         bool, typer.Option(help="Queue behind a running backfill instead of exiting.")
     ] = False,
+    match_existing: Annotated[
+        bool,
+        typer.Option(
+            help="First link to an existing template that renders the text exactly with the "
+            "session's variables; import only the rest."
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -83,6 +90,7 @@ def backfill_command(
         limit=limit,
         dry_run=dry_run,
         wait=wait,
+        match_existing=match_existing,
     )
     engine = make_engine(resolve_url(db))
     try:

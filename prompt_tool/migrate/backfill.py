@@ -64,8 +64,10 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.errors import InvalidInputError, NotFoundError, PromptToolError
+from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
 from prompt_tool.settings import Settings, get_settings
+from prompt_tool.templates import TemplateManager
 
 __all__ = [
     "IMPORTED_PREFIX",
@@ -107,6 +109,8 @@ class BackfillOptions:
     limit: int | None = None
     dry_run: bool = False
     wait: bool = False
+    # Link to an existing template version that renders the legacy text before importing it.
+    match_existing: bool = False
     max_retries: int = 5
     # The batch size adapts so one batch's transaction stays near this (see _next_batch_size).
     target_batch_ms: int = 200
@@ -136,6 +140,7 @@ class BackfillSummary:
     batches: int = 0
     sessions_scanned: int = 0
     references_created: int = 0
+    references_matched: int = 0
     references_relinked: int = 0
     references_removed: int = 0
     references_unchanged: int = 0
@@ -161,7 +166,13 @@ class BackfillSummary:
                 f"({self.batches} batches, {self.elapsed_s:.1f}s)"
             )
         return (
-            f"backfill {verb}: {self.references_created:,} references created, "
+            f"backfill {verb}: {self.references_created:,} references created"
+            + (
+                f" ({self.references_matched:,} to existing templates)"
+                if self.references_matched
+                else ""
+            )
+            + ", "
             f"{self.references_relinked:,} re-linked (stale), {self.references_removed:,} removed, "
             f"{self.templates_created:,} templates imported; {self.sessions_scanned:,} sessions in "
             f"{self.batches} batches, {self.retried} retries, {self.elapsed_s:.1f}s"
@@ -471,6 +482,7 @@ class _BatchResult:
     last_id: int
     sessions: int
     created: int = 0
+    matched: int = 0
     relinked: int = 0
     removed: int = 0
     unchanged: int = 0
@@ -488,6 +500,7 @@ def _run_batch(
     scoped: bool,
     settings: Settings,
     dry_run_seen: set[tuple[int, str, str]],
+    matcher: ExistingTemplateMatcher | None = None,
 ) -> _BatchResult | None:
     set_local_timeouts(
         connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
@@ -509,6 +522,11 @@ def _run_batch(
             result.relinked += 1
         else:
             result.unchanged += 1
+    if matcher is not None and (result.created or result.relinked):
+        # In a dry run these writes roll back with the batch; they only keep the counts true.
+        result.matched = matcher.link(
+            connection, after, last_id, _session_filter(project_ids, scoped)
+        )
     if not (result.created or result.relinked or result.removed):
         pass
     elif options.dry_run:
@@ -535,6 +553,7 @@ def _run_batch(
                 rows_seen=result.sessions,
                 counts={
                     "created": result.created,
+                    "matched": result.matched,
                     "relinked": result.relinked,
                     "removed": result.removed,
                     "unchanged": result.unchanged,
@@ -669,6 +688,7 @@ def backfill(
                 total,
                 started,
                 progress,
+                matcher=_matcher(engine, options, projects),
             )
         except BaseException as error:
             if run_id is not None and not isinstance(error, KeyboardInterrupt):
@@ -680,11 +700,21 @@ def backfill(
     return summary
 
 
+def _matcher(
+    engine: Connectable, options: BackfillOptions, projects: dict[int, str]
+) -> ExistingTemplateMatcher | None:
+    if not options.match_existing:
+        return None
+    with connect(engine) as connection:
+        return ExistingTemplateMatcher(connection, TemplateManager(engine), projects)
+
+
 def _summary_dict(summary: BackfillSummary) -> dict[str, Any]:
     return {
         "batches": summary.batches,
         "sessions_scanned": summary.sessions_scanned,
         "references_created": summary.references_created,
+        "references_matched": summary.references_matched,
         "references_relinked": summary.references_relinked,
         "references_removed": summary.references_removed,
         "templates_created": summary.templates_created,
@@ -706,6 +736,7 @@ def _walk(
     total: int,
     started: float,
     progress: Callable[[BackfillProgress], None] | None,
+    matcher: ExistingTemplateMatcher | None = None,
 ) -> None:
     # Start small and grow: the first batches import the most templates, so a full-size first
     # batch would be the longest lock of the run.
@@ -725,6 +756,7 @@ def _walk(
             scoped=scoped,
             settings=settings,
             dry_run_seen=dry_run_seen,
+            matcher=matcher,
         )
         result = _with_retries(engine, options, summary, batch)
         if result is None:
@@ -734,6 +766,7 @@ def _walk(
         summary.batches += 1
         summary.sessions_scanned += result.sessions
         summary.references_created += result.created
+        summary.references_matched += result.matched
         summary.references_relinked += result.relinked
         summary.references_removed += result.removed
         summary.references_unchanged += result.unchanged
