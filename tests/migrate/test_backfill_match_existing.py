@@ -116,7 +116,10 @@ def test_a_matched_text_edited_later_is_relinked_next_run(matching_engine: Engin
     backfill(matching_engine, BackfillOptions(match_existing=True))
     with matching_engine.begin() as connection:
         connection.execute(
-            text("UPDATE orchestration_sessions SET planner_prompt = 'changed' WHERE name = 'match-a'")
+            text(
+                "UPDATE orchestration_sessions SET planner_prompt = 'changed' "
+                "WHERE name = 'match-a'"
+            )
         )
 
     summary = backfill(matching_engine, BackfillOptions(match_existing=True))
