@@ -64,6 +64,7 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.errors import InvalidInputError, NotFoundError, PromptToolError
+from prompt_tool.migrate.adoption import adopt_orphaned_imports
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
 from prompt_tool.settings import Settings, get_settings
@@ -114,8 +115,12 @@ class BackfillOptions:
     max_retries: int = 5
     # The batch size adapts so one batch's transaction stays near this (see _next_batch_size).
     target_batch_ms: int = 200
+    # Processes sharing the run (PostgreSQL; SQLite has one writer and uses one): see _workers.
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InvalidInputError("--workers must be at least 1")
         if self.batch_size < 1:
             raise InvalidInputError("--batch-size must be at least 1")
         if self.sleep_ms < 0 or (self.limit is not None and self.limit < 1):
@@ -145,6 +150,7 @@ class BackfillSummary:
     references_removed: int = 0
     references_unchanged: int = 0
     templates_created: int = 0
+    templates_adopted: int = 0
     retried: int = 0
     elapsed_s: float = 0.0
     batch_seconds: list[float] = field(default_factory=list, repr=False)
@@ -156,6 +162,7 @@ class BackfillSummary:
             or self.references_relinked
             or self.references_removed
             or self.templates_created
+            or self.templates_adopted
         )
 
     def describe(self) -> str:
@@ -174,7 +181,13 @@ class BackfillSummary:
             )
             + ", "
             f"{self.references_relinked:,} re-linked (stale), {self.references_removed:,} removed, "
-            f"{self.templates_created:,} templates imported; {self.sessions_scanned:,} sessions in "
+            f"{self.templates_created:,} templates imported"
+            + (
+                f" ({self.templates_adopted:,} left by a downgrade taken back)"
+                if self.templates_adopted
+                else ""
+            )
+            + f"; {self.sessions_scanned:,} sessions in "
             f"{self.batches} batches, {self.retried} retries, {self.elapsed_s:.1f}s"
         )
 
@@ -675,6 +688,8 @@ def backfill(
             run_id, options.dry_run, sorted(projects.values()), upper, resumed_after
         )
         try:
+            adopted = adopt_orphaned_imports(engine, project_ids, scoped, dry_run=options.dry_run)
+            summary.templates_adopted = len(adopted)
             _walk(
                 engine,
                 run_id,
@@ -689,6 +704,8 @@ def backfill(
                 started,
                 progress,
                 matcher=_matcher(engine, options, projects),
+                # A dry run adopts nothing: those texts must not count as imports either.
+                dry_run_seen=set(adopted),
             )
         except BaseException as error:
             if run_id is not None and not isinstance(error, KeyboardInterrupt):
@@ -718,6 +735,7 @@ def _summary_dict(summary: BackfillSummary) -> dict[str, Any]:
         "references_relinked": summary.references_relinked,
         "references_removed": summary.references_removed,
         "templates_created": summary.templates_created,
+        "templates_adopted": summary.templates_adopted,
         "retried": summary.retried,
         "elapsed_s": round(summary.elapsed_s, 3),
     }
@@ -737,11 +755,12 @@ def _walk(
     started: float,
     progress: Callable[[BackfillProgress], None] | None,
     matcher: ExistingTemplateMatcher | None = None,
+    dry_run_seen: set[tuple[int, str, str]] | None = None,
 ) -> None:
     # Start small and grow: the first batches import the most templates, so a full-size first
     # batch would be the longest lock of the run.
     size = min(options.batch_size, _FIRST_BATCH)
-    dry_run_seen: set[tuple[int, str, str]] = set()
+    dry_run_seen = dry_run_seen if dry_run_seen is not None else set()
     while options.limit is None or summary.sessions_scanned < options.limit:
         if options.limit is not None:
             size = min(size, options.limit - summary.sessions_scanned)
