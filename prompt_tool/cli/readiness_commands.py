@@ -62,6 +62,7 @@ def _render_status(report: StatusReport) -> Any:
         )
         for p in report.projects
     ]
+    lines += [Text(test.describe(), style="yellow") for test in report.legacy_ab_tests]
     return Group(
         Text(f"{report.database} at revision {at}{behind}"),
         table(

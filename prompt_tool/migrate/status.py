@@ -27,6 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, and_, case, func, inspect, not_, or_, select
 
 from prompt_tool import flags
+from prompt_tool.ab_testing import LegacyABTest, legacy_orchestration_ab_tests
 from prompt_tool.db import schema
 from prompt_tool.db.dialect import sha256_hex
 from prompt_tool.db.engine import Connectable, connect
@@ -121,6 +122,9 @@ class StatusReport:
     # False below 0002: no references, no runs, no flags yet.
     templates_schema: bool
     projects: list[ProjectStatus] = field(default_factory=list)
+    # A/B tests of legacy orchestration prompts: `prompt-tool ab` cannot run them; each is to be
+    # recreated on the template its prompt became.
+    legacy_ab_tests: list[LegacyABTest] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,12 +402,16 @@ def _collect(
 def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
     """Where every project (or the ``projects`` named by slug) stands. See the module."""
     revision, templates_schema, found = _collect(db, projects)
+    selected = {p.project for p in found}
     return StatusReport(
         database=_database_name(db),
         revision=revision,
         head=_head(),
         templates_schema=templates_schema,
         projects=found,
+        legacy_ab_tests=[
+            test for test in legacy_orchestration_ab_tests(db) if test.project in selected
+        ],
     )
 
 

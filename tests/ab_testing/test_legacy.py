@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Engine, insert, select
 
 from prompt_tool import ab_testing
 from prompt_tool.ab_testing import LegacyABTest
 from prompt_tool.db import schema
 from prompt_tool.db.models import ABTest, Project, Prompt
+from prompt_tool.migrate.backfill import backfill
+from prompt_tool.migrate.fingerprint import fingerprint_legacy_tables
 from prompt_tool.migrate.sample import load_legacy_sample
 from prompt_tool.templates import TemplateManager
 
@@ -52,3 +56,23 @@ def test_legacy_tests_are_found_before_the_expand_step_too(
 
 def test_a_database_without_legacy_tests_reports_none(db_engine: Engine) -> None:
     assert ab_testing.legacy_orchestration_ab_tests(db_engine) == []
+
+
+def test_backfill_and_a_round_trip_leave_legacy_tests_and_their_versions_as_they_were(
+    empty_db_url: str, engine_for: Any
+) -> None:
+    schema.upgrade(empty_db_url, "0001")
+    load_legacy_sample(empty_db_url, sessions=30, projects=2)
+    before = ab_testing.legacy_orchestration_ab_tests(engine_for(empty_db_url))
+    tables = {t.table: t for t in fingerprint_legacy_tables(empty_db_url).tables}
+    schema.upgrade(empty_db_url)
+    engine = engine_for(empty_db_url)
+
+    backfill(engine)
+    engine.dispose()
+    schema.downgrade(empty_db_url, "-1")
+
+    after = {t.table: t for t in fingerprint_legacy_tables(empty_db_url).tables}
+    assert ab_testing.legacy_orchestration_ab_tests(engine_for(empty_db_url)) == before
+    assert after["ab_tests"] == tables["ab_tests"]
+    assert after["ab_test_variants"] == tables["ab_test_variants"]

@@ -335,3 +335,17 @@ def test_runs_of_other_kinds_do_not_count(legacy_engine: Engine) -> None:
         (p.last_export, p.last_backfill, p.last_verify) == (None, None, None)
         for p in status(legacy_engine).projects
     )
+
+
+def test_legacy_ab_tests_of_orchestration_prompts_are_reported_for_the_selected_projects(
+    legacy_url: str, legacy_engine: Engine
+) -> None:
+    everything = status(legacy_engine).legacy_ab_tests
+    one = status(legacy_engine, projects=["project-2"]).legacy_ab_tests
+    shown = runner.invoke(app, ["status", "--db", legacy_url])
+
+    assert sorted(t.project for t in everything) == ["project-1", "project-2", "project-3"]
+    assert [t.project for t in one] == ["project-2"]
+    assert shown.exit_code == 0, shown.output
+    assert "legacy A/B test" in shown.output
+    assert "prompt-tool ab create" in shown.output
