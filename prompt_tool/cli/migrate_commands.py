@@ -79,6 +79,14 @@ def backfill_command(
             "session's variables; import only the rest."
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes sharing the run: the key range is planned in --batch-size batches "
+            "that workers claim with FOR UPDATE SKIP LOCKED (PostgreSQL; SQLite uses one).",
+        ),
+    ] = 1,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -91,6 +99,7 @@ def backfill_command(
         dry_run=dry_run,
         wait=wait,
         match_existing=match_existing,
+        workers=workers,
     )
     engine = make_engine(resolve_url(db))
     try:

@@ -64,6 +64,7 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.errors import InvalidInputError, NotFoundError, PromptToolError
+from prompt_tool.migrate import backfill_plan
 from prompt_tool.migrate.adoption import adopt_orphaned_imports
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
@@ -84,6 +85,7 @@ IMPORTED_PREFIX = "imported/"
 SOURCE_BACKFILL = "backfill"
 ACTOR = "orch-migrate backfill"
 _MIN_BATCH = 50
+BATCH_DONE = "done"
 _FIRST_BATCH = 200
 # Spelled as SQL, not a bound parameter: only then can the planner prove that a query matches
 # the partial unique index on (project_id, name) WHERE scope = 'project', also in the generic
@@ -153,6 +155,7 @@ class BackfillSummary:
     templates_adopted: int = 0
     retried: int = 0
     elapsed_s: float = 0.0
+    workers: int = 1
     batch_seconds: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -514,11 +517,18 @@ def _run_batch(
     settings: Settings,
     dry_run_seen: set[tuple[int, str, str]],
     matcher: ExistingTemplateMatcher | None = None,
+    planned: PlannedBatch | None = None,
 ) -> _BatchResult | None:
+    """``planned``: a range of a planned run (``--workers``) claimed by the caller, whose
+    ledger row is completed here instead of a checkpoint being inserted."""
     set_local_timeouts(
         connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
     )
     states = _batch_states(connection, after, upper, size, project_ids, scoped)
+    if not states and planned is not None:  # the range's sessions are gone: nothing to link
+        empty = _BatchResult(last_id=upper, sessions=0)
+        _complete_planned(connection, planned, empty, _checksum(states))
+        return empty
     if not states:
         return None
     last_id = states[-1].session_id
@@ -556,7 +566,9 @@ def _run_batch(
     if result.created or result.relinked:
         _upsert_references(connection, after, last_id, project_ids, scoped)
     _remove_references(connection, removals)
-    if run_id is not None:
+    if planned is not None:
+        _complete_planned(connection, planned, result, _checksum(states))
+    elif run_id is not None:
         connection.execute(
             insert(MigrationBatch).values(
                 run_id=run_id,
@@ -564,19 +576,54 @@ def _run_batch(
                 key_hi=last_id,
                 status="done",
                 rows_seen=result.sessions,
-                counts={
-                    "created": result.created,
-                    "matched": result.matched,
-                    "relinked": result.relinked,
-                    "removed": result.removed,
-                    "unchanged": result.unchanged,
-                    "templates": result.templates,
-                },
+                counts=_batch_counts(result),
                 checksum=_checksum(states),
                 finished_at=wall_clock(),
             )
         )
     return result
+
+
+def _batch_counts(result: _BatchResult) -> dict[str, int]:
+    return {
+        "created": result.created,
+        "matched": result.matched,
+        "relinked": result.relinked,
+        "removed": result.removed,
+        "unchanged": result.unchanged,
+        "templates": result.templates,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    """A planned batch (its ledger row) claimed by one worker for one transaction."""
+
+    batch_id: int
+    worker: str
+
+
+def _complete_planned(
+    connection: Connection, planned: PlannedBatch, result: _BatchResult, checksum: str
+) -> None:
+    """Mark a claimed planned batch done, in the batch's own transaction.
+
+    ``started_at`` becomes the transaction's start (``now()``) and ``finished_at`` the wall
+    clock, as for an unplanned checkpoint: their difference is how long the batch held locks.
+    """
+    connection.execute(
+        update(MigrationBatch)
+        .where(MigrationBatch.id == planned.batch_id)
+        .values(
+            status=BATCH_DONE,
+            rows_seen=result.sessions,
+            counts=_batch_counts(result),
+            checksum=checksum,
+            claimed_by=planned.worker,
+            started_at=func.now(),
+            finished_at=wall_clock(),
+        )
+    )
 
 
 @contextmanager
@@ -626,7 +673,9 @@ def _resume_point(connection: Connection, scope_key: str) -> tuple[int | None, i
     if run is None:
         return None, None
     last = connection.execute(
-        select(func.max(MigrationBatch.key_hi)).where(MigrationBatch.run_id == run)
+        select(func.max(MigrationBatch.key_hi)).where(
+            MigrationBatch.run_id == run, MigrationBatch.status == BATCH_DONE
+        )
     ).scalar()
     connection.execute(
         update(MigrationRun)
@@ -659,9 +708,13 @@ def backfill(
                     _session_filter(project_ids, scoped)
                 )
             ).scalar_one()
-            resumed_after, _ = (
+            resumed_after, resumed_run = (
                 (None, None) if options.dry_run else _resume_point(connection, scope_key)
             )
+            # A planned run (--workers) left ranges to do: carry them on, whatever --workers.
+            carried = backfill_plan.pending_ranges(connection, resumed_run)
+            if carried:
+                resumed_after = None
             total = connection.execute(
                 select(func.count()).where(
                     _SESSIONS.c.id > (resumed_after or 0),
@@ -681,6 +734,7 @@ def backfill(
                     "scope": scope_key,
                     "batch_size": options.batch_size,
                     "limit": options.limit,
+                    "workers": options.workers,
                 },
                 key_upper_bound=upper,
             )
@@ -690,7 +744,10 @@ def backfill(
         try:
             adopted = adopt_orphaned_imports(engine, project_ids, scoped, dry_run=options.dry_run)
             summary.templates_adopted = len(adopted)
-            _walk(
+            walk = _walk
+            if run_id is not None and (options.workers > 1 or carried):
+                walk = functools.partial(backfill_plan.walk_planned, carried=carried)
+            walk(
                 engine,
                 run_id,
                 options,
