@@ -1,37 +1,49 @@
-"""Backfill and verify at scale against their baselines, measured on clones of one data set."""
+"""Backfill, verify and export at scale against their baselines, on copies of one data set.
+
+Our paths run in fresh processes (benchmarks.paths) so their peak RSS is their own; the
+baselines run here. Every figure is a ratio to a baseline measured in the same run.
+"""
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
-import sys
+import os
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import jinja2
 import psycopg
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from psycopg import sql
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from benchmarks.dataset import clone
-from benchmarks.harness import Measurement
+from benchmarks import read_paths
+from benchmarks.harness import (
+    Measurement,
+    Target,
+    libpq,
+    log,
+    percentiles,
+    run_path,
+    scratch_database,
+)
+from prompt_tool.core import content_hash
 from prompt_tool.db.engine import make_engine
+from prompt_tool.db.models import (
+    OrchestrationSession,
+    Prompt,
+    PromptRole,
+    PromptVersion,
+    SessionPromptRef,
+)
 
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def run_path(name: str, url: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.paths", name, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
+CEILING = "SQL ceiling (INSERT ... SELECT, batches of 5,000)"
+ORM = "per-row ORM loop (sampled)"
+COUNT = "SQL count(*) over the same join"
+NAIVE = "naive per-session render loop (sampled)"
+COPY = "COPY ... TO STDOUT of the same rows"
 
 CEILING_TEXTS = """
 WITH b AS (
@@ -67,20 +79,55 @@ JOIN prompts p ON p.project_id = h.project_id AND p.scope = 'project'
     AND p.name = 'imported/' || h.role || '/' || h.hx
 JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = 1
 """
+# What verify reads, counted in SQL: every session x role with its reference (if any).
+COUNT_JOIN = """
+SELECT count(*) FROM (
+    SELECT s.id FROM orchestration_sessions s
+        LEFT JOIN session_prompt_refs r ON r.session_id = s.id AND r.role = 'system'
+    UNION ALL SELECT s.id FROM orchestration_sessions s
+        LEFT JOIN session_prompt_refs r ON r.session_id = s.id AND r.role = 'planner'
+    UNION ALL SELECT s.id FROM orchestration_sessions s
+        LEFT JOIN session_prompt_refs r ON r.session_id = s.id AND r.role = 'synthesis'
+) rows
+"""
+# Everything a backfill writes, as one order-independent fingerprint: equal across runs only if
+# they made the same templates and the same references.
+FINGERPRINT = """
+SELECT (SELECT count(*) FROM session_prompt_refs),
+       (SELECT coalesce(sum(hashtextextended(
+            r.session_id || ':' || r.role || ':' || r.legacy_hash || ':' || p.name || ':'
+            || p.project_id || ':' || md5(v.content), 0)), 0)::text
+        FROM session_prompt_refs r JOIN prompt_versions v ON v.id = r.prompt_version_id
+        JOIN prompts p ON p.id = v.prompt_id),
+       (SELECT count(*) FROM prompts WHERE name LIKE 'imported/%%'),
+       (SELECT count(*) FROM prompt_versions v JOIN prompts p ON p.id = v.prompt_id
+        WHERE p.name LIKE 'imported/%%')
+"""
+
+
+@dataclass
+class Figures:
+    """What the sections measured on one data set; memory runs keep only RSS."""
+
+    sessions: int
+    rss: dict[str, float] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
 
 
 def sql_ceiling(url: str) -> float:
     """Hand-written SQL, no Python per row: keyset batches of 5,000. Returns seconds."""
     start = time.perf_counter()
-    with psycopg.connect(_libpq(url), autocommit=True) as connection:
-        (upper,) = connection.execute("SELECT max(id) FROM orchestration_sessions").fetchone() or (0,)
+    with psycopg.connect(libpq(url), autocommit=True) as connection:
+        row = connection.execute("SELECT coalesce(max(id), 0) FROM orchestration_sessions")
+        (upper,) = row.fetchone() or (0,)
         lo = 0
         while lo < upper:
-            (hi,) = connection.execute(
+            found = connection.execute(
                 "SELECT max(id) FROM (SELECT id FROM orchestration_sessions WHERE id > %s "
                 "ORDER BY id LIMIT 5000) b",
                 (lo,),
-            ).fetchone() or (upper,)
+            ).fetchone()
+            hi = found[0] if found and found[0] is not None else upper
             with connection.transaction():
                 connection.execute(CEILING_TEMPLATES, {"lo": lo, "hi": hi})
                 connection.execute(CEILING_REFERENCES, {"lo": lo, "hi": hi})
@@ -90,18 +137,6 @@ def sql_ceiling(url: str) -> float:
 
 def orm_loop(url: str, sample: int) -> float:
     """What a user would write: per session, per role, look up or create, insert, commit."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from prompt_tool.core import content_hash
-    from prompt_tool.db.models import (
-        OrchestrationSession,
-        Prompt,
-        PromptRole,
-        PromptVersion,
-        SessionPromptRef,
-    )
-
     engine = make_engine(url)
     start = time.perf_counter()
     with Session(engine) as session:
@@ -119,9 +154,14 @@ def orm_loop(url: str, sample: int) -> float:
                     select(Prompt).where(Prompt.project_id == row.project_id, Prompt.name == name)
                 ).first()
                 if prompt is None:
-                    prompt = Prompt(project_id=row.project_id, name=name, content=legacy,
-                                    prompt_type="orchestration_template", scope="project",
-                                    is_template=True)
+                    prompt = Prompt(
+                        project_id=row.project_id,
+                        name=name,
+                        content=legacy,
+                        prompt_type="orchestration_template",
+                        scope="project",
+                        is_template=True,
+                    )
                     session.add(prompt)
                     session.flush()
                     session.add(PromptVersion(prompt_id=prompt.id, version=1, content=legacy))
@@ -130,65 +170,212 @@ def orm_loop(url: str, sample: int) -> float:
                     select(PromptVersion).where(PromptVersion.prompt_id == prompt.id)
                 ).first()
                 assert version is not None
-                session.add(SessionPromptRef(session_id=session_id, role=role.value,
-                                             prompt_version_id=version.id,
-                                             legacy_hash=content_hash(legacy), source="orm"))
+                session.add(
+                    SessionPromptRef(
+                        session_id=session_id,
+                        role=role.value,
+                        prompt_version_id=version.id,
+                        legacy_hash=content_hash(legacy),
+                        source="orm",
+                    )
+                )
             session.commit()
     engine.dispose()
     return time.perf_counter() - start
 
 
 def lock_holds(url: str, run_id: int) -> dict[str, float]:
-    """How long each batch held its locks, from the database's own clock (ms)."""
-    engine = make_engine(url)
-    with engine.connect() as connection:
+    """How long each batch held its locks, from the database's own clock (ms).
+
+    ``started_at`` is ``now()`` (the transaction's start, when BEGIN reached the server) and
+    ``finished_at`` is ``clock_timestamp()`` of the batch's last statement before COMMIT: every
+    row lock the batch takes is taken and held inside that interval.
+    """
+    with psycopg.connect(libpq(url)) as connection:
         holds = [
             float(ms)
             for (ms,) in connection.execute(
-                text(
-                    "SELECT EXTRACT(EPOCH FROM (finished_at - started_at)) * 1000 "
-                    "FROM migration_batches WHERE run_id = :run"
-                ),
-                {"run": run_id},
+                "SELECT EXTRACT(EPOCH FROM (finished_at - started_at)) * 1000 "
+                "FROM migration_batches WHERE run_id = %s AND status = 'done'",
+                (run_id,),
             )
         ]
+    return percentiles(holds)
+
+
+def fingerprint(url: str) -> list[Any]:
+    with psycopg.connect(libpq(url)) as connection:
+        row = connection.execute(FINGERPRINT).fetchone()
+    return list(row or ())
+
+
+def count_join(url: str) -> float:
+    with psycopg.connect(libpq(url)) as connection:
+        start = time.perf_counter()
+        connection.execute(COUNT_JOIN).fetchone()
+        return time.perf_counter() - start
+
+
+def naive_verify(url: str, sample: int) -> float:
+    """Per session: load it, load each reference and version, compile, render, compare."""
+    engine = make_engine(url)
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(keep_trailing_newline=True)
+    mismatches = 0
+    start = time.perf_counter()
+    with Session(engine) as session:
+        ids = session.scalars(
+            select(OrchestrationSession.id).order_by(OrchestrationSession.id).limit(sample)
+        ).all()
+        for session_id in ids:
+            row = session.get_one(OrchestrationSession, session_id)
+            for role in PromptRole:
+                reference = session.scalars(
+                    select(SessionPromptRef).where(
+                        SessionPromptRef.session_id == session_id,
+                        SessionPromptRef.role == role.value,
+                    )
+                ).first()
+                if reference is None:
+                    continue
+                version = session.get_one(PromptVersion, reference.prompt_version_id)
+                rendered = environment.from_string(version.content).render(
+                    reference.variables or {}
+                )
+                mismatches += rendered != getattr(row, role.legacy_column)
+    elapsed = time.perf_counter() - start
     engine.dispose()
-    holds.sort()
-    if not holds:
-        return {}
-    return {
-        "p50_ms": statistics.median(holds),
-        "p99_ms": holds[min(len(holds) - 1, int(len(holds) * 0.99))],
-        "max_ms": holds[-1],
-        "batches": len(holds),
-    }
+    if mismatches:
+        raise AssertionError(f"naive verify found {mismatches} mismatches: the paths disagree")
+    return elapsed
 
 
-def backfill_section(dataset_url: str, sessions: int) -> Measurement:
-    with clone(dataset_url, "ours") as url:
+def copy_tables(url: str, tables: list[str], directory: Path) -> float:
+    """``COPY table TO STDOUT`` of every table the export wrote, each into a file."""
+    start = time.perf_counter()
+    with psycopg.connect(libpq(url)) as connection, connection.cursor() as cursor:
+        for name in tables:
+            statement = sql.SQL("COPY (SELECT * FROM {} ORDER BY 1) TO STDOUT").format(
+                sql.Identifier(name)
+            )
+            with open(directory / f"{name}.copy", "wb") as out, cursor.copy(statement) as copy:
+                for block in copy:
+                    out.write(block)
+    return time.perf_counter() - start
+
+
+def run(
+    dataset_url: str,
+    sessions: int,
+    *,
+    orm_sample: int,
+    naive_sample: int,
+    dual_writes: int,
+    workers: bool,
+) -> Figures:
+    """Every migration section on copies of the data set at ``dataset_url``."""
+    figures = Figures(sessions)
+    scratch = Path(tempfile.mkdtemp(prefix="pt-bench-"))
+    with scratch_database("ours", dataset_url) as url:
+        log("backfill (ours, default settings)")
         ours = run_path("backfill", url)
         holds = lock_holds(url, ours["run_id"])
+        ours_print = fingerprint(url)
+        log("verify (ours)")
         verified = run_path("verify", url)
-    with clone(dataset_url, "ceiling") as url:
+        if not verified["passed"]:
+            raise AssertionError(f"verify failed after the backfill: {verified}")
+        count_s = min(count_join(url) for _ in range(2))
+        log("verify baselines")
+        naive_s = naive_verify(url, naive_sample)
+        log("export (ours)")
+        exported = run_path("export", url, str(scratch / "export"))
+        log("export baseline (COPY)")
+        copy_s = min(copy_tables(url, list(exported["tables"]), scratch) for _ in range(2))
+        log("batch read, dual write, flag evaluation")
+        reads = read_paths.run(url, sessions, dual_writes=dual_writes)
+    log("backfill baseline: SQL ceiling")
+    with scratch_database("ceiling", dataset_url) as url:
         ceiling_s = sql_ceiling(url)
-    sample = min(2_000, sessions)
-    with clone(dataset_url, "orm") as url:
-        orm_s = orm_loop(url, sample)
-    ours_rate = sessions / ours["elapsed_s"]
-    ceiling_rate = sessions / ceiling_s
-    orm_rate = sample / orm_s
-    return Measurement(
-        section="backfill",
-        what=f"orch-migrate backfill, {sessions:,} sessions (default settings)",
-        ours_per_s=ours_rate,
-        baselines={"SQL ceiling (INSERT ... SELECT, batches of 5,000)": ceiling_rate,
-                   "per-row ORM loop": orm_rate},
-        targets={"SQL ceiling (INSERT ... SELECT, batches of 5,000)": ">= 0.70",
-                 "per-row ORM loop": ">= 50x"},
-        verdicts={
-            "SQL ceiling (INSERT ... SELECT, batches of 5,000)": ours_rate / ceiling_rate >= 0.70,
-            "per-row ORM loop": ours_rate / orm_rate >= 50,
-        },
-        peak_rss_mib=ours["peak_rss_mib"],
-        extra={"lock_hold": holds, "verify_after": verified},
-    )
+    log("backfill baseline: ORM loop")
+    with scratch_database("orm", dataset_url) as url:
+        orm_s = orm_loop(url, orm_sample)
+    parallel: dict[str, Any] | None = None
+    if workers:
+        log("backfill --workers 2")
+        with scratch_database("workers", dataset_url) as url:
+            parallel = run_path("backfill", url, "2")
+            parallel["identical_to_single_worker"] = fingerprint(url) == ours_print
+            parallel["speed_up"] = ours["elapsed_s"] / parallel["elapsed_s"]
+            if not parallel["identical_to_single_worker"]:
+                raise AssertionError("--workers 2 made different templates or references")
+    for leftover in sorted(scratch.rglob("*"), reverse=True):
+        leftover.unlink() if leftover.is_file() else leftover.rmdir()
+    scratch.rmdir()
+
+    figures.rss = {
+        "backfill": ours["peak_rss_mib"],
+        "verify": verified["peak_rss_mib"],
+        "export": exported["peak_rss_mib"],
+    }
+    backfill_rate = sessions / ours["elapsed_s"]
+    cores = os.cpu_count() or 1
+    verify_rate = sessions / verified["elapsed_s"]
+    export_rate = exported["rows"] / exported["elapsed_s"]
+    figures.measurements = [
+        Measurement(
+            section="backfill",
+            what=f"orch-migrate backfill, {sessions:,} sessions (default settings)",
+            ours_per_s=backfill_rate,
+            baselines={CEILING: sessions / ceiling_s, ORM: orm_sample / orm_s},
+            targets={CEILING: Target(0.70, ">= 0.70x"), ORM: Target(50, ">= 50x")},
+            peak_rss_mib=ours["peak_rss_mib"],
+            extra={
+                "lock_hold": holds,
+                "lock_hold_target": "p99 < 250 ms",
+                "lock_hold_met": holds.get("p99_ms", 0) < 250,
+                "backfill": ours,
+                "orm_sample": orm_sample,
+                "workers_2": parallel,
+            },
+        ),
+        Measurement(
+            section="verify",
+            what=f"orch-migrate verify, {sessions:,} sessions",
+            ours_per_s=verify_rate,
+            baselines={COUNT: sessions / count_s, NAIVE: naive_sample / naive_s},
+            targets={COUNT: Target(0.10, ">= 0.10x (within 10x)")},
+            # One Python process on one connection: one core of ours (plus the server's).
+            absolute_target=(100_000.0, ">= 100,000 sessions/s (one process)"),
+            either=True,
+            peak_rss_mib=verified["peak_rss_mib"],
+            extra={"verify": verified, "naive_sample": naive_sample, "cores": cores},
+        ),
+        Measurement(
+            section="export",
+            what=f"orch-migrate export, {exported['rows']:,} rows",
+            ours_per_s=export_rate,
+            baselines={COPY: exported["rows"] / copy_s},
+            targets={COPY: Target(0.70, ">= 0.70x")},
+            peak_rss_mib=exported["peak_rss_mib"],
+            extra={"export": exported},
+        ),
+        *reads,
+    ]
+    return figures
+
+
+def memory_only(dataset_url: str) -> dict[str, float]:
+    """Peak RSS of backfill, verify and export on a data set (for the flat-memory check)."""
+    scratch = Path(tempfile.mkdtemp(prefix="pt-bench-mem-"))
+    with scratch_database("memory", dataset_url) as url:
+        backfilled = run_path("backfill", url)
+        verified = run_path("verify", url)
+        exported = run_path("export", url, str(scratch / "export"))
+    for leftover in sorted(scratch.rglob("*"), reverse=True):
+        leftover.unlink() if leftover.is_file() else leftover.rmdir()
+    scratch.rmdir()
+    return {
+        "backfill": backfilled["peak_rss_mib"],
+        "verify": verified["peak_rss_mib"],
+        "export": exported["peak_rss_mib"],
+    }

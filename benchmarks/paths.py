@@ -1,61 +1,78 @@
 """Our heavy paths, each run in a fresh process so its peak RSS is its own:
-``python -m benchmarks.paths backfill|verify|export URL [ARG]`` prints one JSON line."""
+``python -m benchmarks.paths backfill|verify|export URL [ARG]`` writes one JSON line."""
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import peak_rss_mib
 from prompt_tool.db.engine import make_engine
+from prompt_tool.migrate.backfill import BackfillOptions, backfill
+from prompt_tool.migrate.export import export
+from prompt_tool.migrate.verify import verify
+from prompt_tool.settings import Settings
+from prompt_tool.templates import TemplateManager
 
 
-def _backfill(url: str) -> dict[str, Any]:
-    from prompt_tool.migrate.backfill import backfill
-
+def _backfill(url: str, workers: str = "1") -> dict[str, Any]:
     engine = make_engine(url)
     start = time.perf_counter()
-    summary = backfill(engine)
+    summary = backfill(engine, BackfillOptions(workers=int(workers)))
     elapsed = time.perf_counter() - start
-    return {"elapsed_s": elapsed, "rows": summary.sessions_scanned, "run_id": summary.run_id}
-
-
-def _verify(url: str) -> dict[str, Any]:
-    from prompt_tool.migrate.verify import verify
-
-    engine = make_engine(url)
-    start = time.perf_counter()
-    report = verify(engine)
-    elapsed = time.perf_counter() - start
+    engine.dispose()
     return {
         "elapsed_s": elapsed,
-        "rows": sum(1 for _ in ()) or report.totals().checked // 3,
-        "passed": report.passed,
-        "checked": report.totals().checked,
+        "rows": summary.sessions_scanned,
+        "run_id": summary.run_id,
+        "batches": summary.batches,
+        "templates": summary.templates_created,
+        "references": summary.references_created,
     }
 
 
-def _export(url: str) -> dict[str, Any]:
-    from prompt_tool.migrate import export as export_module
-
+def _verify(url: str) -> dict[str, Any]:
     engine = make_engine(url)
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "export"
-        start = time.perf_counter()
-        result = export_module.export(engine, target)  # type: ignore[attr-defined]
-        elapsed = time.perf_counter() - start
-    rows = getattr(result, "row_counts", {}) or {}
-    return {"elapsed_s": elapsed, "rows": rows.get("orchestration_sessions", 0)}
+    manager = TemplateManager(engine, settings=Settings(database_url=url, redis_url=None))
+    start = time.perf_counter()
+    report = verify(engine, manager=manager)
+    elapsed = time.perf_counter() - start
+    engine.dispose()
+    totals = report.totals()
+    return {
+        "elapsed_s": elapsed,
+        "passed": report.passed,
+        "checked": totals.checked,
+        "matched": totals.matched,
+    }
 
 
-PATHS = {"backfill": _backfill, "verify": _verify, "export": _export}
+def _export(url: str, target: str) -> dict[str, Any]:
+    engine = make_engine(url)
+    start = time.perf_counter()
+    result = export(engine, Path(target))
+    elapsed = time.perf_counter() - start
+    engine.dispose()
+    return {
+        "elapsed_s": elapsed,
+        "rows": result.rows,
+        "bytes": result.bytes,
+        "tables": result.row_counts,
+    }
+
+
+PATHS: dict[str, Callable[..., dict[str, Any]]] = {
+    "backfill": _backfill,
+    "verify": _verify,
+    "export": _export,
+}
 
 
 if __name__ == "__main__":
-    outcome = PATHS[sys.argv[1]](sys.argv[2])
+    outcome = PATHS[sys.argv[1]](*sys.argv[2:])
     outcome["peak_rss_mib"] = peak_rss_mib()
-    print(json.dumps(outcome))
+    sys.stdout.write(json.dumps(outcome) + "\n")
