@@ -12,7 +12,6 @@ results the right to view it; record needs no role (outcomes come from the appli
 
 from __future__ import annotations
 
-import getpass
 import re
 from typing import Annotated
 
@@ -31,12 +30,11 @@ from prompt_tool.ab_testing import (
     TestRef,
     VariantSpec,
 )
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, table
+from prompt_tool.cli._runtime import DbOption, JsonOption, acting_user, emit, new_app, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import PromptRole, Scope
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
-from prompt_tool.settings import get_settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
 __all__ = ["ab_app"]
@@ -71,9 +69,6 @@ _VARIANT = re.compile(r"^(?P<name>[^=]+)=v?(?P<version>\d+)(?::(?P<weight>\d+))?
 def _engine(db: str | None) -> Engine:
     return make_engine(resolve_url(db))
 
-
-def _actor(as_user: str | None) -> str:
-    return as_user or get_settings().user or getpass.getuser()
 
 
 def _ref(value: str) -> TestRef:
@@ -222,7 +217,7 @@ def ab_create(
 ) -> None:
     """Create a draft test of one role of a template (a global template's test needs
     --scope global --project SLUG: the project whose sessions it enrols)."""
-    actor = _actor(as_user)
+    actor = acting_user(as_user)
     address, test_project = _address(template, scope, project, actor)
     emit(
         ab_testing.create_ab_test(
@@ -244,7 +239,7 @@ def ab_start(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Start (or resume) a test: new sessions of its project are enrolled."""
-    info = ab_testing.start_ab_test(_engine(db), _ref(test), actor=_actor(as_user))
+    info = ab_testing.start_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -253,7 +248,7 @@ def ab_pause(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Pause a test: no new enrolments until it starts again."""
-    info = ab_testing.pause_ab_test(_engine(db), _ref(test), actor=_actor(as_user))
+    info = ab_testing.pause_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -262,7 +257,7 @@ def ab_stop(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Stop a test for good (its results stay)."""
-    info = ab_testing.stop_ab_test(_engine(db), _ref(test), actor=_actor(as_user))
+    info = ab_testing.stop_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -271,7 +266,7 @@ def ab_show(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Show a test and its variants."""
-    info = ab_testing.get_ab_test(_engine(db), _ref(test), actor=_actor(as_user))
+    info = ab_testing.get_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -288,7 +283,7 @@ def ab_list(
 ) -> None:
     """List the tests you may see, newest first."""
     items = ab_testing.list_ab_tests(
-        _engine(db), project=project, status=status, actor=_actor(as_user)
+        _engine(db), project=project, status=status, actor=acting_user(as_user)
     )
     emit(items, as_json=as_json, render=_render_list)
 
@@ -305,7 +300,7 @@ def ab_results_command(
 ) -> None:
     """Per variant: sessions, successes, rate, mean metric; each variant against the control."""
     results = ab_testing.ab_results(
-        _engine(db), _ref(test), actor=_actor(as_user), confidence=confidence
+        _engine(db), _ref(test), actor=acting_user(as_user), confidence=confidence
     )
     emit(results, as_json=as_json, render=_render_results)
 
@@ -351,7 +346,7 @@ def ab_promote(
         TemplateManager.from_url(resolve_url(db)),
         _ref(test),
         variant,
-        actor=_actor(as_user),
+        actor=acting_user(as_user),
         note=note,
     )
     emit(promotion, as_json=as_json, render=Promotion.describe)

@@ -10,13 +10,12 @@ refuses, unless ``--force``.
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated, Any
 
 import typer
 
 from prompt_tool import flags
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, new_app, table
+from prompt_tool.cli._runtime import DbOption, JsonOption, acting_user, emit, new_app, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
@@ -50,9 +49,6 @@ AsOption = Annotated[
     typer.Option("--as", metavar="USER", help="Record the change as USER (default: you)."),
 ]
 
-
-def _actor(as_user: str | None) -> str:
-    return as_user or getpass.getuser()
 
 
 def _one_target(project: str | None, default: bool) -> str | None:
@@ -113,14 +109,14 @@ def flag_set(
         guard = None if force else readiness_guard(engine)
         if slug is None:
             change = flags.set_default(
-                engine, variant, actor=_actor(as_user), sample_rate=sample_rate, guard=guard
+                engine, variant, actor=acting_user(as_user), sample_rate=sample_rate, guard=guard
             )
         else:
             change = flags.set_variant(
                 engine,
                 slug,
                 variant,
-                actor=_actor(as_user),
+                actor=acting_user(as_user),
                 sample_rate=sample_rate,
                 guard=guard,
             )
@@ -140,9 +136,9 @@ def flag_unset(
     """Remove a project's override (it follows the default) or the default (built-in legacy)."""
     slug = _one_target(project, default)
     if slug is None:
-        change = flags.unset_default(resolve_url(db), actor=_actor(as_user))
+        change = flags.unset_default(resolve_url(db), actor=acting_user(as_user))
     else:
-        change = flags.unset_variant(resolve_url(db), slug, actor=_actor(as_user))
+        change = flags.unset_variant(resolve_url(db), slug, actor=acting_user(as_user))
     emit(change, as_json=as_json, render=_render_change)
 
 

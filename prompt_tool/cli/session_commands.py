@@ -134,7 +134,11 @@ def _render_run(result: RunResult) -> Text:
 
 def _render_created(created: CreatedSession) -> str:
     versions = ", ".join(f"{role} v{number}" for role, number in created.versions.items())
-    return f"created session {created.session_id} in {created.project} ({versions})"
+    enrolled = "".join(
+        f"; {role} in A/B test {a.test_id} {a.test_name!r} as variant {a.variant}"
+        for role, a in created.assignments.items()
+    )
+    return f"created session {created.session_id} in {created.project} ({versions}){enrolled}"
 
 
 def _render_detail(detail: SessionDetail) -> Text:
@@ -191,11 +195,21 @@ def sessions_create(
     synthesis: TemplateOption = None,
     var: VarOption = None,
     vars_file: VarsFileOption = None,
+    unit_key: Annotated[
+        str | None,
+        typer.Option(
+            "--unit-key",
+            metavar="KEY",
+            help="A/B tests: the unit (a user id, say) whose variant the session gets "
+            "(default: the session).",
+        ),
+    ] = None,
     as_user: AsOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a session from template names (resolved custom, project, global; dual-written)."""
+    """Create a session from template names (resolved custom, project, global; dual-written;
+    enrolled in running A/B tests unless the project's flag is legacy)."""
     with _orchestrator(db) as orchestrator:
         created = orchestrator.create_session(
             project,
@@ -203,6 +217,7 @@ def sessions_create(
             parse_variables(var, vars_file),
             name=name,
             user=acting_user(as_user),
+            unit_key=unit_key,
         )
     emit(created, as_json=as_json, render=_render_created)
 

@@ -198,10 +198,13 @@ class Orchestrator:
         *,
         name: str,
         user: str | None = None,
+        unit_key: str | None = None,
     ) -> CreatedSession:
         """A new ``pending`` session through templates: references and legacy text both written.
 
-        A role mapped to ``None`` (or left out) gets no prompt: a NULL legacy column.
+        A role mapped to ``None`` (or left out) gets no prompt: a NULL legacy column. Unless the
+        project's flag is ``legacy``, the session joins the running A/B test of each template it
+        uses, its variant chosen by ``unit_key`` (else the session id).
         """
         chosen: dict[str | PromptRole, str | TemplateChoice] = {
             role: choice for role, choice in templates.items() if choice is not None
@@ -212,7 +215,16 @@ class Orchestrator:
             )
         if not name.strip():
             raise InvalidInputError("a session needs a name (--name)")
-        return create_session(self.manager, project, chosen, variables, name=name, user=user)
+        return create_session(
+            self.manager,
+            project,
+            chosen,
+            variables,
+            name=name,
+            user=user,
+            flags=self.reader.flags,
+            unit_key=unit_key,
+        )
 
     def list_sessions(
         self, project: str | None = None, *, limit: int = DEFAULT_LIST_LIMIT

@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 
 from prompt_tool.ab_testing import choose_variant
 from prompt_tool.cli.ab_commands import ab_app
+from prompt_tool.cli.prompt_tool import app
 from prompt_tool.compat import CreatedSession
 from prompt_tool.templates import TemplateManager
 
@@ -144,3 +145,64 @@ def test_errors_are_one_line_with_exit_code_2(
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sessions_created_on_the_command_line_are_enrolled_unless_the_flag_is_legacy(
+    head_db_url: str, running_test: Any, set_flag: Callable[[str, str], None]
+) -> None:
+    def create(name: str, *extra: str) -> Any:
+        return _json(
+            runner.invoke(
+                app,
+                [
+                    "sessions",
+                    "create",
+                    "--project",
+                    "acme",
+                    "--name",
+                    name,
+                    "--planner",
+                    "planner",
+                    "--var",
+                    "topic=x",
+                    "--as",
+                    "ed",
+                    "--db",
+                    head_db_url,
+                    "--json",
+                    *extra,
+                ],
+            )
+        )
+
+    legacy = create("under-legacy")
+    set_flag("acme", "shadow")
+    enrolled = create("under-shadow", "--unit-key", "user-7")
+    shown = runner.invoke(
+        app,
+        [
+            "sessions",
+            "create",
+            "--project",
+            "acme",
+            "--name",
+            "shown",
+            "--planner",
+            "planner",
+            "--var",
+            "topic=x",
+            "--as",
+            "ed",
+            "--db",
+            head_db_url,
+        ],
+    )
+
+    assert legacy["assignments"] == {}
+    assignment = enrolled["assignments"]["planner"]
+    expected = choose_variant(running_test.id, "user-7", [50, 50])
+    assert assignment["variant"] == ["control", "candidate"][expected]
+    assert assignment["unit_key"] == "user-7"
+    assert enrolled["versions"]["planner"] == assignment["version"]
+    assert shown.exit_code == 0, shown.output
+    assert "in A/B test" in shown.stdout
