@@ -25,6 +25,7 @@ __all__ = [
     "changed_tables",
     "fingerprint_connection",
     "fingerprint_legacy_tables",
+    "fingerprint_table",
     "load_fingerprint",
 ]
 
@@ -49,11 +50,19 @@ class LegacyFingerprint:
         return {entry.table: entry for entry in self.tables}
 
 
-def _fingerprint_table(connection: Connection, table: str) -> TableFingerprint:
+def fingerprint_table(
+    connection: Connection, table: str, *, up_to_id: int | None = None
+) -> TableFingerprint:
+    """Rows and sha256 of one legacy table (or of its rows with ``id <= up_to_id``)."""
     columns = LEGACY_COLUMNS[table]
     select_list = ", ".join(f'CAST("{column}" AS TEXT)' for column in columns)
-    result = connection.execution_options(stream_results=True, yield_per=_STREAM_ROWS).execute(
-        text(f'SELECT {select_list} FROM "{table}" ORDER BY "id"')
+    where = "" if up_to_id is None else f' WHERE "{table}"."id" <= :bound'
+    # Qualified: a bare "id" would name the text-cast output column and sort as text. The
+    # streaming options go on the statement: set on the connection they would stick to it.
+    statement = text(f'SELECT {select_list} FROM "{table}"{where} ORDER BY "{table}"."id"')
+    result = connection.execute(
+        statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS),
+        {} if up_to_id is None else {"bound": up_to_id},
     )
     digest = hashlib.sha256()
     rows = 0
@@ -72,7 +81,7 @@ def _fingerprint_table(connection: Connection, table: str) -> TableFingerprint:
 def fingerprint_connection(connection: Connection, database: str = "") -> LegacyFingerprint:
     return LegacyFingerprint(
         database=database,
-        tables=[_fingerprint_table(connection, table) for table in LEGACY_COLUMNS],
+        tables=[fingerprint_table(connection, table) for table in LEGACY_COLUMNS],
     )
 
 

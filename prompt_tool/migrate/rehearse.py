@@ -49,7 +49,6 @@ Modes:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -90,7 +89,11 @@ from prompt_tool.db.models import (
 from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import InvalidInputError, PromptToolError, SchemaError
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
-from prompt_tool.migrate.fingerprint import changed_tables, fingerprint_legacy_tables
+from prompt_tool.migrate.fingerprint import (
+    changed_tables,
+    fingerprint_legacy_tables,
+    fingerprint_table,
+)
 from prompt_tool.migrate.verify import VerifyOptions, verify
 from prompt_tool.settings import Settings, get_settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
@@ -121,7 +124,6 @@ TEMPLATE_SOURCES: dict[PromptRole, str] = {
 _TEMPLATE_NAMES = {role: f"rehearse/{role.value}" for role in PromptRole}
 _SESSIONS = OrchestrationSession.__table__
 _COPY_BATCH_ROWS = 1_000
-_STREAM_ROWS = 5_000
 _MAX_SHOWN = 5
 
 
@@ -195,32 +197,13 @@ def _quote(name: str) -> str:
 def _legacy_digests(
     connection: Connection, bounds: Mapping[str, int] | None = None
 ) -> dict[str, tuple[int, str]]:
-    """(rows, sha256) of each legacy table, or of its rows with ``id <= bounds[table]``.
-
-    The fingerprint's encoding (each value's text form, length-prefixed, NULL marked), computed
-    here because the streaming option must stay on the statement: set on a caller's connection it
-    would stick to it, and every later statement of the rehearsal would become a cursor.
-    """
+    """(rows, sha256) of each legacy table, or of its rows with ``id <= bounds[table]``."""
     digests: dict[str, tuple[int, str]] = {}
-    for name, columns in LEGACY_COLUMNS.items():
-        select_list = ", ".join(f"CAST({_quote(c)} AS TEXT)" for c in columns)
-        where = "" if bounds is None else " WHERE id <= :bound"
-        statement = text(f"SELECT {select_list} FROM {_quote(name)}{where} ORDER BY id")
-        result = connection.execute(
-            statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS),
-            {} if bounds is None else {"bound": bounds[name]},
+    for name in LEGACY_COLUMNS:
+        found = fingerprint_table(
+            connection, name, up_to_id=None if bounds is None else bounds[name]
         )
-        digest = hashlib.sha256()
-        rows = 0
-        for row in result:
-            rows += 1
-            digest.update(
-                "".join(
-                    "\x00N" if value is None else f"\x00{len(value)}:{value}" for value in row
-                ).encode("utf-8", "surrogatepass")
-            )
-            digest.update(b"\x1e")
-        digests[name] = (rows, digest.hexdigest())
+        digests[name] = (found.rows, found.sha256)
     return digests
 
 

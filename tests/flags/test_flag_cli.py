@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import pytest
+from cli_run import run_cli
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from prompt_tool.cli._runtime import new_app, run
+from prompt_tool.cli._runtime import new_app
 from prompt_tool.cli.flag_commands import flag_app
 
 app = new_app("test host for the flag sub-app")
@@ -20,20 +20,7 @@ runner = CliRunner()
 
 def cli(*args: str) -> tuple[int, str, str]:
     """Run ``orch-migrate flag ...`` through ``run``, the one place errors become exit codes."""
-    argv = sys.argv
-    sys.argv = ["orch-migrate", *args]
-    try:
-        with runner.isolation() as (out, err, _both):
-            try:
-                run(app)
-                code = 0
-            except SystemExit as exit_:
-                code = int(exit_.code or 0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return code, out.getvalue().decode(), err.getvalue().decode()
-    finally:
-        sys.argv = argv
+    return run_cli(app, ["orch-migrate", *args])
 
 
 def cli_json(*args: str) -> Any:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
+from cli_run import run_cli
 from typer.testing import CliRunner
 
-from prompt_tool.cli._runtime import new_app, run
+from prompt_tool.cli._runtime import new_app
 from prompt_tool.cli.session_commands import orchestrate_app, sessions_app
 
 app = new_app("test host for the sessions and orchestrate sub-apps")
@@ -18,17 +17,4 @@ runner = CliRunner()
 def invoke(*args: str) -> tuple[int, str, str]:
     """``prompt-tool ARGS`` through ``run``, the one place errors become exit codes:
     (exit code, stdout, stderr)."""
-    argv = sys.argv
-    sys.argv = ["prompt-tool", *args]
-    try:
-        with runner.isolation() as (out, err, _both):
-            try:
-                run(app)
-                code = 0
-            except SystemExit as exit_:
-                code = int(exit_.code or 0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return code, out.getvalue().decode(), err.getvalue().decode()
-    finally:
-        sys.argv = argv
+    return run_cli(app, ["prompt-tool", *args])
