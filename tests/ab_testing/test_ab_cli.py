@@ -150,53 +150,16 @@ def test_errors_are_one_line_with_exit_code_2(
 def test_sessions_created_on_the_command_line_are_enrolled_unless_the_flag_is_legacy(
     head_db_url: str, running_test: Any, set_flag: Callable[[str, str], None]
 ) -> None:
-    def create(name: str, *extra: str) -> Any:
-        return _json(
-            runner.invoke(
-                app,
-                [
-                    "sessions",
-                    "create",
-                    "--project",
-                    "acme",
-                    "--name",
-                    name,
-                    "--planner",
-                    "planner",
-                    "--var",
-                    "topic=x",
-                    "--as",
-                    "ed",
-                    "--db",
-                    head_db_url,
-                    "--json",
-                    *extra,
-                ],
-            )
+    def create(name: str, *extra: str) -> Result:
+        arguments = f"sessions create --project acme --name {name} --planner planner"
+        return runner.invoke(
+            app, [*arguments.split(), "--var", "topic=x", "--as", "ed", "--db", head_db_url, *extra]
         )
 
-    legacy = create("under-legacy")
+    legacy = _json(create("under-legacy", "--json"))
     set_flag("acme", "shadow")
-    enrolled = create("under-shadow", "--unit-key", "user-7")
-    shown = runner.invoke(
-        app,
-        [
-            "sessions",
-            "create",
-            "--project",
-            "acme",
-            "--name",
-            "shown",
-            "--planner",
-            "planner",
-            "--var",
-            "topic=x",
-            "--as",
-            "ed",
-            "--db",
-            head_db_url,
-        ],
-    )
+    enrolled = _json(create("under-shadow", "--unit-key", "user-7", "--json"))
+    shown = create("shown")
 
     assert legacy["assignments"] == {}
     assignment = enrolled["assignments"]["planner"]
