@@ -21,6 +21,7 @@ WORDS = (
 )  # fmt: skip
 JINJA_LOOKING = ("{{ user }}", "{% if x %}", "{# note #}", "{% raw %}", "{ lone", "}} end")
 NULL_SHARE = 0.03
+WINDOW_STEPS = 4  # a project's texts span this many projects' shares of the pool
 
 
 def _text(rng: random.Random, role: str, number: int) -> str:
@@ -53,15 +54,26 @@ def generate(
             )
             cursor.execute("SELECT id FROM projects ORDER BY id")
             project_ids = [row[0] for row in cursor.fetchall()]
+            # Each project uses its own window of each role's pool, overlapping its
+            # neighbours' (a few texts are shared, as boilerplate is): deduplication per
+            # project matters, and the pool is a few thousand distinct texts per role.
+            step = max(1, distinct // len(project_ids))
+            window = min(distinct, step * WINDOW_STEPS)
+            windows = {
+                project_id: [(index * step + k) % distinct for k in range(window)]
+                for index, project_id in enumerate(project_ids)
+            }
             with cursor.copy(f"COPY orchestration_sessions ({columns}) FROM STDIN") as copy:
                 for number in range(sessions):
+                    project_id = rng.choice(project_ids)
+                    mine = windows[project_id]
                     copy.write_row(
                         (
-                            rng.choice(project_ids),
+                            project_id,
                             f"session-{number}",
                             "completed",
                             *(
-                                None if rng.random() < NULL_SHARE else rng.choice(pools[role])
+                                None if rng.random() < NULL_SHARE else pools[role][rng.choice(mine)]
                                 for role in ROLES
                             ),
                             json.dumps({"user": f"user-{number % 97}"}),

@@ -4,8 +4,11 @@ For every selected session and role it classifies what the read shim's ``templat
 would return: matched (the rendered reference equals the legacy text), mismatched, unmigrated
 (no reference yet), stale (the legacy text changed after the reference was made), render error.
 Equality is checked on SHA-256 digests computed in the database, so legacy texts never cross the
-wire except for the first few mismatches, whose diffs are shown; each distinct (version,
-variables) pair is rendered once. Sessions are streamed in keyset batches: memory stays flat.
+wire except for the first few mismatches, whose diffs are shown. The database also classifies and
+groups: a batch comes back as one row per (project, role, version, variables, legacy digest) with
+its count, so Python work is per distinct template use, not per session; each distinct
+(version, variables) pair is rendered once. Sessions are streamed in keyset batches: memory stays
+flat.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, cast, func, literal, select, union_all
+from sqlalchemy import Connection, and_, case, cast, func, literal, null, select, union_all
 from sqlalchemy.types import Text
 
 from prompt_tool.core import content_hash
@@ -49,7 +52,7 @@ class VerifyOptions:
     projects: Sequence[str] = ()
     sample: int | None = None
     allow_unmigrated: bool = False
-    batch_size: int = 5_000
+    batch_size: int = 50_000
     show_diffs: int = 3
 
 
@@ -132,23 +135,51 @@ class _RenderedDigests:
             self._digests.popitem(last=False)
         return outcome
 
+    def known(self, version_id: int, variables_json: str) -> bool:
+        return (version_id, variables_json) in self._digests
+
+    def known_digest(self, version_id: int, variables_json: str) -> str | TemplateError | None:
+        found = self._digests.get((version_id, variables_json))
+        if found is not None:
+            self._digests.move_to_end((version_id, variables_json))
+        return found
+
     def text(self, template: ResolvedTemplate, variables_json: str, project: str) -> str:
         variables = json.loads(variables_json) if variables_json else {}
         return self._manager.render_resolved(template, variables or {}, project=project)
 
 
-def _rows_query(after: int, limit: int, project_ids: Sequence[int], sample_ids: Any) -> Any:
+def _batch_bounds(
+    connection: Connection, after: int, limit: int, project_ids: Sequence[int], sample_ids: Any
+) -> tuple[int | None, int]:
+    """The last id and the number of the next ``limit`` selected sessions after ``after``."""
     batch = (
-        select(_SESSIONS.c.id, _SESSIONS.c.project_id)
-        .where(_SESSIONS.c.id > after)
-        .order_by(_SESSIONS.c.id)
-        .limit(limit)
+        select(_SESSIONS.c.id).where(_SESSIONS.c.id > after).order_by(_SESSIONS.c.id).limit(limit)
     )
     if project_ids:
         batch = batch.where(_SESSIONS.c.project_id.in_(list(project_ids)))
     if sample_ids is not None:
         batch = batch.where(_SESSIONS.c.id.in_(sample_ids))
-    batch_ids = batch.subquery()
+    ids = batch.subquery()
+    last, count = connection.execute(select(func.max(ids.c.id), func.count())).one()
+    return (None if last is None else int(last)), int(count)
+
+
+_UNMIGRATED, _STALE, _CHECK = "unmigrated", "stale", "check"
+
+
+def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids: Any) -> Any:
+    """Every (session, role) of the key range (after, last], classified and grouped in SQL.
+
+    One row per (project, role, kind, version, variables, legacy digest) with how many
+    session roles it stands for and one of them (for diffs). Roles whose text is NULL and that
+    have no reference are left out: NULL stays NULL.
+    """
+    in_range = and_(_SESSIONS.c.id > after, _SESSIONS.c.id <= last)
+    if project_ids:
+        in_range = and_(in_range, _SESSIONS.c.project_id.in_(list(project_ids)))
+    if sample_ids is not None:
+        in_range = and_(in_range, _SESSIONS.c.id.in_(sample_ids))
     per_role = []
     for role in PromptRole:
         column = _SESSIONS.c[role.legacy_column]
@@ -162,12 +193,31 @@ def _rows_query(after: int, limit: int, project_ids: Sequence[int], sample_ids: 
                 _REFS.c.legacy_hash.label("linked_hash"),
                 cast(_REFS.c.variables, Text).label("variables"),
             )
-            .join(batch_ids, batch_ids.c.id == _SESSIONS.c.id)
             .outerjoin(
                 _REFS, and_(_REFS.c.session_id == _SESSIONS.c.id, _REFS.c.role == role.value)
             )
+            .where(in_range, ~and_(column.is_(None), _REFS.c.prompt_version_id.is_(None)))
         )
-    return union_all(*per_role)
+    rows = union_all(*per_role).subquery()
+    kind = case(
+        (rows.c.version_id.is_(None), literal(_UNMIGRATED)),
+        (rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash), literal(_STALE)),
+        else_=literal(_CHECK),
+    )
+    checked = kind == literal(_CHECK)
+    version = case((checked, rows.c.version_id), else_=null())
+    variables = case((checked, rows.c.variables), else_=null())
+    digest = case((checked, rows.c.legacy_hash), else_=null())
+    return select(
+        rows.c.project_id,
+        rows.c.role,
+        kind.label("kind"),
+        version.label("version_id"),
+        variables.label("variables"),
+        digest.label("legacy_hash"),
+        func.count().label("n"),
+        func.min(rows.c.session_id).label("session_id"),
+    ).group_by(rows.c.project_id, rows.c.role, kind, version, variables, digest)
 
 
 def _versions(connection: Connection, ids: set[int]) -> dict[int, ResolvedTemplate]:
@@ -271,19 +321,17 @@ def verify(
         after, seen = 0, 0
         while True:
             with connect(engine) as connection:
-                rows = connection.execute(
-                    _rows_query(after, options.batch_size, scope, sample_ids)
-                ).all()
-                if not rows:
-                    break
-                versions = _versions(
-                    connection, {row.version_id for row in rows if row.version_id is not None}
+                last, count = _batch_bounds(
+                    connection, after, options.batch_size, scope, sample_ids
                 )
-            batch_sessions = {row.session_id for row in rows}
-            after = max(batch_sessions)
-            seen += len(batch_sessions)
-            for row in rows:
-                _classify(engine, row, projects, per_project, versions, renders, report, options)
+                if last is None:
+                    break
+                groups = connection.execute(_groups_query(after, last, scope, sample_ids)).all()
+                _render_batch(connection, groups, renders, projects)
+            after = last
+            seen += count
+            for group in groups:
+                _classify(engine, group, projects, per_project, renders, report, options)
             if progress is not None:
                 progress(seen, total)
     except BaseException as error:
@@ -307,51 +355,88 @@ def verify(
     return report
 
 
+_VERSION_CHUNK = 2_000
+
+
+def _render_batch(
+    connection: Connection,
+    groups: Sequence[Any],
+    renders: _RenderedDigests,
+    projects: dict[int, str],
+) -> None:
+    """Render every (version, variables) pair of the batch not rendered yet, loading the
+    versions in chunks: memory stays flat however many distinct versions a batch holds."""
+    wanted: dict[int, dict[str, str]] = {}
+    for group in groups:
+        if group.kind != _CHECK:
+            continue
+        variables = group.variables or ""
+        if not renders.known(group.version_id, variables):
+            wanted.setdefault(group.version_id, {})[variables] = projects[group.project_id]
+    ids = sorted(wanted)
+    for start in range(0, len(ids), _VERSION_CHUNK):
+        templates = _versions(connection, set(ids[start : start + _VERSION_CHUNK]))
+        for version_id, template in templates.items():
+            for variables, project in wanted[version_id].items():
+                renders.digest(template, variables, project)
+
+
 def _classify(
     engine: Connectable,
-    row: Any,
+    group: Any,
     projects: dict[int, str],
     per_project: dict[str, ProjectVerification],
-    versions: dict[int, ResolvedTemplate],
     renders: _RenderedDigests,
     report: VerifyReport,
     options: VerifyOptions,
 ) -> None:
-    project = projects[row.project_id]
+    """Count one group of session roles (see :func:`_groups_query`)."""
+    project = projects[group.project_id]
     counts = per_project[project]
-    if row.legacy_hash is None and row.version_id is None:
-        return  # NULL stays NULL: nothing to migrate, nothing to check
-    counts.checked += 1
-    if row.version_id is None:
-        counts.unmigrated += 1
+    counts.checked += group.n
+    if group.kind == _UNMIGRATED:
+        counts.unmigrated += group.n
         return
-    if row.linked_hash != row.legacy_hash:
-        counts.stale += 1
+    if group.kind == _STALE:
+        counts.stale += group.n
         return
-    template = versions[row.version_id]
-    digest = renders.digest(template, row.variables or "", project)
-    role = PromptRole(row.role)
+    variables = group.variables or ""
+    digest = renders.known_digest(group.version_id, variables)
+    template: ResolvedTemplate | None = None
+    if digest is None:  # rendered in this batch, then evicted by a bigger one: once more
+        with connect(engine) as connection:
+            template = _versions(connection, {group.version_id})[group.version_id]
+        digest = renders.digest(template, variables, project)
+    role = PromptRole(group.role)
     if isinstance(digest, TemplateError):
-        counts.render_errors += 1
+        counts.render_errors += group.n
         if len(report.mismatches) < options.show_diffs:
             report.mismatches.append(
                 Mismatch(
-                    row.session_id, project, role.value, row.version_id, "render_error", str(digest)
-                )
-            )
-    elif digest == row.legacy_hash:
-        counts.matched += 1
-    else:
-        counts.mismatched += 1
-        if len(report.mismatches) < options.show_diffs:
-            rendered = renders.text(template, row.variables or "", project)
-            report.mismatches.append(
-                Mismatch(
-                    row.session_id,
+                    group.session_id,
                     project,
                     role.value,
-                    row.version_id,
+                    group.version_id,
+                    "render_error",
+                    str(digest),
+                )
+            )
+    elif digest == group.legacy_hash:
+        counts.matched += group.n
+    else:
+        counts.mismatched += group.n
+        if len(report.mismatches) < options.show_diffs:
+            if template is None:
+                with connect(engine) as connection:
+                    template = _versions(connection, {group.version_id})[group.version_id]
+            rendered = renders.text(template, variables, project)
+            report.mismatches.append(
+                Mismatch(
+                    group.session_id,
+                    project,
+                    role.value,
+                    group.version_id,
                     "mismatch",
-                    _diff(engine, row.session_id, role, rendered),
+                    _diff(engine, group.session_id, role, rendered),
                 )
             )
