@@ -4,6 +4,7 @@ with flag ``templates``, dual-written session creation, and one flag evaluation.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from sqlalchemy import Engine, select, text
@@ -81,16 +82,18 @@ def dual_write(engine: Engine, settings: Settings, count: int) -> Measurement:
         connection.execute(
             text(
                 "INSERT INTO template_permissions (user_name, role, project_id, granted_by) "
-                "VALUES ('bench', 'admin', NULL, 'bench')"
+                "SELECT 'bench', 'admin', NULL, 'bench' WHERE NOT EXISTS "
+                "(SELECT 1 FROM template_permissions WHERE user_name = 'bench')"
             )
         )
-    for role in ("system", "planner", "synthesis"):
+    suffix = uuid.uuid4().hex[:8]  # a database may be measured twice
+    templates = {role: f"bench-{role}-{suffix}" for role in ("system", "planner", "synthesis")}
+    for role, template in templates.items():
         manager.create(
-            TemplateAddress(f"bench-{role}", Scope.GLOBAL),
+            TemplateAddress(template, Scope.GLOBAL),
             f"You are the {role} for {{{{ topic }}}}. Be brief, cite sources, check the invoice.",
             actor="bench",
         )
-    templates = {role: f"bench-{role}" for role in ("system", "planner", "synthesis")}
     variables = {"topic": "billing"}
     texts = {
         f"{role}_prompt": manager.render(name, variables, project="project-1").text

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +49,9 @@ __all__ = ["SessionReader"]
 logger = logging.getLogger("prompt_tool.compat")
 
 _ROLES = tuple(PromptRole)
+# Versions are immutable; what a cached one may go stale on is its template's name, scope and
+# declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
+_VERSION_CACHE_SIZE = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +77,16 @@ class _Rendered:
         self._done: dict[tuple[int, str], str | TemplateError] = {}
 
     def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
+        template = reference.template
+        if not template.declared_variables and "{" not in template.source:
+            # Not one brace, no declared variable: the text is its own rendering whatever
+            # the variables (the engine hands it back unchanged too). Most imported texts.
+            return template.source
         key = (
             reference.template.version_id,
-            json.dumps(reference.variables, sort_keys=True, default=str),
+            json.dumps(reference.variables, sort_keys=True, default=str)
+            if reference.variables
+            else "",
         )
         if key not in self._done:
             try:
@@ -105,6 +118,9 @@ class SessionReader:
         self.flags = flags
         self.publisher: ShadowPublisher = publisher if publisher is not None else LogPublisher()
         self.shadow_counts = ShadowCounters()
+        self._versions: OrderedDict[int, tuple[float, ResolvedTemplate]] = OrderedDict()
+        self._versions_lock = threading.Lock()
+        self._version_ttl_s = self.manager.settings.name_cache_ttl_s
 
     # --- queries -----------------------------------------------------------------------
 
@@ -139,14 +155,40 @@ class SessionReader:
             ]
 
     def _references(self, session_ids: list[int]) -> dict[tuple[int, str], _Reference]:
+        """The sessions' references: one narrow query on the references table, then the
+        versions it names that are not cached yet (a version never changes)."""
         if not session_ids:
             return {}
+        query = select(
+            SessionPromptRef.session_id,
+            SessionPromptRef.role,
+            SessionPromptRef.variables,
+            SessionPromptRef.legacy_hash,
+            SessionPromptRef.prompt_version_id,
+        ).where(SessionPromptRef.session_id.in_(session_ids))
+        with connect(self.engine) as connection:
+            rows = connection.execute(query).all()
+            templates = self._templates(connection, {row[4] for row in rows})
+        return {
+            (session_id, role): _Reference(templates[version_id], variables or {}, legacy_hash)
+            for session_id, role, variables, legacy_hash, version_id in rows
+        }
+
+    def _templates(
+        self, connection: Connection, version_ids: set[int]
+    ) -> dict[int, ResolvedTemplate]:
+        now = time.monotonic()
+        found: dict[int, ResolvedTemplate] = {}
+        with self._versions_lock:
+            for version_id in version_ids:
+                cached = self._versions.get(version_id)
+                if cached is not None and now - cached[0] < self._version_ttl_s:
+                    found[version_id] = cached[1]
+        missing = version_ids - found.keys()
+        if not missing:
+            return found
         query = (
             select(
-                SessionPromptRef.session_id,
-                SessionPromptRef.role,
-                SessionPromptRef.variables,
-                SessionPromptRef.legacy_hash,
                 PromptVersion.id,
                 PromptVersion.version,
                 PromptVersion.content,
@@ -156,38 +198,37 @@ class SessionReader:
                 Prompt.scope,
                 Prompt.declared_variables,
             )
-            .join(PromptVersion, PromptVersion.id == SessionPromptRef.prompt_version_id)
             .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-            .where(SessionPromptRef.session_id.in_(session_ids))
+            .where(PromptVersion.id.in_(sorted(missing)))
         )
-        references: dict[tuple[int, str], _Reference] = {}
-        with connect(self.engine) as connection:
-            for (
-                session_id,
-                role,
-                variables,
-                legacy_hash,
-                version_id,
-                version,
-                source,
-                digest,
-                template_id,
-                name,
-                scope,
-                declared,
-            ) in connection.execute(query):
-                template = ResolvedTemplate(
-                    name=name,
-                    scope=scope or "global",
-                    template_id=template_id,
-                    version_id=version_id,
-                    version=version,
-                    source=source,
-                    content_hash=digest or text_hash(source) or "",
-                    declared_variables=tuple(declared or ()),
-                )
-                references[(session_id, role)] = _Reference(template, variables or {}, legacy_hash)
-        return references
+        for (
+            version_id,
+            version,
+            source,
+            digest,
+            template_id,
+            name,
+            scope,
+            declared,
+        ) in connection.execute(query):
+            found[version_id] = ResolvedTemplate(
+                name=name,
+                scope=scope or "global",
+                template_id=template_id,
+                version_id=version_id,
+                version=version,
+                source=source,
+                content_hash=digest or text_hash(source) or "",
+                declared_variables=tuple(declared or ()),
+            )
+        if self._version_ttl_s > 0:
+            with self._versions_lock:
+                for version_id in missing:
+                    self._versions[version_id] = (now, found[version_id])
+                    self._versions.move_to_end(version_id)
+                while len(self._versions) > _VERSION_CACHE_SIZE:
+                    self._versions.popitem(last=False)
+        return found
 
     # --- reading -----------------------------------------------------------------------
 
@@ -249,9 +290,13 @@ class SessionReader:
             source = PromptSource.LEGACY if legacy is None else PromptSource.UNMIGRATED
             return RolePrompt(role, legacy, source)
         version_id = reference.template.version_id
+        rendered = render(row.project, reference)
+        if rendered == legacy:
+            # The templates path gives the legacy text back: whatever the reference was made
+            # for, this is the text (and no digest is needed to tell).
+            return RolePrompt(role, rendered, PromptSource.TEMPLATE, version_id)
         if reference.legacy_hash != text_hash(legacy):
             return RolePrompt(role, legacy, PromptSource.STALE, version_id)
-        rendered = render(row.project, reference)
         if isinstance(rendered, TemplateError):
             self._publish(row, role, "render_error", reference, legacy, None, str(rendered))
             return RolePrompt(role, legacy, PromptSource.RENDER_ERROR, version_id)

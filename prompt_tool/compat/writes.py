@@ -8,14 +8,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from prompt_tool.ab_testing import Assignment, check_unit_key, enrol_session
 from prompt_tool.core import content_hash, sanitize_variables
-from prompt_tool.db.engine import Connectable, make_session_factory, session_scope
+from prompt_tool.db.engine import Connectable, begin, make_session_factory, session_scope
 from prompt_tool.db.models import (
     OrchestrationSession,
+    Project,
     Prompt,
     PromptRole,
     PromptVersion,
@@ -136,6 +137,8 @@ def create_session(
         and flags.variant_for(project).variant is not Variant.LEGACY
     )
     assignments: dict[str, Assignment] = {}
+    if not enrol:
+        return _create_plain(manager.engine, project, name, values, rendered)
     with session_scope(make_session_factory(manager.engine)) as session:
         project_row = get_project(session, project)
         row = OrchestrationSession(
@@ -172,6 +175,57 @@ def create_session(
         texts={role.value: text for role, (_, text) in rendered.items()},
         versions={role.value: resolved.version for role, (resolved, _) in rendered.items()},
         assignments=assignments,
+    )
+
+
+def _create_plain(
+    engine: Connectable,
+    project: str,
+    name: str,
+    values: dict[str, Any],
+    rendered: Mapping[PromptRole, tuple[ResolvedTemplate, str]],
+) -> CreatedSession:
+    """The common case (no A/B enrolment): two statements in one transaction, the session
+    (its project looked up inside the INSERT) and then all its references at once."""
+    sessions = OrchestrationSession.__table__
+    texts = {role.legacy_column: text for role, (_, text) in rendered.items()}
+    columns = ["project_id", "name", "variables", *texts]
+    source = select(
+        Project.id,
+        literal(name, type_=sessions.c.name.type),
+        literal(values, type_=sessions.c.variables.type),
+        *(literal(text, type_=sessions.c[column].type) for column, text in texts.items()),
+    ).where(Project.slug == project)
+    with begin(engine) as connection:
+        session_id = connection.execute(
+            insert(OrchestrationSession)
+            .from_select(columns, source)
+            .returning(OrchestrationSession.id)
+        ).scalar_one_or_none()
+        if session_id is None:
+            raise NotFoundError(
+                f"no project with slug {project!r}; `prompt-tool projects list` shows the projects"
+            )
+        if rendered:
+            connection.execute(
+                insert(SessionPromptRef),
+                [
+                    {
+                        "session_id": session_id,
+                        "role": role.value,
+                        "prompt_version_id": resolved.version_id,
+                        "variables": values,
+                        "legacy_hash": content_hash(text),
+                        "source": DUAL_WRITE,
+                    }
+                    for role, (resolved, text) in rendered.items()
+                ],
+            )
+    return CreatedSession(
+        session_id=int(session_id),
+        project=project,
+        texts={role.value: text for role, (_, text) in rendered.items()},
+        versions={role.value: resolved.version for role, (resolved, _) in rendered.items()},
     )
 
 
