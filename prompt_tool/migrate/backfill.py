@@ -436,14 +436,20 @@ def _missing_templates(
 
 
 def _upsert_references(
-    connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
+    connection: Connection,
+    after: int,
+    last: int,
+    project_ids: Sequence[int],
+    scoped: bool,
+    *,
+    needing_link: bool = True,
 ) -> None:
     """Link every session of the batch to the imported template of its current text.
 
     Set-based: one INSERT ... SELECT; an existing reference is rewritten only when its hash
     differs (the legacy text changed since it was made).
     """
-    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
+    texts = _batch_texts(after, last, project_ids, scoped, needing_link=needing_link)
     linked = (
         select(
             texts.c.session_id,
@@ -451,6 +457,9 @@ def _upsert_references(
             _imported_version(texts.c.project_id, _imported_name_of(texts)).label("version_id"),
             texts.c.legacy_hash,
         )
+        # OFFSET 0 keeps the planner from inlining this subquery, which would run the version
+        # lookup twice per row (once in the filter below, once for the value).
+        .offset(0)
     ).subquery()
     source = select(
         linked.c.session_id,
@@ -564,7 +573,10 @@ def _run_batch(
     if options.dry_run:
         return result
     if result.created or result.relinked:
-        _upsert_references(connection, after, last_id, project_ids, scoped)
+        # No text of the batch was linked when it was read: every one needs its reference,
+        # so the per-row "still needs a link?" check can go (ON CONFLICT settles any race).
+        fresh = not (result.relinked or result.unchanged or result.matched)
+        _upsert_references(connection, after, last_id, project_ids, scoped, needing_link=not fresh)
     _remove_references(connection, removals)
     if planned is not None:
         _complete_planned(connection, planned, result, _checksum(states))
