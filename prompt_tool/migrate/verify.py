@@ -194,7 +194,15 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
                 cast(_REFS.c.variables, Text).label("variables"),
             )
             .outerjoin(
-                _REFS, and_(_REFS.c.session_id == _SESSIONS.c.id, _REFS.c.role == role.value)
+                _REFS,
+                and_(
+                    _REFS.c.session_id == _SESSIONS.c.id,
+                    _REFS.c.role == role.value,
+                    # The same key range on the references: an index range scan of this
+                    # batch's references, never a scan of the whole table per batch.
+                    _REFS.c.session_id > after,
+                    _REFS.c.session_id <= last,
+                ),
             )
             .where(in_range, ~and_(column.is_(None), _REFS.c.prompt_version_id.is_(None)))
         )
