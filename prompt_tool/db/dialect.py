@@ -4,7 +4,7 @@ per-transaction timeouts, lock-timeout errors."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -164,3 +164,16 @@ def acquire_advisory_lock(connection: Connection, key: int, *, wait: bool) -> bo
 def release_advisory_lock(connection: Connection, key: int) -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+def refresh_statistics(connection: Connection, tables: Sequence[str]) -> bool:
+    """``ANALYZE`` tables a bulk write just filled, so the next queries are planned for their
+    real size (autovacuum gets there too, a minute or more later). Best effort: without the
+    privilege it is skipped (False), and the caller's work stands."""
+    try:
+        with connection.begin_nested():
+            for table in tables:
+                connection.exec_driver_sql(f'ANALYZE "{table}"')
+    except DBAPIError:
+        return False
+    return True

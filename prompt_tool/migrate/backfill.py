@@ -45,6 +45,7 @@ from prompt_tool.db.dialect import (
     is_retryable,
     literal_template_sql,
     provide_sqlite_function,
+    refresh_statistics,
     release_advisory_lock,
     set_local_timeouts,
     sha256_hex,
@@ -85,6 +86,8 @@ IMPORTED_PREFIX = "imported/"
 SOURCE_BACKFILL = "backfill"
 ACTOR = "orch-migrate backfill"
 _MIN_BATCH = 50
+_ANALYZE_AFTER = 10_000  # references written by a run before it refreshes the statistics
+_WRITTEN_TABLES = ("session_prompt_refs", "prompts", "prompt_versions")
 BATCH_DONE = "done"
 _FIRST_BATCH = 200
 # Spelled as SQL, not a bound parameter: only then can the planner prove that a query matches
@@ -780,6 +783,11 @@ def backfill(
             if run_id is not None and not isinstance(error, KeyboardInterrupt):
                 finish_run(engine, run_id, RunStatus.FAILED, error=str(error)[:2000])
             raise
+        if summary.references_created + summary.references_relinked > _ANALYZE_AFTER:
+            # Readers and verify would otherwise plan for the empty tables the expand step
+            # analysed (seq scans of millions of references) until autovacuum catches up.
+            with begin(engine) as connection:
+                refresh_statistics(connection, _WRITTEN_TABLES)
         summary.elapsed_s = time.monotonic() - started
         if run_id is not None:
             finish_run(engine, run_id, RunStatus.COMPLETED, summary=_summary_dict(summary))

@@ -52,7 +52,7 @@ class VerifyOptions:
     projects: Sequence[str] = ()
     sample: int | None = None
     allow_unmigrated: bool = False
-    batch_size: int = 50_000
+    batch_size: int = 200_000
     show_diffs: int = 3
 
 

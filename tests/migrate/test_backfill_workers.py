@@ -191,3 +191,23 @@ def test_every_role_of_every_session_is_linked_once(legacy_engine: Engine) -> No
             text("SELECT count(*), count(DISTINCT session_id || role) FROM session_prompt_refs")
         ).one()
     assert references == distinct == expected
+
+
+def test_a_big_run_refreshes_the_statistics_readers_plan_with(
+    legacy_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prompt_tool.migrate.backfill as backfill_module
+
+    monkeypatch.setattr(backfill_module, "_ANALYZE_AFTER", 100)  # 600 sessions count as big
+    backfill(legacy_engine, BackfillOptions(workers=2))
+
+    with legacy_engine.connect() as connection:
+        if legacy_engine.dialect.name == "postgresql":
+            rows = connection.execute(
+                text("SELECT reltuples FROM pg_class WHERE relname = 'session_prompt_refs'")
+            ).scalar_one()
+        else:
+            rows = connection.execute(
+                text("SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'session_prompt_refs'")
+            ).scalar_one()
+    assert rows > 0
