@@ -27,7 +27,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 def _database_url() -> str:
     explicit = context.get_x_argument(as_dictionary=True).get("db")
-    return explicit or config.get_main_option("sqlalchemy.url") or resolve_url()
+    return explicit or config.get_main_option("sqlalchemy.url") or resolve_url(create=True)
 
 
 def run_migrations_offline() -> None:

@@ -46,7 +46,7 @@ def db_upgrade(
     revision: RevisionArgument = schema.HEAD, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Upgrade the schema (default: to head). Online-safe on PostgreSQL."""
-    emit(schema.upgrade(resolve_url(db), revision), as_json=as_json, render=_describe)
+    emit(schema.upgrade(resolve_url(db, create=True), revision), as_json=as_json, render=_describe)
 
 
 @db_app.command("downgrade")
@@ -60,7 +60,7 @@ def db_downgrade(
 @db_app.command("stamp")
 def db_stamp(revision: RevisionArgument, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Record a revision without running it (adopt a database that has the legacy tables)."""
-    emit(schema.stamp(resolve_url(db), revision), as_json=as_json, render=_describe)
+    emit(schema.stamp(resolve_url(db, create=True), revision), as_json=as_json, render=_describe)
 
 
 @db_app.command("current")

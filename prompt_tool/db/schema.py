@@ -21,7 +21,7 @@ from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from prompt_tool.db.engine import check_connection, make_engine
-from prompt_tool.db.url import normalize_url, redact
+from prompt_tool.db.url import normalize_url, redact, require_existing_sqlite_file
 from prompt_tool.errors import DatabaseUnavailableError, SchemaError
 
 __all__ = [
@@ -107,14 +107,7 @@ def _current_on(connection: Connection) -> str | None:
 
 
 def _require_existing_sqlite_file(url: str) -> None:
-    parsed = normalize_url(url)
-    database = parsed.database
-    is_file = parsed.get_backend_name() == "sqlite" and database and database != ":memory:"
-    if is_file and not Path(str(database)).exists():
-        raise DatabaseUnavailableError(
-            f"no database file at {database}; run `orch-migrate db upgrade` to create it, "
-            "or pass --db with the right path"
-        )
+    require_existing_sqlite_file(normalize_url(url))
 
 
 @contextmanager

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+from pathlib import Path
+
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from prompt_tool.errors import ConfigurationError
+from prompt_tool.errors import ConfigurationError, DatabaseUnavailableError
 from prompt_tool.settings import get_settings
 
-__all__ = ["normalize_url", "redact", "resolve_url"]
+__all__ = ["normalize_url", "redact", "require_existing_sqlite_file", "resolve_url"]
 
 _SUPPORTED = ("sqlite", "postgresql")
 
 
-def resolve_url(explicit: str | None = None) -> str:
-    """``--db URL`` if given, else ``PROMPT_TOOL_DATABASE_URL``, else the embedded SQLite file."""
-    return explicit or get_settings().database_url
+def resolve_url(explicit: str | None = None, *, create: bool = False) -> str:
+    """``--db URL`` if given, else ``PROMPT_TOOL_DATABASE_URL``, else the embedded SQLite file.
+
+    A SQLite file that does not exist is refused unless ``create`` (only ``db upgrade`` and
+    ``db stamp`` make a database): SQLite would otherwise create an empty file for any command
+    given a mistyped path, and the command would fail on the empty file instead.
+    """
+    url = explicit or get_settings().database_url
+    if not create:
+        # A URL that does not parse is left to normalize_url, which says what it accepts.
+        with suppress(ArgumentError):
+            require_existing_sqlite_file(make_url(url))
+    return url
+
+
+def require_existing_sqlite_file(url: URL) -> None:
+    """Refuse a SQLite file that does not exist: connecting would create an empty one."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:") or Path(database).exists():
+        return
+    raise DatabaseUnavailableError(
+        f"no database file at {Path(database).resolve()}; run `orch-migrate db upgrade` to "
+        "create it, or pass --db (or PROMPT_TOOL_DATABASE_URL) with the right path"
+    )
 
 
 def normalize_url(raw: str) -> URL:

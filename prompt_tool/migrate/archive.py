@@ -39,7 +39,6 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from alembic.runtime.migration import MigrationContext
@@ -64,7 +63,8 @@ from sqlalchemy.sql.expression import ColumnClause, Select
 
 from prompt_tool.db.engine import Connectable, check_connection, connect
 from prompt_tool.db.models import Base
-from prompt_tool.errors import DatabaseUnavailableError, InvalidInputError, SchemaError
+from prompt_tool.db.url import require_existing_sqlite_file
+from prompt_tool.errors import InvalidInputError, SchemaError
 
 __all__ = [
     "ARCHIVED_TABLES",
@@ -195,15 +195,7 @@ class DatabaseState:
 
 def database_state(db: Connectable) -> DatabaseState:
     """Where the database stands, with clear errors for a missing SQLite file or a dead server."""
-    url = db.engine.url
-    path = url.database or ""
-    is_file = url.get_backend_name() == "sqlite" and path not in ("", ":memory:")
-    # Connecting would silently create an empty file where the user mistyped a path.
-    if is_file and not path.startswith("file:") and not Path(path).exists():
-        raise DatabaseUnavailableError(
-            f"no database file at {path}; run `orch-migrate db upgrade` to create it, or "
-            "pass --db with the right path"
-        )
+    require_existing_sqlite_file(db.engine.url)
     if isinstance(db, Engine):
         check_connection(db)
     with connect(db) as connection:

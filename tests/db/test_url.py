@@ -1,9 +1,13 @@
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from prompt_tool.cli import orch_migrate
 from prompt_tool.db.url import normalize_url, redact, resolve_url
-from prompt_tool.errors import ConfigurationError
+from prompt_tool.errors import ConfigurationError, DatabaseUnavailableError
 from prompt_tool.settings import DEFAULT_DATABASE_URL, Settings, get_settings
 
 
@@ -31,12 +35,40 @@ def test_url_comes_from_flag_then_environment_then_embedded_default(
 ) -> None:
     monkeypatch.delenv("PROMPT_TOOL_DATABASE_URL", raising=False)
     get_settings.cache_clear()
-    assert resolve_url(None) == DEFAULT_DATABASE_URL == "sqlite:///prompt_tool.db"
+    assert resolve_url(None, create=True) == DEFAULT_DATABASE_URL == "sqlite:///prompt_tool.db"
     monkeypatch.setenv("PROMPT_TOOL_DATABASE_URL", "postgresql://env@h/db")
     get_settings.cache_clear()
     assert resolve_url(None) == "postgresql://env@h/db"
-    assert resolve_url("sqlite:///explicit.db") == "sqlite:///explicit.db"
+    assert resolve_url("sqlite:///explicit.db", create=True) == "sqlite:///explicit.db"
     get_settings.cache_clear()
+
+
+def test_a_missing_sqlite_file_is_refused_unless_the_command_creates_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatabaseUnavailableError, match=r"no database file at .*typo\.db; run"):
+        resolve_url("sqlite:///typo.db")
+    assert resolve_url("sqlite:///typo.db", create=True) == "sqlite:///typo.db"
+    (tmp_path / "there.db").touch()
+    assert resolve_url("sqlite:///there.db") == "sqlite:///there.db"
+    assert resolve_url("sqlite://") == "sqlite://"
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_read_command_on_a_mistyped_path_says_so_and_creates_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(orch_migrate.app, ["verify", "--db", "sqlite:///typo.db"])
+    created = CliRunner().invoke(orch_migrate.app, ["db", "upgrade", "--db", "sqlite:///new.db"])
+
+    assert result.exit_code == 2
+    assert "no database file at" in result.output
+    assert not (tmp_path / "typo.db").exists()
+    assert created.exit_code == 0, created.output
+    assert (tmp_path / "new.db").exists()
 
 
 def test_malformed_settings_name_the_variable() -> None:
