@@ -158,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = migration_paths.run(
             data_url,
             sessions,
-            orm_sample=500 if args.quick else 2_000,
-            naive_sample=500 if args.quick else 2_000,
+            orm_sample=250 if args.quick else 2_000,
+            naive_sample=250 if args.quick else 2_000,
             dual_writes=100 if args.quick else 300,
             # The speed-up is a figure for PERFORMANCE.md, not a target: not in the smoke check.
             workers=not (args.no_workers or args.quick),
