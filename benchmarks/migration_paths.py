@@ -289,7 +289,29 @@ def run(
 ) -> Figures:
     """Every migration section on copies of the data set at ``dataset_url``."""
     figures = Figures(sessions)
-    scratch = Path(tempfile.mkdtemp(prefix="pt-bench-"))
+    with tempfile.TemporaryDirectory(prefix="pt-bench-") as directory:
+        return _run(
+            dataset_url,
+            sessions,
+            Path(directory),
+            figures,
+            orm_sample,
+            naive_sample,
+            dual_writes,
+            workers,
+        )
+
+
+def _run(
+    dataset_url: str,
+    sessions: int,
+    scratch: Path,
+    figures: Figures,
+    orm_sample: int,
+    naive_sample: int,
+    dual_writes: int,
+    workers: bool,
+) -> Figures:
     with scratch_database("ours", dataset_url) as url:
         log("backfill (ours, default settings)")
         ours = run_path("backfill", url)
@@ -324,10 +346,6 @@ def run(
             parallel["speed_up"] = ours["elapsed_s"] / parallel["elapsed_s"]
             if not parallel["identical_to_single_worker"]:
                 raise AssertionError("--workers 2 made different templates or references")
-    for leftover in sorted(scratch.rglob("*"), reverse=True):
-        leftover.unlink() if leftover.is_file() else leftover.rmdir()
-    scratch.rmdir()
-
     figures.rss = {
         "backfill": ours["peak_rss_mib"],
         "verify": verified["peak_rss_mib"],
@@ -391,14 +409,13 @@ def run(
 
 def memory_only(dataset_url: str) -> dict[str, float]:
     """Peak RSS of backfill, verify and export on a data set (for the flat-memory check)."""
-    scratch = Path(tempfile.mkdtemp(prefix="pt-bench-mem-"))
-    with scratch_database("memory", dataset_url) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="pt-bench-mem-") as scratch,
+        scratch_database("memory", dataset_url) as url,
+    ):
         backfilled = run_path("backfill", url)
         verified = run_path("verify", url)
-        exported = run_path("export", url, str(scratch / "export"))
-    for leftover in sorted(scratch.rglob("*"), reverse=True):
-        leftover.unlink() if leftover.is_file() else leftover.rmdir()
-    scratch.rmdir()
+        exported = run_path("export", url, str(Path(scratch) / "export"))
     return {
         "backfill": backfilled["peak_rss_mib"],
         "verify": verified["peak_rss_mib"],
