@@ -15,8 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, select
 
@@ -31,6 +30,7 @@ from prompt_tool.compat.shadow import (
 )
 from prompt_tool.compat.types import PromptSource, RolePrompt, SessionPrompts
 from prompt_tool.core.errors import TemplateError
+from prompt_tool.db.dialect import one_of
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -48,21 +48,24 @@ __all__ = ["SessionReader"]
 
 logger = logging.getLogger("prompt_tool.compat")
 
-_ROLES = tuple(PromptRole)
+# (role, its value): the references are keyed by the stored value, and an enum's ``.value``
+# is a property lookup, paid per role per session otherwise.
+# In the order of SessionPrompts' fields (system, planner, synthesis).
+_ROLE_KEYS = tuple((role, role.value) for role in PromptRole)
 # Versions are immutable; what a cached one may go stale on is its template's name, scope and
 # declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
 _VERSION_CACHE_SIZE = 20_000
 
 
-@dataclass(frozen=True, slots=True)
-class _Reference:
+# Named tuples, not frozen dataclasses: a batch builds thousands of each, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs several times a tuple's.
+class _Reference(NamedTuple):
     template: ResolvedTemplate
     variables: dict[str, Any]
     legacy_hash: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class _LegacyRow:
+class _LegacyRow(NamedTuple):
     session_id: int
     project_id: int
     project: str
@@ -124,7 +127,7 @@ class SessionReader:
 
     # --- queries -----------------------------------------------------------------------
 
-    def _legacy_rows(self, session_ids: list[int]) -> list[_LegacyRow]:
+    def _legacy_rows(self, connection: Connection, session_ids: list[int]) -> list[_LegacyRow]:
         query = (
             select(
                 OrchestrationSession.id,
@@ -135,26 +138,27 @@ class SessionReader:
                 OrchestrationSession.synthesis_prompt,
             )
             .join(Project, Project.id == OrchestrationSession.project_id)
-            .where(OrchestrationSession.id.in_(session_ids))
+            .where(one_of(connection, OrchestrationSession.id, session_ids))
         )
-        with connect(self.engine) as connection:
-            return [
-                _LegacyRow(
-                    session_id,
-                    project_id,
-                    slug,
-                    {
-                        PromptRole.SYSTEM: system,
-                        PromptRole.PLANNER: planner,
-                        PromptRole.SYNTHESIS: synthesis,
-                    },
-                )
-                for session_id, project_id, slug, system, planner, synthesis in connection.execute(
-                    query
-                )
-            ]
+        return [
+            _LegacyRow(
+                session_id,
+                project_id,
+                slug,
+                {
+                    PromptRole.SYSTEM: system,
+                    PromptRole.PLANNER: planner,
+                    PromptRole.SYNTHESIS: synthesis,
+                },
+            )
+            for session_id, project_id, slug, system, planner, synthesis in connection.execute(
+                query
+            )
+        ]
 
-    def _references(self, session_ids: list[int]) -> dict[tuple[int, str], _Reference]:
+    def _references(
+        self, connection: Connection, session_ids: list[int]
+    ) -> dict[tuple[int, str], _Reference]:
         """The sessions' references: one narrow query on the references table, then the
         versions it names that are not cached yet (a version never changes)."""
         if not session_ids:
@@ -165,10 +169,9 @@ class SessionReader:
             SessionPromptRef.variables,
             SessionPromptRef.legacy_hash,
             SessionPromptRef.prompt_version_id,
-        ).where(SessionPromptRef.session_id.in_(session_ids))
-        with connect(self.engine) as connection:
-            rows = connection.execute(query).all()
-            templates = self._templates(connection, {row[4] for row in rows})
+        ).where(one_of(connection, SessionPromptRef.session_id, session_ids))
+        rows = connection.execute(query).all()
+        templates = self._templates(connection, {row[4] for row in rows})
         return {
             (session_id, role): _Reference(templates[version_id], variables or {}, legacy_hash)
             for session_id, role, variables, legacy_hash, version_id in rows
@@ -199,7 +202,7 @@ class SessionReader:
                 Prompt.declared_variables,
             )
             .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-            .where(PromptVersion.id.in_(sorted(missing)))
+            .where(one_of(connection, PromptVersion.id, sorted(missing)))
         )
         for (
             version_id,
@@ -242,29 +245,35 @@ class SessionReader:
     def read_many(self, session_ids: Iterable[int]) -> dict[int, SessionPrompts]:
         """The prompts of many sessions, by id, in a constant number of SQL statements."""
         wanted = list(dict.fromkeys(session_ids))
-        rows = self._legacy_rows(wanted)
-        decisions = self.flags.variants_for({(row.project, row.project_id) for row in rows})
-        needs_templates = [
-            row.session_id for row in rows if decisions[row.project].variant is not Variant.LEGACY
-        ]
-        references = self._references(needs_templates)
+        # One connection for both queries, as a legacy reader uses for its one: a second
+        # checkout costs a pool round trip (and a reset on return) per batch.
+        with connect(self.engine) as connection:
+            rows = self._legacy_rows(connection, wanted)
+            decisions = self.flags.variants_for({(row.project, row.project_id) for row in rows})
+            needs_templates = [
+                row.session_id
+                for row in rows
+                if decisions[row.project].variant is not Variant.LEGACY
+            ]
+            references = self._references(connection, needs_templates)
         render = _Rendered(self.manager)
         result: dict[int, SessionPrompts] = {}
+        role_prompt = self._role
         for row in rows:
             decision = decisions[row.project]
-            prompts = {
-                role: self._role(
-                    row, role, decision.variant, decision.sample_rate, references, render
-                )
-                for role in _ROLES
-            }
+            variant = decision.variant
+            sample_rate = decision.sample_rate
+            system, planner, synthesis = [
+                role_prompt(row, role, key, variant, sample_rate, references, render)
+                for role, key in _ROLE_KEYS
+            ]
             result[row.session_id] = SessionPrompts(
                 session_id=row.session_id,
                 project=row.project,
-                variant=decision.variant.value,
-                system=prompts[PromptRole.SYSTEM],
-                planner=prompts[PromptRole.PLANNER],
-                synthesis=prompts[PromptRole.SYNTHESIS],
+                variant=variant.value,
+                system=system,
+                planner=planner,
+                synthesis=synthesis,
             )
         return result
 
@@ -272,6 +281,7 @@ class SessionReader:
         self,
         row: _LegacyRow,
         role: PromptRole,
+        key: str,
         variant: Variant,
         sample_rate: float,
         references: Mapping[tuple[int, str], _Reference],
@@ -280,7 +290,7 @@ class SessionReader:
         legacy = row.texts[role]
         if variant is Variant.LEGACY:
             return RolePrompt(role, legacy, PromptSource.LEGACY)
-        reference = references.get((row.session_id, role.value))
+        reference = references.get((row.session_id, key))
         if variant is Variant.SHADOW:
             if reference is not None and is_sampled(row.session_id, sample_rate):
                 self._compare(row, role, legacy, reference, render)
