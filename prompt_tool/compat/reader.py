@@ -28,7 +28,13 @@ from prompt_tool.compat.shadow import (
     short_diff,
     text_hash,
 )
-from prompt_tool.compat.types import PromptSource, RolePrompt, SessionPrompts
+from prompt_tool.compat.types import (
+    PromptSource,
+    RolePrompt,
+    SessionPrompts,
+    new_role_prompt,
+    new_session_prompts,
+)
 from prompt_tool.core.errors import TemplateError
 from prompt_tool.db.dialect import one_of
 from prompt_tool.db.engine import Connectable, connect
@@ -151,9 +157,10 @@ class SessionReader:
                     PromptRole.SYNTHESIS: synthesis,
                 },
             )
+            # .all(): one fetchall, not a fetchone per row as iterating the result does.
             for session_id, project_id, slug, system, planner, synthesis in connection.execute(
                 query
-            )
+            ).all()
         ]
 
     def _references(
@@ -267,13 +274,8 @@ class SessionReader:
                 role_prompt(row, role, key, variant, sample_rate, references, render)
                 for role, key in _ROLE_KEYS
             ]
-            result[row.session_id] = SessionPrompts(
-                session_id=row.session_id,
-                project=row.project,
-                variant=variant.value,
-                system=system,
-                planner=planner,
-                synthesis=synthesis,
+            result[row.session_id] = new_session_prompts(
+                row.session_id, row.project, variant.value, system, planner, synthesis
             )
         return result
 
@@ -289,28 +291,28 @@ class SessionReader:
     ) -> RolePrompt:
         legacy = row.texts[role]
         if variant is Variant.LEGACY:
-            return RolePrompt(role, legacy, PromptSource.LEGACY)
+            return new_role_prompt(role, legacy, PromptSource.LEGACY)
         reference = references.get((row.session_id, key))
         if variant is Variant.SHADOW:
             if reference is not None and is_sampled(row.session_id, sample_rate):
                 self._compare(row, role, legacy, reference, render)
-            return RolePrompt(role, legacy, PromptSource.LEGACY)
+            return new_role_prompt(role, legacy, PromptSource.LEGACY)
         if reference is None:
             # NULL stays NULL: a role the session never used has nothing to migrate.
             source = PromptSource.LEGACY if legacy is None else PromptSource.UNMIGRATED
-            return RolePrompt(role, legacy, source)
+            return new_role_prompt(role, legacy, source)
         version_id = reference.template.version_id
         rendered = render(row.project, reference)
         if rendered == legacy:
             # The templates path gives the legacy text back: whatever the reference was made
             # for, this is the text (and no digest is needed to tell).
-            return RolePrompt(role, rendered, PromptSource.TEMPLATE, version_id)
+            return new_role_prompt(role, rendered, PromptSource.TEMPLATE, version_id)
         if reference.legacy_hash != text_hash(legacy):
-            return RolePrompt(role, legacy, PromptSource.STALE, version_id)
+            return new_role_prompt(role, legacy, PromptSource.STALE, version_id)
         if isinstance(rendered, TemplateError):
             self._publish(row, role, "render_error", reference, legacy, None, str(rendered))
-            return RolePrompt(role, legacy, PromptSource.RENDER_ERROR, version_id)
-        return RolePrompt(role, rendered, PromptSource.TEMPLATE, version_id)
+            return new_role_prompt(role, legacy, PromptSource.RENDER_ERROR, version_id)
+        return new_role_prompt(role, rendered, PromptSource.TEMPLATE, version_id)
 
     def _compare(
         self,

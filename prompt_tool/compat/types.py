@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from prompt_tool.db.models import PromptRole
 
@@ -48,3 +49,39 @@ class SessionPrompts:
 
     def texts(self) -> dict[str, str | None]:
         return {role.value: prompt.text for role, prompt in self.by_role().items()}
+
+
+# The read shim builds three RolePrompts and a SessionPrompts per session, thousands per batch.
+# A frozen dataclass's __init__ sets each field through the generic object.__setattr__, which
+# made building them a third of a warm templates read's Python time; these two build the same
+# objects (same class, every field set, no __post_init__ to skip) through each slot's own
+# setter, at half the cost. Anything added to the classes' construction must be added here.
+_new = object.__new__
+_role_slots = tuple(RolePrompt.__dict__[name].__set__ for name in ("role", "text", "source"))
+_set_version_id = RolePrompt.__dict__["version_id"].__set__
+_session_slots = tuple(
+    SessionPrompts.__dict__[name].__set__
+    for name in ("session_id", "project", "variant", "system", "planner", "synthesis")
+)
+
+
+def new_role_prompt(
+    role: PromptRole, text: str | None, source: PromptSource, version_id: int | None = None
+) -> RolePrompt:
+    """``RolePrompt(role, text, source, version_id)``, built faster (see above)."""
+    prompt: RolePrompt = _new(RolePrompt)
+    set_role, set_text, set_source = _role_slots
+    set_role(prompt, role)
+    set_text(prompt, text)
+    set_source(prompt, source)
+    _set_version_id(prompt, version_id)
+    return prompt
+
+
+def new_session_prompts(*fields: Any) -> SessionPrompts:
+    """``SessionPrompts(session_id, project, variant, system, planner, synthesis)``, built
+    faster (see above)."""
+    prompts: SessionPrompts = _new(SessionPrompts)
+    for setter, value in zip(_session_slots, fields, strict=True):
+        setter(prompts, value)
+    return prompts

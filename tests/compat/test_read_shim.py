@@ -10,13 +10,16 @@ from sqlalchemy import Engine, event, text, update
 from prompt_tool import flags
 from prompt_tool.compat import (
     PromptSource,
+    RolePrompt,
+    SessionPrompts,
     SessionReader,
     create_session,
     set_session_template,
     update_session_variables,
 )
+from prompt_tool.compat.types import new_role_prompt, new_session_prompts
 from prompt_tool.db import schema
-from prompt_tool.db.models import OrchestrationSession, Scope
+from prompt_tool.db.models import OrchestrationSession, PromptRole, Scope
 from prompt_tool.settings import Settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
@@ -296,3 +299,18 @@ def test_a_template_session_reads_the_same_after_alembic_downgrade(
     assert {column.removesuffix("_prompt"): value for column, value in row.items()} == (
         through_templates
     )
+
+
+def test_the_fast_constructors_build_the_same_objects_as_the_dataclasses() -> None:
+    # The reader builds its results through each slot's setter, not __init__: the objects must
+    # be indistinguishable from ones built the ordinary way, every field included.
+    system = new_role_prompt(PromptRole.SYSTEM, "s", PromptSource.TEMPLATE, 7)
+    planner = new_role_prompt(PromptRole.PLANNER, None, PromptSource.LEGACY)
+    synthesis = new_role_prompt(PromptRole.SYNTHESIS, "y", PromptSource.STALE, 9)
+    assert system == RolePrompt(PromptRole.SYSTEM, "s", PromptSource.TEMPLATE, 7)
+    assert planner == RolePrompt(PromptRole.PLANNER, None, PromptSource.LEGACY)
+    assert planner.version_id is None
+    built = new_session_prompts(1, "acme", "templates", system, planner, synthesis)
+    assert built == SessionPrompts(1, "acme", "templates", system, planner, synthesis)
+    assert repr(built) == repr(SessionPrompts(1, "acme", "templates", system, planner, synthesis))
+    assert hash(system) == hash(RolePrompt(PromptRole.SYSTEM, "s", PromptSource.TEMPLATE, 7))
