@@ -53,7 +53,7 @@ from prompt_tool.db.models import (
 )
 from prompt_tool.db.projects import get_project
 from prompt_tool.errors import InvalidInputError, NotFoundError
-from prompt_tool.templates import Action, TemplateAddress
+from prompt_tool.templates import Action, TemplateAddress, find_template
 from prompt_tool.templates.permissions import check_template_access
 
 __all__ = [
@@ -105,26 +105,6 @@ def _role(value: str | PromptRole) -> PromptRole:
     except ValueError:
         roles = ", ".join(r.value for r in PromptRole)
         raise InvalidInputError(f"unknown session role {value!r}; use {roles}") from None
-
-
-def find_template(session: Session, address: TemplateAddress) -> Prompt:
-    """The orchestration template at ``address``, or :class:`TemplateNotFound`."""
-    query = select(Prompt).where(
-        Prompt.prompt_type == _TEMPLATE,
-        Prompt.scope == address.scope.value,
-        Prompt.name == address.name,
-    )
-    if address.project is not None:
-        query = query.where(Prompt.project_id == get_project(session, address.project).id)
-    if address.scope is Scope.CUSTOM:
-        query = query.where(Prompt.owner == address.owner)
-    prompt = session.scalars(query).one_or_none()
-    if prompt is None:
-        raise TemplateNotFound(
-            f"{address.describe()} does not exist",
-            hint="`prompt-tool templates list` shows the templates",
-        )
-    return prompt
 
 
 def _address_of(session: Session, prompt: Prompt) -> TemplateAddress:

@@ -1,6 +1,6 @@
 """The template manager: scopes, versions, labels, permissions and name caches."""
 
-from prompt_tool.templates.manager import TemplateDetail, TemplateManager
+from prompt_tool.templates.manager import TemplateDetail, TemplateManager, find_template
 from prompt_tool.templates.permissions import Action, Grant, grant_role, list_grants, revoke_role
 from prompt_tool.templates.types import (
     DEFAULT_LABEL,
@@ -30,6 +30,7 @@ __all__ = [
     "TemplateManager",
     "TemplateSummary",
     "VersionInfo",
+    "find_template",
     "grant_role",
     "list_grants",
     "revoke_role",

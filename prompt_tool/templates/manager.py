@@ -116,6 +116,28 @@ def _check_address(address: TemplateAddress) -> None:
         raise InvalidInputError("a custom template needs --project and its owner (--as USER)")
 
 
+def find_template(session: Session, address: TemplateAddress, *, lock: bool = False) -> Prompt:
+    """The orchestration template at ``address`` (``lock``: FOR UPDATE), or TemplateNotFound."""
+    query = select(Prompt).where(
+        Prompt.prompt_type == _TEMPLATE,
+        Prompt.scope == address.scope.value,
+        Prompt.name == address.name,
+    )
+    if address.project is not None:
+        query = query.where(Prompt.project_id == get_project(session, address.project).id)
+    if address.scope is Scope.CUSTOM:
+        query = query.where(Prompt.owner == address.owner)
+    if lock:
+        query = query.with_for_update()
+    prompt = session.scalars(query).one_or_none()
+    if prompt is None:
+        raise TemplateNotFound(
+            f"{address.describe()} does not exist",
+            hint="`prompt-tool templates list` shows the templates",
+        )
+    return prompt
+
+
 class TemplateManager:
     """Store, resolve, render and audit orchestration templates."""
 
@@ -163,25 +185,7 @@ class TemplateManager:
         return self._project_ids[slug]
 
     def _find(self, session: Session, address: TemplateAddress, *, lock: bool = False) -> Prompt:
-        project = self._project(session, address.project)
-        query = select(Prompt).where(
-            Prompt.prompt_type == _TEMPLATE,
-            Prompt.scope == address.scope.value,
-            Prompt.name == address.name,
-        )
-        if project is not None:
-            query = query.where(Prompt.project_id == project.id)
-        if address.scope is Scope.CUSTOM:
-            query = query.where(Prompt.owner == address.owner)
-        if lock:
-            query = query.with_for_update()
-        prompt = session.scalars(query).one_or_none()
-        if prompt is None:
-            raise TemplateNotFound(
-                f"{address.describe()} does not exist",
-                hint="`prompt-tool templates list` shows the templates",
-            )
-        return prompt
+        return find_template(session, address, lock=lock)
 
     def _version(self, session: Session, prompt: Prompt, number: int) -> PromptVersion:
         version = session.scalars(
