@@ -79,11 +79,15 @@ class _LegacyRow(NamedTuple):
 
 
 class _Rendered:
-    """Render each distinct (version, variables) pair once per batch."""
+    """Render each distinct (project, version, variables) once per batch.
+
+    The project is part of the key: an ``include`` resolves through the project's hierarchy, so
+    one global version can render differently in two projects.
+    """
 
     def __init__(self, manager: TemplateManager) -> None:
         self._manager = manager
-        self._done: dict[tuple[int, str], str | TemplateError] = {}
+        self._done: dict[tuple[str, int, str], str | TemplateError] = {}
 
     def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
         template = reference.template
@@ -92,6 +96,7 @@ class _Rendered:
             # the variables (the engine hands it back unchanged too). Most imported texts.
             return template.source
         key = (
+            project,
             reference.template.version_id,
             json.dumps(reference.variables, sort_keys=True, default=str)
             if reference.variables

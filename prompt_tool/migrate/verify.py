@@ -113,13 +113,13 @@ class _RenderedDigests:
 
     def __init__(self, manager: TemplateManager) -> None:
         self._manager = manager
-        self._digests: OrderedDict[tuple[int, str], str | TemplateError] = OrderedDict()
-        self._texts: dict[tuple[int, str], str] = {}
+        self._digests: OrderedDict[tuple[int, str, str], str | TemplateError] = OrderedDict()
 
     def digest(
         self, template: ResolvedTemplate, variables_json: str, project: str
     ) -> str | TemplateError:
-        key = (template.version_id, variables_json)
+        # The project is part of the key: an include resolves through its hierarchy.
+        key = (template.version_id, variables_json, project)
         found = self._digests.get(key)
         if found is not None:
             self._digests.move_to_end(key)
@@ -135,13 +135,16 @@ class _RenderedDigests:
             self._digests.popitem(last=False)
         return outcome
 
-    def known(self, version_id: int, variables_json: str) -> bool:
-        return (version_id, variables_json) in self._digests
+    def known(self, version_id: int, variables_json: str, project: str) -> bool:
+        return (version_id, variables_json, project) in self._digests
 
-    def known_digest(self, version_id: int, variables_json: str) -> str | TemplateError | None:
-        found = self._digests.get((version_id, variables_json))
+    def known_digest(
+        self, version_id: int, variables_json: str, project: str
+    ) -> str | TemplateError | None:
+        key = (version_id, variables_json, project)
+        found = self._digests.get(key)
         if found is not None:
-            self._digests.move_to_end((version_id, variables_json))
+            self._digests.move_to_end(key)
         return found
 
     def text(self, template: ResolvedTemplate, variables_json: str, project: str) -> str:
@@ -374,18 +377,19 @@ def _render_batch(
 ) -> None:
     """Render every (version, variables) pair of the batch not rendered yet, loading the
     versions in chunks: memory stays flat however many distinct versions a batch holds."""
-    wanted: dict[int, dict[str, str]] = {}
+    wanted: dict[int, set[tuple[str, str]]] = {}
     for group in groups:
         if group.kind != _CHECK:
             continue
         variables = group.variables or ""
-        if not renders.known(group.version_id, variables):
-            wanted.setdefault(group.version_id, {})[variables] = projects[group.project_id]
+        project = projects[group.project_id]
+        if not renders.known(group.version_id, variables, project):
+            wanted.setdefault(group.version_id, set()).add((variables, project))
     ids = sorted(wanted)
     for start in range(0, len(ids), _VERSION_CHUNK):
         templates = _versions(connection, set(ids[start : start + _VERSION_CHUNK]))
         for version_id, template in templates.items():
-            for variables, project in wanted[version_id].items():
+            for variables, project in sorted(wanted[version_id]):
                 renders.digest(template, variables, project)
 
 
@@ -409,7 +413,7 @@ def _classify(
         counts.stale += group.n
         return
     variables = group.variables or ""
-    digest = renders.known_digest(group.version_id, variables)
+    digest = renders.known_digest(group.version_id, variables, project)
     template: ResolvedTemplate | None = None
     if digest is None:  # rendered in this batch, then evicted by a bigger one: once more
         with connect(engine) as connection:

@@ -20,6 +20,7 @@ from prompt_tool.compat import (
 from prompt_tool.compat.types import new_role_prompt, new_session_prompts
 from prompt_tool.db import schema
 from prompt_tool.db.models import OrchestrationSession, PromptRole, Scope
+from prompt_tool.migrate.verify import verify
 from prompt_tool.settings import Settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
@@ -314,3 +315,33 @@ def test_the_fast_constructors_build_the_same_objects_as_the_dataclasses() -> No
     assert built == SessionPrompts(1, "acme", "templates", system, planner, synthesis)
     assert repr(built) == repr(SessionPrompts(1, "acme", "templates", system, planner, synthesis))
     assert hash(system) == hash(RolePrompt(PromptRole.SYSTEM, "s", PromptSource.TEMPLATE, 7))
+
+
+def test_a_global_template_whose_include_differs_per_project_reads_each_projects_text(
+    db_engine: Engine, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    """One global version, rendered in one batch for two projects whose `signature` differ."""
+    manager.create(TemplateAddress("signature", Scope.GLOBAL), "-- everyone", actor="root")
+    for project in ("acme", "beta"):
+        manager.create(
+            TemplateAddress("signature", Scope.PROJECT, project=project),
+            f"-- the {project} team",
+            actor="root",
+        )
+    manager.create(
+        TemplateAddress("signed", Scope.GLOBAL),
+        'Hello {{ topic }} {% include "signature" %}',
+        actor="root",
+    )
+    acme = create_session(manager, "acme", {"system": "signed"}, {"topic": "x"}, name="a")
+    beta = create_session(manager, "beta", {"system": "signed"}, {"topic": "x"}, name="b")
+    set_flag("acme", "templates")
+    set_flag("beta", "templates")
+
+    read = reader.read_many([acme.session_id, beta.session_id])
+
+    assert read[acme.session_id].system.text == "Hello x -- the acme team"
+    assert read[beta.session_id].system.text == "Hello x -- the beta team"
+    assert {read[s].system.source for s in read} == {PromptSource.TEMPLATE}
+    report = verify(db_engine)
+    assert report.passed, report.mismatches
