@@ -70,7 +70,6 @@ def _engine(db: str | None) -> Engine:
     return make_engine(resolve_url(db))
 
 
-
 def _ref(value: str) -> TestRef:
     return int(value) if value.isdigit() else value
 

@@ -50,7 +50,6 @@ AsOption = Annotated[
 ]
 
 
-
 def _one_target(project: str | None, default: bool) -> str | None:
     if (project is not None) != default:
         return project

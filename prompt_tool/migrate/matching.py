@@ -90,9 +90,17 @@ class ExistingTemplateMatcher:
         )
         project_scoped: dict[int, list[ResolvedTemplate]] = {}
         global_scoped: list[ResolvedTemplate] = []
-        for template_id, project_id, name, scope, declared, version_id, version, source, digest in (
-            rows
-        ):
+        for (
+            template_id,
+            project_id,
+            name,
+            scope,
+            declared,
+            version_id,
+            version,
+            source,
+            digest,
+        ) in rows:
             resolved = ResolvedTemplate(
                 name=name,
                 scope=scope,
@@ -171,9 +179,7 @@ class ExistingTemplateMatcher:
                         "prompt_version_id": version_id,
                         "legacy_hash": row.legacy_hash,
                         "source": SOURCE_MATCH,
-                        "variables": json.loads(row.variables_json)
-                        if row.variables_json
-                        else None,
+                        "variables": json.loads(row.variables_json) if row.variables_json else None,
                     }
                 )
         if references:
