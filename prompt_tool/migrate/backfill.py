@@ -560,7 +560,7 @@ def _run_batch(
     if matcher is not None and (result.created or result.relinked):
         # In a dry run these writes roll back with the batch; they only keep the counts true.
         result.matched = matcher.link(
-            connection, after, last_id, _session_filter(project_ids, scoped)
+            connection, _batch_texts(after, last_id, project_ids, scoped, needing_link=True)
         )
     if not (result.created or result.relinked or result.removed):
         pass

@@ -15,18 +15,15 @@ rendered once, so a batch costs a few renders, not one per session.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, literal, select, union_all
+from sqlalchemy import Connection, select
 
 from prompt_tool.core import TemplateError, content_hash
-from prompt_tool.db.dialect import insert_for, sha256_hex
+from prompt_tool.db.dialect import insert_for
 from prompt_tool.db.models import (
     OrchestrationSession,
     Prompt,
-    PromptRole,
     PromptType,
     PromptVersion,
     Scope,
@@ -39,15 +36,6 @@ __all__ = ["SOURCE_MATCH", "ExistingTemplateMatcher"]
 SOURCE_MATCH = "match"
 _SESSIONS = OrchestrationSession.__table__
 _REFS = SessionPromptRef.__table__
-
-
-@dataclass(frozen=True, slots=True)
-class _Unlinked:
-    session_id: int
-    project_id: int
-    role: str
-    legacy_hash: str
-    variables_json: str | None
 
 
 class ExistingTemplateMatcher:
@@ -150,36 +138,38 @@ class ExistingTemplateMatcher:
             )
         return self._matches[key]
 
-    def link(
-        self,
-        connection: Connection,
-        after: int,
-        last: int,
-        session_filter: Any,
-    ) -> int:
-        """Link the batch's unlinked (or stale) texts that an existing template renders exactly.
+    def link(self, connection: Connection, texts: Any) -> int:
+        """Link the texts that an existing template renders exactly; how many it linked.
 
-        Returns how many references it wrote; the import step then skips those texts.
+        ``texts`` is the backfill's subquery of the batch's texts that need a link (session,
+        project, role, hash): the import step that follows skips what is linked here.
         """
         if not any(self._candidates.values()):
             return 0
-        rows = [
-            row
-            for row in self._unlinked(connection, after, last, session_filter)
-            if row.project_id in self._projects
-        ]
+        rows = connection.execute(
+            select(
+                texts.c.session_id,
+                texts.c.project_id,
+                texts.c.role,
+                texts.c.legacy_hash,
+                _SESSIONS.c.variables,
+            ).join(_SESSIONS, _SESSIONS.c.id == texts.c.session_id)
+        )
         references = []
-        for row in rows:
-            version_id = self.match(row.project_id, row.variables_json, row.legacy_hash)
+        for session_id, project_id, role, legacy_hash, variables in rows:
+            if project_id not in self._projects:
+                continue
+            variables_json = _canonical(variables)
+            version_id = self.match(project_id, variables_json, legacy_hash)
             if version_id is not None:
                 references.append(
                     {
-                        "session_id": row.session_id,
-                        "role": row.role,
+                        "session_id": session_id,
+                        "role": role,
                         "prompt_version_id": version_id,
-                        "legacy_hash": row.legacy_hash,
+                        "legacy_hash": legacy_hash,
                         "source": SOURCE_MATCH,
-                        "variables": json.loads(row.variables_json) if row.variables_json else None,
+                        "variables": variables,
                     }
                 )
         if references:
@@ -197,43 +187,6 @@ class ExistingTemplateMatcher:
                 )
             )
         return len(references)
-
-    @staticmethod
-    def _unlinked(
-        connection: Connection, after: int, last: int, session_filter: Any
-    ) -> Iterable[_Unlinked]:
-        per_role = []
-        for role in PromptRole:
-            column = _SESSIONS.c[role.legacy_column]
-            digest = sha256_hex(column)
-            linked = (
-                select(_REFS.c.legacy_hash)
-                .where(_REFS.c.session_id == _SESSIONS.c.id, _REFS.c.role == role.value)
-                .scalar_subquery()
-            )
-            per_role.append(
-                select(
-                    _SESSIONS.c.id,
-                    _SESSIONS.c.project_id,
-                    literal(role.value),
-                    digest,
-                    _SESSIONS.c.variables,
-                ).where(
-                    _SESSIONS.c.id > after,
-                    _SESSIONS.c.id <= last,
-                    session_filter,
-                    column.is_not(None),
-                    linked.is_distinct_from(digest),
-                )
-            )
-        for row in connection.execute(union_all(*per_role)):
-            yield _Unlinked(
-                session_id=row[0],
-                project_id=row[1],
-                role=row[2],
-                legacy_hash=row[3],
-                variables_json=_canonical(row[4]),
-            )
 
 
 def _canonical(variables: Any) -> str | None:

@@ -38,6 +38,20 @@ def _state(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]
     return [tuple(r) for r in references], [tuple(t) for t in templates]
 
 
+def unlink_everything(engine: Engine) -> None:
+    """Undo every backfill: references, and the templates it imported."""
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM session_prompt_refs"))
+        connection.execute(text("DELETE FROM template_labels"))
+        connection.execute(
+            text(
+                "DELETE FROM prompt_versions WHERE prompt_id IN "
+                "(SELECT id FROM prompts WHERE name LIKE 'imported/%')"
+            )
+        )
+        connection.execute(text("DELETE FROM prompts WHERE name LIKE 'imported/%'"))
+
+
 def test_backfill_links_every_text_and_the_templates_give_it_back_byte_for_byte(
     legacy_engine: Engine,
 ) -> None:
@@ -283,15 +297,6 @@ def test_uninterrupted_and_resumed_runs_end_in_the_same_state(
     resumed = _state(engine_a)
 
     # The same data, backfilled in one go, gives the same references and templates.
-    with engine_a.begin() as connection:
-        connection.execute(text("DELETE FROM session_prompt_refs"))
-        connection.execute(text("DELETE FROM template_labels"))
-        connection.execute(
-            text(
-                "DELETE FROM prompt_versions WHERE prompt_id IN "
-                "(SELECT id FROM prompts WHERE name LIKE 'imported/%')"
-            )
-        )
-        connection.execute(text("DELETE FROM prompts WHERE name LIKE 'imported/%'"))
+    unlink_everything(engine_a)
     backfill(engine_a, BackfillOptions(batch_size=1000))
     assert _state(engine_a) == resumed

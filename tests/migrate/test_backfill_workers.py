@@ -17,19 +17,7 @@ from prompt_tool.db.models import PromptRole
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.backfill_plan import effective_workers
 from prompt_tool.migrate.verify import verify
-from tests.migrate.test_backfill import _state
-
-
-def _unlink_everything(engine: Engine) -> None:
-    with engine.begin() as connection:
-        connection.execute(text("DELETE FROM session_prompt_refs"))
-        connection.execute(
-            text(
-                "DELETE FROM prompt_versions WHERE prompt_id IN "
-                "(SELECT id FROM prompts WHERE name LIKE 'imported/%')"
-            )
-        )
-        connection.execute(text("DELETE FROM prompts WHERE name LIKE 'imported/%'"))
+from tests.migrate.test_backfill import _state, unlink_everything
 
 
 def _batches(engine: Engine, run_id: int) -> list[tuple[Any, ...]]:
@@ -48,7 +36,7 @@ def _batches(engine: Engine, run_id: int) -> list[tuple[Any, ...]]:
 def test_workers_end_exactly_where_one_worker_ends(legacy_engine: Engine) -> None:
     single = backfill(legacy_engine)
     expected = _state(legacy_engine)
-    _unlink_everything(legacy_engine)
+    unlink_everything(legacy_engine)
 
     shared = backfill(legacy_engine, BackfillOptions(workers=2, batch_size=40))
 
@@ -137,7 +125,7 @@ def test_a_run_killed_with_its_workers_ends_like_an_uninterrupted_one(
 ) -> None:
     backfill(legacy_engine)
     expected = _state(legacy_engine)
-    _unlink_everything(legacy_engine)
+    unlink_everything(legacy_engine)
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
 
