@@ -4,26 +4,25 @@ per-transaction timeouts, lock-timeout errors."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, any_, bindparam, text
+from sqlalchemy import Connection, any_, bindparam, cast, func, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import DateTime, String
+from sqlalchemy.types import DateTime, String, Text, TypeEngine
 
 __all__ = [
+    "BulkInsert",
     "acquire_advisory_lock",
     "insert_for",
     "is_lock_timeout",
     "is_retryable",
-    "literal_template_sql",
     "one_of",
-    "provide_sqlite_function",
     "register_sqlite_functions",
     "release_advisory_lock",
     "set_local_timeouts",
@@ -37,31 +36,6 @@ class sha256_hex(FunctionElement[str]):  # noqa: N801 - reads like the SQL funct
 
     type = String()
     inherit_cache = True
-
-
-class literal_template_sql(FunctionElement[str]):  # noqa: N801 - reads like a SQL function
-    """SQL: ``core.literal_template`` of a text, so imported templates are made set-based.
-
-    PostgreSQL's regexp_replace gives the same result as the Python function (asserted on
-    thousands of generated texts in the tests); SQLite calls the Python function itself.
-    """
-
-    type = String()
-    inherit_cache = True
-
-
-@compiles(literal_template_sql, "postgresql")
-def _literal_postgresql(element: literal_template_sql, compiler: Any, **kw: Any) -> str:
-    argument = compiler.process(element.clauses, **kw)
-    pattern = "'(\\{+)(?=[{%#])'"
-    if compiler.dialect.paramstyle in {"format", "pyformat"}:
-        pattern = pattern.replace("%", "%%")  # a literal percent sign among bound parameters
-    return f"regexp_replace({argument}, {pattern}, '{{{{''\\1''}}}}', 'g')"
-
-
-@compiles(literal_template_sql, "sqlite")
-def _literal_sqlite(element: literal_template_sql, compiler: Any, **kw: Any) -> str:
-    return f"pt_literal_template({compiler.process(element.clauses, **kw)})"
 
 
 class wall_clock(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -107,14 +81,69 @@ def register_sqlite_functions(dbapi_connection: Any) -> None:
     dbapi_connection.create_function("pt_sha256_hex", 1, _sha256_text, deterministic=True)
 
 
-def provide_sqlite_function(
-    connection: Connection, name: str, function: Callable[[str | None], str | None]
-) -> None:
-    """Give SQLite a one-argument SQL function that PostgreSQL computes natively."""
-    if connection.dialect.name == "sqlite":
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        driver.create_function(name, 1, function, deterministic=True)
+class BulkInsert:
+    """One INSERT of many rows given as Python tuples, in the fastest form of each dialect.
+
+    PostgreSQL: ``INSERT ... SELECT ... FROM unnest(:a, :b, ...)``, one bound array per
+    column: one statement of a few parameters, built and parsed once, whatever the row count
+    (a multi-row ``VALUES`` is compiled, and parsed by psycopg, anew for each row count).
+    SQLite has no arrays: an executemany of the same INSERT, in-process, with no round trips.
+    ``constants`` fill the other columns; ``finish`` adds ``ON CONFLICT``/``RETURNING`` to both.
+
+    Columns named in ``commaless`` (integers, hex digests, keywords: never NULL, never a comma)
+    travel to PostgreSQL as one comma-joined string split by ``string_to_array``: psycopg
+    escapes each element of a text array in Python, which cost more than the INSERT itself.
+    """
+
+    def __init__(
+        self,
+        table: Any,
+        columns: Sequence[tuple[str, TypeEngine[Any]]],
+        constants: Mapping[str, Any] | None = None,
+        finish: Callable[[Any], Any] = lambda statement: statement,
+        commaless: Collection[str] = (),
+    ) -> None:
+        constants = dict(constants or {})
+        self.names = tuple(name for name, _ in columns)
+        self._joined = frozenset(commaless)
+
+        def array(name: str, type_: TypeEngine[Any]) -> Any:
+            if name in self._joined:
+                split = func.string_to_array(bindparam(name, type_=Text()), literal(","))
+                return cast(split, postgresql.ARRAY(type_))
+            return bindparam(name, type_=postgresql.ARRAY(type_))
+
+        arrays = (
+            func.unnest(*(array(name, type_) for name, type_ in columns))
+            .table_valued(*self.names)
+            .render_derived()
+        )
+        filled = [literal(value, type_=table.c[name].type) for name, value in constants.items()]
+        self._postgresql = finish(
+            postgresql.insert(table).from_select(
+                [*self.names, *constants], select(*arrays.c, *filled)
+            )
+        )
+        self._sqlite = finish(
+            sqlite.insert(table).values(
+                {**{name: bindparam(name) for name in self.names}, **constants}
+            )
+        )
+
+    def execute(self, connection: Connection, rows: Sequence[Sequence[Any]]) -> Any:
+        """Insert ``rows`` (tuples in the order of ``columns``); the cursor result."""
+        if connection.dialect.name == "postgresql":
+            columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.names)
+            return connection.execute(
+                self._postgresql,
+                {
+                    name: ",".join(map(str, values)) if name in self._joined else list(values)
+                    for name, values in zip(self.names, columns, strict=True)
+                },
+            )
+        return connection.execute(
+            self._sqlite, [dict(zip(self.names, row, strict=True)) for row in rows]
+        )
 
 
 def insert_for(connection: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:

@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    JSON,
+    BigInteger,
     Connection,
+    Text,
     and_,
+    bindparam,
+    cast,
     delete,
     func,
     insert,
@@ -36,15 +39,15 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
-from prompt_tool.core import literal_template
+from prompt_tool.core import content_hash, literal_template
 from prompt_tool.db.dialect import (
+    BulkInsert,
     acquire_advisory_lock,
-    insert_for,
     is_retryable,
-    literal_template_sql,
-    provide_sqlite_function,
+    one_of,
     refresh_statistics,
     release_advisory_lock,
     set_local_timeouts,
@@ -198,14 +201,18 @@ class BackfillSummary:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _RoleState:
+class _RoleState(NamedTuple):
+    """One (session, role) of a batch. A tuple: a batch makes thousands of them."""
+
     session_id: int
     project_id: int
-    role: PromptRole
+    role: str  # a PromptRole's value
     legacy_hash: str | None  # None: the legacy text is NULL
     linked_hash: str | None  # the reference's legacy_hash, None when no reference
     has_reference: bool
+
+
+_ROLES = tuple(role.value for role in PromptRole)
 
 
 def _lock_key(project_id: int) -> int:
@@ -235,45 +242,49 @@ def _batch_states(
     project_ids: Sequence[int],
     scoped: bool,
 ) -> list[_RoleState]:
-    """One batch's sessions: the hash of each legacy text and of what it is linked to now."""
-    batch = (
+    """One batch's sessions: the hash of each legacy text and of what it is linked to now.
+
+    Each legacy text is read and hashed once per batch, here; everything the batch writes
+    afterwards is keyed by these hashes.
+    """
+    query = (
         select(
             _SESSIONS.c.id,
             _SESSIONS.c.project_id,
-            *(sha256_hex(_SESSIONS.c[role.legacy_column]).label(role.value) for role in PromptRole),
+            *(sha256_hex(_SESSIONS.c[role.legacy_column]) for role in PromptRole),
         )
         .where(
             _SESSIONS.c.id > after, _SESSIONS.c.id <= upper, _session_filter(project_ids, scoped)
         )
         .order_by(_SESSIONS.c.id)
         .limit(size)
-        .subquery()
     )
-    query = select(
-        batch,
-        *(
-            _linked(batch.c.id, role, _REFS.c.legacy_hash).label(f"linked_{role.value}")
-            for role in PromptRole
-        ),
-        *(
-            _linked(batch.c.id, role, _REFS.c.session_id).label(f"has_{role.value}")
-            for role in PromptRole
-        ),
+    sessions = connection.execute(query).all()
+    if not sessions:
+        return []
+    linked = _linked_hashes(connection, after, sessions[-1][0])
+    return [
+        _RoleState(
+            session_id,
+            project_id,
+            role,
+            legacy_hash,
+            linked.get((session_id, role)),
+            (session_id, role) in linked,
+        )
+        for session_id, project_id, *hashes in sessions
+        for role, legacy_hash in zip(_ROLES, hashes, strict=True)
+    ]
+
+
+def _linked_hashes(connection: Connection, after: int, last: int) -> dict[tuple[int, str], str]:
+    """The legacy hash of every reference of the key range (after, last]: one index range scan."""
+    rows = connection.execute(
+        select(_REFS.c.session_id, _REFS.c.role, _REFS.c.legacy_hash).where(
+            _REFS.c.session_id > after, _REFS.c.session_id <= last
+        )
     )
-    states: list[_RoleState] = []
-    for row in connection.execute(query.order_by(batch.c.id)).mappings():
-        for role in PromptRole:
-            states.append(
-                _RoleState(
-                    session_id=row["id"],
-                    project_id=row["project_id"],
-                    role=role,
-                    legacy_hash=row[role.value],
-                    linked_hash=row[f"linked_{role.value}"],
-                    has_reference=row[f"has_{role.value}"] is not None,
-                )
-            )
-    return states
+    return {(session_id, role): legacy_hash for session_id, role, legacy_hash in rows}
 
 
 def _linked(session_id: Any, role: PromptRole, column: Any) -> Any:
@@ -285,21 +296,6 @@ def _linked(session_id: Any, role: PromptRole, column: Any) -> Any:
     return (
         select(column)
         .where(_REFS.c.session_id == session_id, _REFS.c.role == literal_column(f"'{role.value}'"))
-        .scalar_subquery()
-    )
-
-
-def _imported_version(project_id: Any, name: Any) -> Any:
-    """The id of an imported template's version 1, as a scalar subquery (index lookups)."""
-    return (
-        select(PromptVersion.id)
-        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-        .where(
-            Prompt.project_id == project_id,
-            _IN_PROJECT_SCOPE,
-            Prompt.name == name,
-            PromptVersion.version == literal_column("1"),
-        )
         .scalar_subquery()
     )
 
@@ -333,74 +329,152 @@ def _batch_texts(
     return union_all(*per_role).subquery()
 
 
-def _imported_name_of(texts: Any) -> Any:
-    return literal(IMPORTED_PREFIX) + texts.c.role + literal("/") + texts.c.legacy_hash
+TextKey = tuple[int, str, str]  # (project id, role, sha256 of the legacy text)
+_KNOWN_VERSIONS_CAP = 500_000
 
 
-def _literal_or_null(text_value: str | None) -> str | None:
-    return None if text_value is None else literal_template(text_value)
+class ImportedVersions:
+    """The version id of each imported template the run has found or made, by text key.
 
-
-def _import_templates(
-    connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
-) -> int:
-    """Create the imported template of every distinct text that has none yet: set-based.
-
-    Its single version is the literal template of the text, computed in SQL.
+    An imported template's version 1 never changes, so an id found once stays right for the
+    whole run and later batches link to it without asking the database. Capped: memory stays
+    flat whatever the number of distinct texts.
     """
-    provide_sqlite_function(connection, "pt_literal_template", _literal_or_null)
-    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
-    name = _imported_name_of(texts)
-    distinct_texts = (
-        select(
-            texts.c.project_id,
-            name.label("name"),
-            func.min(texts.c.legacy_text).label("legacy_text"),
+
+    def __init__(self) -> None:
+        self._ids: dict[TextKey, int] = {}
+
+    def resolve(self, connection: Connection, keys: set[TextKey]) -> dict[TextKey, int]:
+        """The version id of every key that has an imported template (the others are missing).
+
+        Call it before the batch writes any template: what it finds is then committed.
+        """
+        found = {key: self._ids[key] for key in keys if key in self._ids}
+        unknown = keys - found.keys()
+        if unknown:
+            looked_up = _find_imported(connection, unknown)
+            if len(self._ids) + len(looked_up) > _KNOWN_VERSIONS_CAP:
+                self._ids.clear()
+            self._ids.update(looked_up)
+            found.update(looked_up)
+        return found
+
+
+def _imported_version(project_id: Any, name: Any) -> Any:
+    """The id of an imported template's version 1, as a scalar subquery.
+
+    Run per key as a lookup in the (project_id, name) unique index, whatever the statistics
+    say: the prompts table grows from nothing during a backfill, and a plan made for the empty
+    table (a scan, comparing every row with every name) costs tens of milliseconds per batch.
+    """
+    return (
+        select(PromptVersion.id)
+        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+        .where(
+            Prompt.project_id == project_id,
+            _IN_PROJECT_SCOPE,
+            Prompt.name == name,
+            PromptVersion.version == literal_column("1"),
         )
-        .where(_imported_version(texts.c.project_id, name).is_(None))
-        .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
-        .subquery()
+        .scalar_subquery()
     )
-    source = literal_template_sql(distinct_texts.c.legacy_text)
-    rows = select(
-        distinct_texts.c.project_id,
-        distinct_texts.c.name,
-        source,
-        literal("imported"),
-        true(),
-        literal(PromptType.ORCHESTRATION_TEMPLATE.value),
-        literal(Scope.PROJECT.value),
-        literal("Imported from legacy session text by orch-migrate backfill"),
-        literal(["imported"], type_=JSON),
-        literal([], type_=JSON),
-        sha256_hex(source),
-    ).where(true())  # SQLite needs a WHERE before ON CONFLICT in INSERT ... SELECT
-    statement = (
-        insert_for(connection, Prompt.__table__)
-        .from_select(
-            [
-                "project_id",
-                "name",
-                "content",
-                "category",
-                "is_template",
-                "prompt_type",
-                "scope",
-                "description",
-                "tags",
-                "declared_variables",
-                "content_hash",
-            ],
-            rows,
-        )
-        .on_conflict_do_nothing(
-            index_elements=["project_id", "name"], index_where=text("scope = 'project'")
-        )
-        .returning(Prompt.id)
+
+
+_NAMED_KEYS = (
+    func.unnest(  # comma-joined: see BulkInsert
+        cast(func.string_to_array(bindparam("project_ids"), ","), postgresql.ARRAY(BigInteger)),
+        cast(func.string_to_array(bindparam("names"), ","), postgresql.ARRAY(Text)),
     )
-    created = list(connection.execute(statement).scalars())
+    .table_valued("project_id", "name")
+    .render_derived()
+)
+_FIND_IMPORTED_POSTGRESQL = select(
+    _NAMED_KEYS.c.project_id,
+    _NAMED_KEYS.c.name,
+    _imported_version(_NAMED_KEYS.c.project_id, _NAMED_KEYS.c.name),
+)
+
+
+def _find_imported(connection: Connection, keys: set[TextKey]) -> dict[TextKey, int]:
+    """Look the imported templates of ``keys`` up by (project, name)."""
+    by_name: dict[tuple[int, str], TextKey] = {
+        (project_id, imported_name(PromptRole(role), digest)): (project_id, role, digest)
+        for project_id, role, digest in keys
+    }
+    if connection.dialect.name == "postgresql":
+        projects, names = zip(*by_name, strict=True)
+        rows = connection.execute(
+            _FIND_IMPORTED_POSTGRESQL,
+            {"project_ids": ",".join(map(str, projects)), "names": ",".join(names)},
+        ).all()
+    else:  # SQLite plans an IN list as index lookups
+        rows = connection.execute(
+            select(Prompt.project_id, Prompt.name, PromptVersion.id)
+            .join(PromptVersion, PromptVersion.prompt_id == Prompt.id)
+            .where(
+                _IN_PROJECT_SCOPE,
+                tuple_(Prompt.project_id, Prompt.name).in_(list(by_name)),
+                PromptVersion.version == literal_column("1"),
+            )
+        ).all()
+    return {
+        by_name[(project_id, name)]: version_id
+        for project_id, name, version_id in rows
+        if version_id is not None and project_id is not None
+    }
+
+
+_IMPORTED_TEMPLATES = BulkInsert(
+    Prompt.__table__,
+    [("project_id", BigInteger()), ("name", Text()), ("content", Text()), ("content_hash", Text())],
+    {
+        "category": "imported",
+        "is_template": True,
+        "prompt_type": PromptType.ORCHESTRATION_TEMPLATE.value,
+        "scope": Scope.PROJECT.value,
+        "description": "Imported from legacy session text by orch-migrate backfill",
+        "tags": ["imported"],
+        "declared_variables": [],
+    },
+    finish=lambda statement: statement.on_conflict_do_nothing(
+        index_elements=["project_id", "name"], index_where=text("scope = 'project'")
+    ).returning(Prompt.id, Prompt.project_id, Prompt.name),
+    commaless=("project_id", "name", "content_hash"),
+)
+
+
+def _import_templates(connection: Connection, wanted: dict[TextKey, int]) -> set[TextKey]:
+    """Create the imported template of each key, reading its text from the session given.
+
+    The text is read again and must still hash to the key (else it changed since the batch
+    read it and is left for the next run): a template's name always names its content.
+    """
+    texts: dict[TextKey, str] = {}
+    for role in PromptRole:
+        sessions = {session_id: key for key, session_id in wanted.items() if key[1] == role.value}
+        if not sessions:
+            continue
+        column = _SESSIONS.c[role.legacy_column]
+        rows = connection.execute(
+            select(_SESSIONS.c.id, column).where(one_of(connection, _SESSIONS.c.id, list(sessions)))
+        )
+        for session_id, legacy_text in rows:
+            key = sessions[session_id]
+            if legacy_text is not None and content_hash(legacy_text) == key[2]:
+                texts[key] = legacy_text
+    rows_to_insert = []
+    by_name: dict[tuple[int, str], TextKey] = {}
+    for key, legacy_text in sorted(texts.items()):
+        project_id, role_name, digest = key
+        source = literal_template(legacy_text)
+        name = imported_name(PromptRole(role_name), digest)
+        by_name[(project_id, name)] = key
+        rows_to_insert.append((project_id, name, source, content_hash(source)))
+    if not rows_to_insert:
+        return set()
+    created = _IMPORTED_TEMPLATES.execute(connection, rows_to_insert).all()
     if not created:
-        return 0
+        return set()
     connection.execute(
         insert(PromptVersion).from_select(
             ["prompt_id", "version", "content", "content_hash", "created_by", "change_note"],
@@ -411,71 +485,19 @@ def _import_templates(
                 Prompt.content_hash,
                 literal(ACTOR),
                 literal("imported from legacy session text"),
-            ).where(Prompt.id.in_(created)),
+            ).where(one_of(connection, Prompt.id, [row.id for row in created])),
         )
     )
     # No labels: an imported version is only ever reached through the references that pin it,
     # never resolved by name, and labelling a few hundred thousand of them would cost a third
     # of the backfill's writes.
-    return len(created)
+    return {by_name[(row.project_id, row.name)] for row in created}
 
 
-def _missing_templates(
-    connection: Connection, after: int, last: int, project_ids: Sequence[int], scoped: bool
-) -> set[tuple[int, str, str]]:
-    """The (project, role, text hash) :func:`_import_templates` would create (for --dry-run)."""
-    texts = _batch_texts(after, last, project_ids, scoped, needing_link=True)
-    name = _imported_name_of(texts)
-    distinct = (
-        select(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
-        .where(_imported_version(texts.c.project_id, name).is_(None))
-        .group_by(texts.c.project_id, texts.c.role, texts.c.legacy_hash)
-        .subquery()
-    )
-    return {
-        (project_id, role, digest)
-        for project_id, role, digest in connection.execute(select(distinct))
-    }
-
-
-def _upsert_references(
-    connection: Connection,
-    after: int,
-    last: int,
-    project_ids: Sequence[int],
-    scoped: bool,
-    *,
-    needing_link: bool = True,
-) -> None:
-    """Link every session of the batch to the imported template of its current text.
-
-    Set-based: one INSERT ... SELECT; an existing reference is rewritten only when its hash
-    differs (the legacy text changed since it was made).
-    """
-    texts = _batch_texts(after, last, project_ids, scoped, needing_link=needing_link)
-    linked = (
-        select(
-            texts.c.session_id,
-            texts.c.role,
-            _imported_version(texts.c.project_id, _imported_name_of(texts)).label("version_id"),
-            texts.c.legacy_hash,
-        )
-        # OFFSET 0 keeps the planner from inlining this subquery, which would run the version
-        # lookup twice per row (once in the filter below, once for the value).
-        .offset(0)
-    ).subquery()
-    source = select(
-        linked.c.session_id,
-        linked.c.role,
-        linked.c.version_id,
-        linked.c.legacy_hash,
-        literal(SOURCE_BACKFILL),
-    ).where(linked.c.version_id.is_not(None))
-    statement = insert_for(connection, _REFS).from_select(
-        ["session_id", "role", "prompt_version_id", "legacy_hash", "source"], source
-    )
+def _upsert(statement: Any) -> Any:
+    """An existing reference is rewritten only when made for another text (it is stale)."""
     excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=["session_id", "role"],
         set_={
             "prompt_version_id": excluded.prompt_version_id,
@@ -485,7 +507,55 @@ def _upsert_references(
         },
         where=_REFS.c.legacy_hash.is_distinct_from(excluded.legacy_hash),
     )
-    connection.execute(statement)
+
+
+_REFERENCES = BulkInsert(
+    SessionPromptRef.__table__,
+    [
+        ("session_id", BigInteger()),
+        ("role", Text()),
+        ("prompt_version_id", BigInteger()),
+        ("legacy_hash", Text()),
+    ],
+    {"source": SOURCE_BACKFILL},
+    finish=_upsert,
+    commaless=("session_id", "role", "prompt_version_id", "legacy_hash"),
+)
+
+
+def _link(
+    connection: Connection,
+    to_link: Sequence[_RoleState],
+    imported: ImportedVersions,
+    *,
+    dry_run: bool,
+) -> set[TextKey]:
+    """Link each (session, role) to the imported template of its text, importing the texts
+    that have none; the keys imported (in a dry run: that would be)."""
+    wanted: dict[TextKey, int] = {}  # each key's first session: where its text is read from
+    for state in to_link:
+        assert state.legacy_hash is not None
+        wanted.setdefault((state.project_id, state.role, state.legacy_hash), state.session_id)
+    versions = imported.resolve(connection, set(wanted))
+    missing = {key: session_id for key, session_id in wanted.items() if key not in versions}
+    if dry_run or not missing:
+        created: set[TextKey] = set(missing)
+    else:
+        created = _import_templates(connection, missing)
+        # Not remembered by ``imported``: until this transaction commits they may vanish.
+        versions.update(_find_imported(connection, set(missing)))
+    if not dry_run:
+        references = []
+        for state in to_link:
+            assert state.legacy_hash is not None
+            version_id = versions.get((state.project_id, state.role, state.legacy_hash))
+            if version_id is not None:  # else its text changed before it could be imported
+                references.append(
+                    (state.session_id, state.role, version_id, state.legacy_hash)
+                )
+        if references:
+            _REFERENCES.execute(connection, references)
+    return created
 
 
 def _remove_references(connection: Connection, pairs: list[tuple[int, str]]) -> None:
@@ -499,10 +569,8 @@ def _remove_references(connection: Connection, pairs: list[tuple[int, str]]) -> 
 
 
 def _checksum(states: Sequence[_RoleState]) -> str:
-    digest = hashlib.sha256()
-    for state in states:
-        digest.update(f"{state.session_id}:{state.role.value}:{state.legacy_hash}\n".encode())
-    return digest.hexdigest()
+    lines = "".join(f"{state.session_id}:{state.role}:{state.legacy_hash}\n" for state in states)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 @dataclass
@@ -530,9 +598,12 @@ def _run_batch(
     dry_run_seen: set[tuple[int, str, str]],
     matcher: ExistingTemplateMatcher | None = None,
     planned: PlannedBatch | None = None,
+    imported: ImportedVersions | None = None,
 ) -> _BatchResult | None:
     """``planned``: a range of a planned run (``--workers``) claimed by the caller, whose
-    ledger row is completed here instead of a checkpoint being inserted."""
+    ledger row is completed here instead of a checkpoint being inserted. ``imported``: the
+    run's known imported versions, shared by its batches."""
+    imported = imported if imported is not None else ImportedVersions()
     set_local_timeouts(
         connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
     )
@@ -549,7 +620,7 @@ def _run_batch(
     for state in states:
         if state.legacy_hash is None:
             if state.has_reference:
-                removals.append((state.session_id, state.role.value))
+                removals.append((state.session_id, state.role))
                 result.removed += 1
         elif not state.has_reference:
             result.created += 1
@@ -562,24 +633,23 @@ def _run_batch(
         result.matched = matcher.link(
             connection, _batch_texts(after, last_id, project_ids, scoped, needing_link=True)
         )
-    if not (result.created or result.relinked or result.removed):
-        pass
-    elif options.dry_run:
-        # Nothing is created in a dry run, so later batches see the same texts as missing
-        # again: count each distinct one once over the whole run.
-        missing = _missing_templates(connection, after, last_id, project_ids, scoped)
-        result.templates = len(missing - dry_run_seen)
-        dry_run_seen.update(missing)
-        return result
-    else:
-        result.templates = _import_templates(connection, after, last_id, project_ids, scoped)
+    to_link = [s for s in states if s.legacy_hash is not None and s.linked_hash != s.legacy_hash]
+    if result.matched:
+        linked_now = _linked_hashes(connection, after, last_id)
+        to_link = [
+            s for s in to_link if linked_now.get((s.session_id, s.role)) != s.legacy_hash
+        ]
+    if to_link:
+        templates = _link(connection, to_link, imported, dry_run=options.dry_run)
+        if options.dry_run:
+            # Nothing is created in a dry run, so later batches see the same texts as missing
+            # again: count each distinct one once over the whole run.
+            result.templates = len(templates - dry_run_seen)
+            dry_run_seen.update(templates)
+        else:
+            result.templates = len(templates)
     if options.dry_run:
         return result
-    if result.created or result.relinked:
-        # No text of the batch was linked when it was read: every one needs its reference,
-        # so the per-row "still needs a link?" check can go (ON CONFLICT settles any race).
-        fresh = not (result.relinked or result.unchanged or result.matched)
-        _upsert_references(connection, after, last_id, project_ids, scoped, needing_link=not fresh)
     _remove_references(connection, removals)
     if planned is not None:
         _complete_planned(connection, planned, result, _checksum(states))
@@ -838,6 +908,7 @@ def _walk(
     # batch would be the longest lock of the run.
     size = min(options.batch_size, _FIRST_BATCH)
     dry_run_seen = dry_run_seen if dry_run_seen is not None else set()
+    imported = ImportedVersions()
     while options.limit is None or summary.sessions_scanned < options.limit:
         if options.limit is not None:
             size = min(size, options.limit - summary.sessions_scanned)
@@ -853,6 +924,7 @@ def _walk(
             settings=settings,
             dry_run_seen=dry_run_seen,
             matcher=matcher,
+            imported=imported,
         )
         result = _with_retries(engine, options, summary, batch)
         if result is None:

@@ -165,6 +165,8 @@ def _claim_loop(
         .with_for_update(skip_locked=True)
     )
 
+    imported = backfill_module.ImportedVersions()
+
     def work(connection: Connection) -> backfill_module._BatchResult | None:
         claimed = connection.execute(claim).first()
         if claimed is None:
@@ -183,6 +185,7 @@ def _claim_loop(
             dry_run_seen=set(),
             matcher=matcher,
             planned=backfill_module.PlannedBatch(int(batch_id), worker),
+            imported=imported,
         )
 
     while parent is None or os.getppid() == parent:  # an orphaned worker stops
