@@ -1,0 +1,80 @@
+"""The backfill's batch internals: a template's name always names its content, the versions a
+run remembers are committed ones, and references go in as one statement on both dialects."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, func, select, update
+
+from prompt_tool.core import content_hash, literal_template
+from prompt_tool.db.models import OrchestrationSession, Prompt, SessionPromptRef
+from prompt_tool.migrate.backfill import (
+    ImportedVersions,
+    _find_imported,
+    _import_templates,
+    _link,
+    _RoleState,
+    backfill,
+)
+
+
+def _first_session(engine: Engine) -> tuple[int, int, str]:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(
+                OrchestrationSession.id,
+                OrchestrationSession.project_id,
+                OrchestrationSession.system_prompt,
+            )
+            .where(OrchestrationSession.system_prompt.is_not(None))
+            .order_by(OrchestrationSession.id)
+            .limit(1)
+        ).one()
+    return row[0], row[1], row[2]
+
+
+def test_a_text_changed_since_the_batch_read_it_is_not_imported_under_its_old_hash(
+    legacy_engine: Engine,
+) -> None:
+    session_id, project_id, legacy = _first_session(legacy_engine)
+    key = (project_id, "system", content_hash(legacy))
+    with legacy_engine.begin() as connection:
+        connection.execute(
+            update(OrchestrationSession)
+            .where(OrchestrationSession.id == session_id)
+            .values(system_prompt=legacy + " (edited)")
+        )
+        assert _import_templates(connection, {key: session_id}) == set()
+        assert _find_imported(connection, {key}) == {}
+
+
+def test_an_imported_text_is_found_again_by_its_key(legacy_engine: Engine) -> None:
+    session_id, project_id, legacy = _first_session(legacy_engine)
+    key = (project_id, "system", content_hash(legacy))
+    with legacy_engine.begin() as connection:
+        assert _import_templates(connection, {key: session_id}) == {key}
+        found = _find_imported(connection, {key})
+        assert set(found) == {key}
+        source = connection.execute(
+            select(Prompt.content).where(Prompt.name == f"imported/system/{key[2]}")
+        ).scalar_one()
+    assert source == literal_template(legacy)
+
+
+def test_versions_imported_by_a_rolled_back_batch_are_not_remembered(
+    legacy_engine: Engine,
+) -> None:
+    session_id, project_id, legacy = _first_session(legacy_engine)
+    key = (project_id, "system", content_hash(legacy))
+    remembered = ImportedVersions()
+    state = _RoleState(session_id, project_id, "system", key[2], None, False)
+    with legacy_engine.connect() as connection:
+        assert _link(connection, [state], remembered, dry_run=False) == {key}
+        connection.rollback()  # the batch failed: its template is gone
+        assert remembered.resolve(connection, {key}) == {}
+
+
+def test_backfill_links_every_text_in_one_run_on_both_dialects(legacy_engine: Engine) -> None:
+    summary = backfill(legacy_engine)
+    with legacy_engine.connect() as connection:
+        references = connection.execute(select(func.count()).select_from(SessionPromptRef))
+        assert references.scalar_one() == summary.references_created > 0
