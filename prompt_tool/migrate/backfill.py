@@ -550,9 +550,7 @@ def _link(
             assert state.legacy_hash is not None
             version_id = versions.get((state.project_id, state.role, state.legacy_hash))
             if version_id is not None:  # else its text changed before it could be imported
-                references.append(
-                    (state.session_id, state.role, version_id, state.legacy_hash)
-                )
+                references.append((state.session_id, state.role, version_id, state.legacy_hash))
         if references:
             _REFERENCES.execute(connection, references)
     return created
@@ -636,9 +634,7 @@ def _run_batch(
     to_link = [s for s in states if s.legacy_hash is not None and s.linked_hash != s.legacy_hash]
     if result.matched:
         linked_now = _linked_hashes(connection, after, last_id)
-        to_link = [
-            s for s in to_link if linked_now.get((s.session_id, s.role)) != s.legacy_hash
-        ]
+        to_link = [s for s in to_link if linked_now.get((s.session_id, s.role)) != s.legacy_hash]
     if to_link:
         templates = _link(connection, to_link, imported, dry_run=options.dry_run)
         if options.dry_run:
