@@ -3,12 +3,14 @@
 For every selected session and role it classifies what the read shim's ``templates`` path
 would return: matched (the rendered reference equals the legacy text), mismatched, unmigrated
 (no reference yet), stale (the legacy text changed after the reference was made), render error.
-Equality is checked on SHA-256 digests computed in the database, so legacy texts never cross the
-wire except for the first few mismatches, whose diffs are shown. The database also classifies and
-groups: a batch comes back as one row per (project, role, version, variables, legacy digest) with
-its count, so Python work is per distinct template use, not per session; each distinct
-(version, variables) pair is rendered once. Sessions are streamed in keyset batches: memory stays
-flat.
+Nearly every imported text is a *literal* version (no brace, no declared variable: it renders
+to its own source), and those are settled in the database by comparing the legacy text with
+the version's source, byte for byte, which costs less than digesting it. Every other text is
+digested in the database (SHA-256) and grouped: a batch comes back as one row per (project,
+role, version, variables, legacy digest) with its count, so Python work is per distinct
+template use, not per session; each distinct (version, variables) pair is rendered once and
+its digest compared. Legacy texts never cross the wire except for the first few mismatches,
+whose diffs are shown. Sessions are streamed in keyset batches: memory stays flat.
 """
 
 from __future__ import annotations
@@ -168,13 +170,40 @@ def _batch_bounds(
     return (None if last is None else int(last)), int(count)
 
 
-_UNMIGRATED, _STALE, _CHECK = "unmigrated", "stale", "check"
+_UNMIGRATED, _STALE, _CHECK, _MATCHED = "unmigrated", "stale", "check", "matched"
+
+
+def _literal_versions() -> Any:
+    """The versions whose source has no brace and whose template declares no variable: they
+    render to their own source in any project, with any variables; with their digest. The
+    conditions are filters of this subquery, so the planner applies them once per version,
+    scanning the versions."""
+    # Compared as text: anything but an empty list (or none) is left to the renderer.
+    declared = func.coalesce(cast(Prompt.declared_variables, Text), literal("[]"))
+    return (
+        select(PromptVersion.id, PromptVersion.content, PromptVersion.content_hash)
+        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+        .where(
+            ~PromptVersion.content.contains("{"),
+            declared.in_(["[]", "null"]),
+            # The stored digest is checked, not trusted: a match needs the reference's digest
+            # to be the text's, and only here is it computed (once per version, not per text).
+            PromptVersion.content_hash == sha256_hex(PromptVersion.content),
+        )
+        .subquery()
+    )
 
 
 def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids: Any) -> Any:
     """Every (session, role) of the key range (after, last], classified and grouped in SQL.
 
-    One row per (project, role, kind, version, variables, legacy digest) with how many
+    Settled in SQL, without a digest: a role whose text equals, byte for byte, the source of
+    its version when that source has no brace and its template declares no variable (so it
+    renders to itself in any project, with any variables: the read shim serves it as it is by
+    the same rule), and whose reference was made for that text. Nearly every imported text is
+    one, and comparing two texts costs the database less than digesting one. Every other role
+    comes back digested and grouped by (project, role, version, variables, legacy digest), for
+    Python to render each distinct pair once and compare. One row per group with how many
     session roles it stands for and one of them (for diffs). Roles whose text is NULL and that
     have no reference are left out: NULL stays NULL.
     """
@@ -186,12 +215,18 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     per_role = []
     for role in PromptRole:
         column = _SESSIONS.c[role.legacy_column]
+        literal_versions = _literal_versions()
+        settled = and_(
+            column == literal_versions.c.content,
+            _REFS.c.legacy_hash == literal_versions.c.content_hash,
+        )
         per_role.append(
             select(
                 _SESSIONS.c.id.label("session_id"),
                 _SESSIONS.c.project_id.label("project_id"),
                 literal(role.value).label("role"),
-                sha256_hex(column).label("legacy_hash"),
+                column.label("legacy_text"),
+                case((settled, literal(1)), else_=literal(0)).label("settled"),
                 _REFS.c.prompt_version_id.label("version_id"),
                 _REFS.c.legacy_hash.label("linked_hash"),
                 cast(_REFS.c.variables, Text).label("variables"),
@@ -207,11 +242,19 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
                     _REFS.c.session_id <= last,
                 ),
             )
+            .outerjoin(literal_versions, literal_versions.c.id == _REFS.c.prompt_version_id)
             .where(in_range, ~and_(column.is_(None), _REFS.c.prompt_version_id.is_(None)))
         )
-    rows = union_all(*per_role).subquery()
+    united = union_all(*per_role).subquery()
+    rows = select(
+        united,
+        case((united.c.settled == 1, null()), else_=sha256_hex(united.c.legacy_text)).label(
+            "legacy_hash"
+        ),
+    ).subquery()
     kind = case(
         (rows.c.version_id.is_(None), literal(_UNMIGRATED)),
+        (rows.c.settled == 1, literal(_MATCHED)),
         (rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash), literal(_STALE)),
         else_=literal(_CHECK),
     )
@@ -372,10 +415,12 @@ _VERSION_CHUNK = 2_000
 
 
 def _tune(connection: Connection) -> None:
-    """PostgreSQL: no JIT for this batch's query. It spent most of a second compiling each
-    batch's query (measured: 854 ms of 4.2 s), and the query runs once."""
+    """PostgreSQL, for this batch's transaction: no JIT (it spent most of a second compiling
+    each batch's query, measured 854 ms of 4.2 s, and the query runs once), and room to hash
+    the batch's join in memory (the default 4 MB spilled it to disk in four batches)."""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL jit = off")
+        connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
 
 
 def _render_batch(
@@ -421,14 +466,17 @@ def _classify(
     if group.kind == _STALE:
         counts.stale += group.n
         return
+    if group.kind == _MATCHED:
+        counts.matched += group.n
+        return
     variables = group.variables or ""
+    role = PromptRole(group.role)
     digest = renders.known_digest(group.version_id, variables, project)
     template: ResolvedTemplate | None = None
     if digest is None:  # rendered in this batch, then evicted by a bigger one: once more
         with connect(engine) as connection:
             template = _versions(connection, {group.version_id})[group.version_id]
         digest = renders.digest(template, variables, project)
-    role = PromptRole(group.role)
     if isinstance(digest, TemplateError):
         counts.render_errors += group.n
         if len(report.mismatches) < options.show_diffs:
@@ -446,18 +494,34 @@ def _classify(
         counts.matched += group.n
     else:
         counts.mismatched += group.n
-        if len(report.mismatches) < options.show_diffs:
-            if template is None:
-                with connect(engine) as connection:
-                    template = _versions(connection, {group.version_id})[group.version_id]
-            rendered = renders.text(template, variables, project)
-            report.mismatches.append(
-                Mismatch(
-                    group.session_id,
-                    project,
-                    role.value,
-                    group.version_id,
-                    "mismatch",
-                    _diff(engine, group.session_id, role, rendered),
-                )
-            )
+        _show_mismatch(engine, group, project, role, variables, renders, report, options, template)
+
+
+def _show_mismatch(
+    engine: Connectable,
+    group: Any,
+    project: str,
+    role: PromptRole,
+    variables: str,
+    renders: _RenderedDigests,
+    report: VerifyReport,
+    options: VerifyOptions,
+    template: ResolvedTemplate | None,
+) -> None:
+    """Keep the first few mismatches' diffs for the report."""
+    if len(report.mismatches) >= options.show_diffs:
+        return
+    if template is None:
+        with connect(engine) as connection:
+            template = _versions(connection, {group.version_id})[group.version_id]
+    rendered = renders.text(template, variables, project)
+    report.mismatches.append(
+        Mismatch(
+            group.session_id,
+            project,
+            role.value,
+            group.version_id,
+            "mismatch",
+            _diff(engine, group.session_id, role, rendered),
+        )
+    )
