@@ -270,15 +270,27 @@ class SessionReader:
             references = self._references(connection, needs_templates)
         render = _Rendered(self.manager)
         result: dict[int, SessionPrompts] = {}
+        TEMPLATE = PromptSource.TEMPLATE  # noqa: N806 - a local alias for the hot loop
         role_prompt = self._role
         for row in rows:
             decision = decisions[row.project]
             variant = decision.variant
             sample_rate = decision.sample_rate
-            system, planner, synthesis = [
-                role_prompt(row, role, key, variant, sample_rate, references, render)
-                for role, key in _ROLE_KEYS
-            ]
+            if variant is Variant.TEMPLATES:
+                # The common case inline, one call per role fewer: a reference whose
+                # rendering is the legacy text. Anything else takes the full path.
+                system, planner, synthesis = [
+                    new_role_prompt(role, rendered, TEMPLATE, reference.template.version_id)
+                    if (reference := references.get((row.session_id, key))) is not None
+                    and (rendered := render(row.project, reference)) == row.texts[role]
+                    else role_prompt(row, role, key, variant, sample_rate, references, render)
+                    for role, key in _ROLE_KEYS
+                ]
+            else:
+                system, planner, synthesis = [
+                    role_prompt(row, role, key, variant, sample_rate, references, render)
+                    for role, key in _ROLE_KEYS
+                ]
             result[row.session_id] = new_session_prompts(
                 row.session_id, row.project, variant.value, system, planner, synthesis
             )
