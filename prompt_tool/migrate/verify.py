@@ -54,7 +54,10 @@ class VerifyOptions:
     projects: Sequence[str] = ()
     sample: int | None = None
     allow_unmigrated: bool = False
-    batch_size: int = 200_000
+    # Sessions per batch query. Each query pays fixed costs (scanning the versions, hashing
+    # the references' range): 500,000 took 8.4 s for 1,000,000 sessions where 200,000 took 9.3
+    # to 11.3. Memory stays flat either way: a batch comes back grouped.
+    batch_size: int = 500_000
     show_diffs: int = 3
 
 
