@@ -482,49 +482,35 @@ def _classify(
         digest = renders.digest(template, variables, project)
     if isinstance(digest, TemplateError):
         counts.render_errors += group.n
-        if len(report.mismatches) < options.show_diffs:
-            report.mismatches.append(
-                Mismatch(
-                    group.session_id,
-                    project,
-                    role.value,
-                    group.version_id,
-                    "render_error",
-                    str(digest),
-                )
-            )
+        error = digest
+        _keep_failure(report, options, group, project, role, "render_error", lambda: str(error))
     elif digest == group.legacy_hash:
         counts.matched += group.n
     else:
         counts.mismatched += group.n
-        _show_mismatch(engine, group, project, role, variables, renders, report, options, template)
+
+        def diff() -> str:
+            shown = template
+            if shown is None:
+                with connect(engine) as connection:
+                    shown = _versions(connection, {group.version_id})[group.version_id]
+            rendered = renders.text(shown, variables, project)
+            return _diff(engine, group.session_id, role, rendered)
+
+        _keep_failure(report, options, group, project, role, "mismatch", diff)
 
 
-def _show_mismatch(
-    engine: Connectable,
+def _keep_failure(
+    report: VerifyReport,
+    options: VerifyOptions,
     group: Any,
     project: str,
     role: PromptRole,
-    variables: str,
-    renders: _RenderedDigests,
-    report: VerifyReport,
-    options: VerifyOptions,
-    template: ResolvedTemplate | None,
+    kind: str,
+    detail: Callable[[], str],
 ) -> None:
-    """Keep the first few mismatches' diffs for the report."""
-    if len(report.mismatches) >= options.show_diffs:
-        return
-    if template is None:
-        with connect(engine) as connection:
-            template = _versions(connection, {group.version_id})[group.version_id]
-    rendered = renders.text(template, variables, project)
-    report.mismatches.append(
-        Mismatch(
-            group.session_id,
-            project,
-            role.value,
-            group.version_id,
-            "mismatch",
-            _diff(engine, group.session_id, role, rendered),
+    """Keep the first few failures, with their detail (a diff is only made for those)."""
+    if len(report.mismatches) < options.show_diffs:
+        report.mismatches.append(
+            Mismatch(group.session_id, project, role.value, group.version_id, kind, detail())
         )
-    )
