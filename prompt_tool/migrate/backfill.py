@@ -6,8 +6,9 @@ back to the text byte for byte), and each session gets a reference to it. Sessio
 keyset batches on the primary key, up to a bound fixed when the run starts (newer sessions are
 dual-written); each batch is one short transaction that reads the sessions without locking them
 (each text read and hashed once), creates the missing templates, upserts the references in one
-statement, and records a checkpoint in the migration ledger. Runs are idempotent (a second run changes nothing), resumable (an interrupted
-run continues after its last checkpoint) and guarded by an advisory lock per project.
+statement, and records a checkpoint in the migration ledger. Runs are idempotent (a second run
+changes nothing), resumable (an interrupted run continues after its last checkpoint) and guarded
+by an advisory lock per project.
 """
 
 from __future__ import annotations
