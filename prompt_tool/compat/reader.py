@@ -41,14 +41,12 @@ from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
     Project,
-    Prompt,
     PromptRole,
-    PromptVersion,
     SessionPromptRef,
 )
 from prompt_tool.errors import NotFoundError
 from prompt_tool.flags import FlagService, Variant
-from prompt_tool.templates import ResolvedTemplate, TemplateManager
+from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
 __all__ = ["SessionReader"]
 
@@ -202,40 +200,7 @@ class SessionReader:
         missing = version_ids - found.keys()
         if not missing:
             return found
-        query = (
-            select(
-                PromptVersion.id,
-                PromptVersion.version,
-                PromptVersion.content,
-                PromptVersion.content_hash,
-                Prompt.id,
-                Prompt.name,
-                Prompt.scope,
-                Prompt.declared_variables,
-            )
-            .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-            .where(one_of(connection, PromptVersion.id, sorted(missing)))
-        )
-        for (
-            version_id,
-            version,
-            source,
-            digest,
-            template_id,
-            name,
-            scope,
-            declared,
-        ) in connection.execute(query):
-            found[version_id] = ResolvedTemplate(
-                name=name,
-                scope=scope or "global",
-                template_id=template_id,
-                version_id=version_id,
-                version=version,
-                source=source,
-                content_hash=digest or text_hash(source) or "",
-                declared_variables=tuple(declared or ()),
-            )
+        found.update(load_versions(connection, missing))
         if self._version_ttl_s > 0:
             with self._versions_lock:
                 for version_id in missing:

@@ -29,7 +29,12 @@ from prompt_tool.db.models import (
     Scope,
     SessionPromptRef,
 )
-from prompt_tool.templates import ResolvedTemplate, TemplateManager
+from prompt_tool.templates import (
+    VERSION_COLUMNS,
+    ResolvedTemplate,
+    TemplateManager,
+    resolved_from_row,
+)
 
 __all__ = ["SOURCE_MATCH", "ExistingTemplateMatcher"]
 
@@ -57,17 +62,8 @@ class ExistingTemplateMatcher:
         connection: Connection, projects: dict[int, str]
     ) -> dict[int, list[ResolvedTemplate]]:
         rows = connection.execute(
-            select(
-                Prompt.id,
-                Prompt.project_id,
-                Prompt.name,
-                Prompt.scope,
-                Prompt.declared_variables,
-                PromptVersion.id,
-                PromptVersion.version,
-                PromptVersion.content,
-                PromptVersion.content_hash,
-            )
+            select(*VERSION_COLUMNS, Prompt.project_id)
+            .select_from(Prompt)
             .join(PromptVersion, PromptVersion.prompt_id == Prompt.id)
             .where(
                 Prompt.prompt_type == PromptType.ORCHESTRATION_TEMPLATE.value,
@@ -78,28 +74,10 @@ class ExistingTemplateMatcher:
         )
         project_scoped: dict[int, list[ResolvedTemplate]] = {}
         global_scoped: list[ResolvedTemplate] = []
-        for (
-            template_id,
-            project_id,
-            name,
-            scope,
-            declared,
-            version_id,
-            version,
-            source,
-            digest,
-        ) in rows:
-            resolved = ResolvedTemplate(
-                name=name,
-                scope=scope,
-                template_id=template_id,
-                version_id=version_id,
-                version=version,
-                source=source,
-                content_hash=digest or content_hash(source),
-                declared_variables=tuple(declared or ()),
-            )
-            if scope == Scope.GLOBAL.value:
+        for row in rows:
+            resolved = resolved_from_row(row)
+            project_id = row[len(VERSION_COLUMNS)]
+            if resolved.scope == Scope.GLOBAL.value:
                 global_scoped.append(resolved)
             else:
                 project_scoped.setdefault(project_id, []).append(resolved)

@@ -40,7 +40,7 @@ from prompt_tool.db.models import (
 )
 from prompt_tool.errors import NotFoundError
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
-from prompt_tool.templates import ResolvedTemplate, TemplateManager
+from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
 __all__ = ["Mismatch", "ProjectVerification", "VerifyOptions", "VerifyReport", "verify"]
 
@@ -277,38 +277,6 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     ).group_by(rows.c.project_id, rows.c.role, kind, version, variables, digest)
 
 
-def _versions(connection: Connection, ids: set[int]) -> dict[int, ResolvedTemplate]:
-    if not ids:
-        return {}
-    rows = connection.execute(
-        select(
-            PromptVersion.id,
-            PromptVersion.version,
-            PromptVersion.content,
-            PromptVersion.content_hash,
-            Prompt.id,
-            Prompt.name,
-            Prompt.scope,
-            Prompt.declared_variables,
-        )
-        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-        .where(PromptVersion.id.in_(sorted(ids)))
-    )
-    return {
-        version_id: ResolvedTemplate(
-            name=name,
-            scope=scope or "global",
-            template_id=template_id,
-            version_id=version_id,
-            version=version,
-            source=source,
-            content_hash=digest or content_hash(source),
-            declared_variables=tuple(declared or ()),
-        )
-        for version_id, version, source, digest, template_id, name, scope, declared in rows
-    }
-
-
 def _diff(engine: Connectable, session_id: int, role: PromptRole, rendered: str) -> str:
     with connect(engine) as connection:
         legacy = (
@@ -444,7 +412,7 @@ def _render_batch(
             wanted.setdefault(group.version_id, set()).add((variables, project))
     ids = sorted(wanted)
     for start in range(0, len(ids), _VERSION_CHUNK):
-        templates = _versions(connection, set(ids[start : start + _VERSION_CHUNK]))
+        templates = load_versions(connection, set(ids[start : start + _VERSION_CHUNK]))
         for version_id, template in templates.items():
             for variables, project in sorted(wanted[version_id]):
                 renders.digest(template, variables, project)
@@ -478,7 +446,7 @@ def _classify(
     template: ResolvedTemplate | None = None
     if digest is None:  # rendered in this batch, then evicted by a bigger one: once more
         with connect(engine) as connection:
-            template = _versions(connection, {group.version_id})[group.version_id]
+            template = load_versions(connection, {group.version_id})[group.version_id]
         digest = renders.digest(template, variables, project)
     if isinstance(digest, TemplateError):
         counts.render_errors += group.n
@@ -493,7 +461,7 @@ def _classify(
             shown = template
             if shown is None:
                 with connect(engine) as connection:
-                    shown = _versions(connection, {group.version_id})[group.version_id]
+                    shown = load_versions(connection, {group.version_id})[group.version_id]
             rendered = renders.text(shown, variables, project)
             return _diff(engine, group.session_id, role, rendered)
 

@@ -1,6 +1,13 @@
 """The template manager: scopes, versions, labels, permissions and name caches."""
 
-from prompt_tool.templates.manager import TemplateDetail, TemplateManager, find_template
+from prompt_tool.templates.manager import (
+    VERSION_COLUMNS,
+    TemplateDetail,
+    TemplateManager,
+    find_template,
+    load_versions,
+    resolved_from_row,
+)
 from prompt_tool.templates.permissions import Action, Grant, grant_role, list_grants, revoke_role
 from prompt_tool.templates.types import (
     DEFAULT_LABEL,
@@ -18,6 +25,7 @@ from prompt_tool.templates.types import (
 __all__ = [
     "DEFAULT_LABEL",
     "LATEST_LABEL",
+    "VERSION_COLUMNS",
     "Action",
     "Grant",
     "HistoryEntry",
@@ -33,5 +41,7 @@ __all__ = [
     "find_template",
     "grant_role",
     "list_grants",
+    "load_versions",
+    "resolved_from_row",
     "revoke_role",
 ]

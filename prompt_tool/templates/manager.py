@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import Connection, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from prompt_tool.core import TemplateEngine, content_hash
 from prompt_tool.core.errors import TemplateNotFound
+from prompt_tool.db.dialect import one_of
 from prompt_tool.db.engine import Connectable, make_engine, make_session_factory
 from prompt_tool.db.models import (
     Project,
@@ -136,6 +137,48 @@ def find_template(session: Session, address: TemplateAddress, *, lock: bool = Fa
             hint="`prompt-tool templates list` shows the templates",
         )
     return prompt
+
+
+# What a ResolvedTemplate is built from, in this order (see resolved_from_row).
+VERSION_COLUMNS = (
+    PromptVersion.id,
+    PromptVersion.version,
+    PromptVersion.content,
+    PromptVersion.content_hash,
+    Prompt.id,
+    Prompt.name,
+    Prompt.scope,
+    Prompt.declared_variables,
+)
+
+
+def resolved_from_row(row: Sequence[Any]) -> ResolvedTemplate:
+    """A ResolvedTemplate from a row that starts with :data:`VERSION_COLUMNS`."""
+    version_id, version, source, digest, template_id, name, scope, declared = row[:8]
+    return ResolvedTemplate(
+        name=name,
+        scope=scope or "global",
+        template_id=template_id,
+        version_id=version_id,
+        version=version,
+        source=source,
+        content_hash=digest or content_hash(source),
+        declared_variables=tuple(declared or ()),
+    )
+
+
+def load_versions(
+    connection: Connection, version_ids: Collection[int]
+) -> dict[int, ResolvedTemplate]:
+    """The versions with these ids, by id, as templates pinned by a reference (no name lookup)."""
+    if not version_ids:
+        return {}
+    rows = connection.execute(
+        select(*VERSION_COLUMNS)
+        .join(Prompt, Prompt.id == PromptVersion.prompt_id)
+        .where(one_of(connection, PromptVersion.id, sorted(version_ids)))
+    )
+    return {row[0]: resolved_from_row(row) for row in rows}
 
 
 class TemplateManager:
