@@ -4,7 +4,7 @@ per-transaction timeouts, lock-timeout errors."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, any_, bindparam, cast, func, literal, select, text
@@ -19,6 +19,8 @@ from sqlalchemy.types import DateTime, String, Text, TypeEngine
 __all__ = [
     "BulkInsert",
     "acquire_advisory_lock",
+    "comma_joined",
+    "comma_joined_array",
     "insert_for",
     "is_lock_timeout",
     "is_retryable",
@@ -81,6 +83,18 @@ def register_sqlite_functions(dbapi_connection: Any) -> None:
     dbapi_connection.create_function("pt_sha256_hex", 1, _sha256_text, deterministic=True)
 
 
+def comma_joined_array(name: str, type_: TypeEngine[Any]) -> Any:
+    """PostgreSQL: the array bound as ``name``, sent as one comma-joined string (see
+    :class:`BulkInsert` for why); bind it with :func:`comma_joined`."""
+    split = func.string_to_array(bindparam(name, type_=Text()), literal(","))
+    return cast(split, postgresql.ARRAY(type_))
+
+
+def comma_joined(values: Iterable[Any]) -> str:
+    """Values that never hold a comma nor are NULL (integers, hex digests, keywords), joined."""
+    return ",".join(map(str, values))
+
+
 class BulkInsert:
     """One INSERT of many rows given as Python tuples, in the fastest form of each dialect.
 
@@ -109,8 +123,7 @@ class BulkInsert:
 
         def array(name: str, type_: TypeEngine[Any]) -> Any:
             if name in self._joined:
-                split = func.string_to_array(bindparam(name, type_=Text()), literal(","))
-                return cast(split, postgresql.ARRAY(type_))
+                return comma_joined_array(name, type_)
             return bindparam(name, type_=postgresql.ARRAY(type_))
 
         arrays = (
@@ -137,7 +150,7 @@ class BulkInsert:
             return connection.execute(
                 self._postgresql,
                 {
-                    name: ",".join(map(str, values)) if name in self._joined else list(values)
+                    name: comma_joined(values) if name in self._joined else list(values)
                     for name, values in zip(self.names, columns, strict=True)
                 },
             )

@@ -26,8 +26,6 @@ from sqlalchemy import (
     Connection,
     Text,
     and_,
-    bindparam,
-    cast,
     delete,
     func,
     insert,
@@ -40,13 +38,14 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from prompt_tool.core import content_hash, literal_template
 from prompt_tool.db.dialect import (
     BulkInsert,
     acquire_advisory_lock,
+    comma_joined,
+    comma_joined_array,
     is_retryable,
     one_of,
     refresh_statistics,
@@ -382,9 +381,8 @@ def _imported_version(project_id: Any, name: Any) -> Any:
 
 
 _NAMED_KEYS = (
-    func.unnest(  # comma-joined: see BulkInsert
-        cast(func.string_to_array(bindparam("project_ids"), ","), postgresql.ARRAY(BigInteger)),
-        cast(func.string_to_array(bindparam("names"), ","), postgresql.ARRAY(Text)),
+    func.unnest(
+        comma_joined_array("project_ids", BigInteger()), comma_joined_array("names", Text())
     )
     .table_valued("project_id", "name")
     .render_derived()
@@ -406,7 +404,7 @@ def _find_imported(connection: Connection, keys: set[TextKey]) -> dict[TextKey, 
         projects, names = zip(*by_name, strict=True)
         rows = connection.execute(
             _FIND_IMPORTED_POSTGRESQL,
-            {"project_ids": ",".join(map(str, projects)), "names": ",".join(names)},
+            {"project_ids": comma_joined(projects), "names": comma_joined(names)},
         ).all()
     else:  # SQLite plans an IN list as index lookups
         rows = connection.execute(
