@@ -23,6 +23,7 @@ from psycopg import sql
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from prompt_tool import flags
 from prompt_tool.db import schema
 from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
 from prompt_tool.db.projects import create_project
@@ -246,3 +247,13 @@ def alembic_engine(empty_db_url: str, engine_for: Any) -> Engine:
 @pytest.fixture
 def alembic_config() -> dict[str, Any]:
     return {"script_location": str(schema.script_location())}
+
+
+@pytest.fixture
+def set_flag(db_engine: Engine) -> Any:
+    """Set a project's orchestration-templates flag, as an operator would."""
+
+    def apply(project: str, variant: str, sample_rate: float | None = None) -> None:
+        flags.set_variant(db_engine, project, variant, actor="ops", sample_rate=sample_rate)
+
+    return apply

@@ -58,14 +58,6 @@ def flag_service(db_engine: Engine, settings: Settings) -> Iterator[flags.FlagSe
 
 
 @pytest.fixture
-def set_flag(db_engine: Engine) -> Callable[[str, str], None]:
-    def apply(project: str, variant: str) -> None:
-        flags.set_variant(db_engine, project, variant, actor="ops")
-
-    return apply
-
-
-@pytest.fixture
 def running_test(db_engine: Engine, manager: TemplateManager) -> ABTestInfo:
     """A running test of acme's planner: control (v1) against candidate (v2), 50/50."""
     created = ab_testing.create_ab_test(

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -52,11 +51,3 @@ def reader(
     service = flags.FlagService(db_engine, settings)
     yield SessionReader(db_engine, flags=service, manager=manager, publisher=publisher)
     service.close()
-
-
-@pytest.fixture
-def set_flag(db_engine: Engine) -> Any:
-    def apply(project: str, variant: str, sample_rate: float | None = None) -> None:
-        flags.set_variant(db_engine, project, variant, actor="ops", sample_rate=sample_rate)
-
-    return apply

@@ -5,7 +5,7 @@ Every database fixture here runs on SQLite and PostgreSQL (through ``db_engine``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine
@@ -47,11 +47,3 @@ def orchestrator(
     reader = SessionReader(db_engine, flags=service, manager=manager)
     yield Orchestrator(db_engine, reader=reader)
     service.close()
-
-
-@pytest.fixture
-def set_flag(db_engine: Engine) -> Callable[[str, str], None]:
-    def apply(project: str, variant: str) -> None:
-        flags.set_variant(db_engine, project, variant, actor="ops")
-
-    return apply
