@@ -53,6 +53,8 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 # SQLite and PostgreSQL say "no such table" / "undefined table" when the schema is behind.
 _MISSING_SCHEMA_MARKERS = ("no such table", "undefinedtable", "does not exist", "no such column")
+# Checked first: 'database "x" does not exist' is a connection failure, not a missing table.
+_CONNECTION_MARKERS = ("connection failed", "connection to server", "could not connect")
 
 
 class _App(typer.Typer):
@@ -162,6 +164,11 @@ def _database_message(error: SQLAlchemyError) -> str:
     first_line = (
         str(origin).strip().splitlines()[0] if str(origin).strip() else type(error).__name__
     )
+    if any(marker in first_line.lower() for marker in _CONNECTION_MARKERS):
+        return (
+            f"cannot connect to the database ({first_line}); check the URL given with --db or "
+            "PROMPT_TOOL_DATABASE_URL, that the server is running and that the database exists"
+        )
     if any(marker in first_line.lower() for marker in _MISSING_SCHEMA_MARKERS):
         return (
             f"the database schema is not what this command needs ({first_line}); "

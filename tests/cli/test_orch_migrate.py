@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from prompt_tool.cli.orch_migrate import app
@@ -62,6 +64,17 @@ def test_bad_input_is_one_line_exit_2_no_traceback(
     assert expected in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_database_that_does_not_exist_is_a_connection_error_not_a_schema_one(
+    pg_url: str, tmp_path: Path
+) -> None:
+    name = f"absent_{uuid.uuid4().hex[:8]}"
+    absent = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    result = _orch_migrate("verify", "--db", absent, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot connect to the database" in result.stderr
+    assert "db upgrade" not in result.stderr
 
 
 def test_fingerprint_of_a_database_behind_head_says_to_upgrade(tmp_path: Path) -> None:
