@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from alembic.runtime.migration import MigrationContext
+from psycopg.types.string import ByteaBinaryLoader
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -489,9 +490,13 @@ def _encode_lines(lines: list[str], rows: Sequence[list[Any]]) -> bytes:
 # --- the dialects ---------------------------------------------------------------------------
 
 FLUSH_BYTES = 1 << 20  # write in 1 MiB blocks: few syscalls, bounded memory
-# A PostgreSQL table at least this big (with its TOAST) is read in parallel key ranges.
+# A PostgreSQL table at least this big (with its TOAST) is read in parallel key ranges...
 PARALLEL_MIN_BYTES = 32 << 20
+# ...of about this much table each: small enough that the few ranges read ahead of the one being
+# written stay a few MiB of memory, big enough that a statement per range costs nothing.
+RANGE_BYTES = 4 << 20
 _SQLITE_ROWS_PER_FETCH = 1_000
+_PG_ROWS_PER_CHUNK = 1_000
 
 
 class DialectIO(Protocol):
@@ -505,8 +510,8 @@ class DialectIO(Protocol):
     def split(
         self, connection: Connection, spec: TableSpec, where: str | None, parts: int
     ) -> list[str] | None:
-        """Conditions cutting a big table into ``parts`` key ranges, in key order, to be read in
-        parallel on :meth:`worker` connections; None: read it in one go."""
+        """Conditions cutting a big table into key ranges (at least ``parts``, in key order) to
+        be read in parallel on :meth:`worker` connections; None: read it in one go."""
 
     def worker(self, engine: Engine) -> AbstractContextManager[Connection]:
         """Another connection on the same snapshot (only called after :meth:`split` said yes)."""
@@ -572,14 +577,14 @@ def update_sql(spec: TableSpec) -> str:
 
 
 class PostgresIO:
-    """PostgreSQL: the server builds each JSON line and streams them with ``COPY ... TO STDOUT``.
+    """PostgreSQL: the server builds each JSON line; Python only joins the lines into blocks.
 
     Why: per-row work in Python (fetch, convert, ``json.dumps``) runs at about half of COPY's
-    throughput, and here Python only moves blocks of bytes. ``json_build_array`` escapes text as
-    JSON requires, spells timestamps in ISO 8601 (session time zone pinned to UTC) and, fed
-    ``CAST(col AS TEXT)``, embeds a json column's exact stored text as a string. Building JSON
-    costs the server about as much as COPY itself, so a big table is cut into key ranges read by
-    several backends at once, on one exported snapshot (what ``pg_dump --jobs`` does).
+    throughput. ``json_build_array`` escapes text as JSON requires, spells timestamps in ISO 8601
+    (session time zone pinned to UTC) and, fed ``CAST(col AS TEXT)``, embeds a json column's
+    exact stored text as a string. Building JSON costs the server about twice what COPY costs, so
+    a big table is cut into key ranges read by several backends at once, on one exported snapshot
+    (what ``pg_dump --jobs`` does).
     """
 
     name = "postgresql"
@@ -615,7 +620,15 @@ class PostgresIO:
     def split(
         self, connection: Connection, spec: TableSpec, where: str | None, parts: int
     ) -> list[str] | None:
-        if parts < 2 or spec.primary_key != ("id",) or self._snapshot_id is None:
+        # Ranges of the leading key column: a composite key (the references' session_id, role)
+        # splits as well as an id, and each range still comes out in key order.
+        leading = spec.primary_key[0] if spec.primary_key else None
+        if (
+            parts < 2
+            or leading is None
+            or spec.kinds[spec.columns.index(leading)] is not ColumnKind.INTEGER
+            or self._snapshot_id is None
+        ):
             return None
         size = connection.execute(
             text("SELECT pg_table_size(CAST(:table AS regclass))"), {"table": spec.name}
@@ -623,17 +636,19 @@ class PostgresIO:
         if size is None or int(size) < self.parallel_min_bytes:
             return None
         condition = f" WHERE {where}" if where else ""
+        key = _quote(leading)
         low, high = connection.exec_driver_sql(
-            f"SELECT min(id), max(id) FROM {_quote(spec.name)}{condition}"
+            f"SELECT min({key}), max({key}) FROM {_quote(spec.name)}{condition}"
         ).one()
         if low is None or high - low < parts:
             return None
+        pieces = min(max(parts, -(-int(size) // RANGE_BYTES)), high - low + 1)
         # Identity ids are dense enough that equal id spans are roughly equal work.
-        step = -(-(high - low + 1) // parts)
-        bounds = [int(low) + step * k for k in range(1, parts)]
-        ranges = [f"id < {bounds[0]}"]
-        ranges += [f"id >= {a} AND id < {b}" for a, b in itertools.pairwise(bounds)]
-        ranges.append(f"id >= {bounds[-1]}")
+        step = -(-(high - low + 1) // pieces)
+        bounds = [int(low) + step * k for k in range(1, pieces)]
+        ranges = [f"{key} < {bounds[0]}"]
+        ranges += [f"{key} >= {a} AND {key} < {b}" for a, b in itertools.pairwise(bounds)]
+        ranges.append(f"{key} >= {bounds[-1]}")
         return ranges
 
     @contextmanager
@@ -662,28 +677,28 @@ class PostgresIO:
         self, connection: Connection, spec: TableSpec, where: str | None
     ) -> Generator[tuple[bytes, int]]:
         condition = f" WHERE {where}" if where else ""
-        # CSV with a delimiter and quote JSON never contains unescaped (control characters are
-        # always \u escapes in JSON), so every line arrives exactly as the server built it:
-        # text format would double each backslash.
         statement = (
-            f"COPY (SELECT {self._row_expression(spec)} FROM {_quote(spec.name)}{condition} "
-            f"ORDER BY {_order_by(spec)}) TO STDOUT WITH (FORMAT csv, DELIMITER E'\\x01', "
-            "QUOTE E'\\x02')"
+            f"SELECT CAST({self._row_expression(spec)} AS TEXT) FROM {_quote(spec.name)}"
+            f"{condition} ORDER BY {_order_by(spec)}"
         )
         driver = connection.connection.driver_connection
         assert driver is not None
-        with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            block: list[bytes | memoryview] = []
+        # Not COPY: psycopg reads COPY a row per Python call, and CSV output scans every byte
+        # again on the server. A plain query streamed in chunks of rows is parsed in C, and in
+        # binary form each line arrives as the UTF-8 bytes the server built, never decoded.
+        with driver.cursor(binary=True) as cursor:
+            cursor.adapters.register_loader("text", ByteaBinaryLoader)
+            block: list[bytes] = []
             size = 0
-            for row in copy:  # psycopg hands over one row per read: gather them into big writes
-                block.append(row)
-                size += len(row)
+            for (line,) in cursor.stream(statement, size=_PG_ROWS_PER_CHUNK):
+                block.append(line)
+                size += len(line)
                 if size >= FLUSH_BYTES:
-                    yield b"".join(block), len(block)
+                    yield b"\n".join([*block, b""]), len(block)
                     block.clear()
                     size = 0
             if block:
-                yield b"".join(block), len(block)
+                yield b"\n".join([*block, b""]), len(block)
 
     def fetch_rows(
         self, connection: Connection, spec: TableSpec, keys: Sequence[tuple[Any, ...]]

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
+import queue
 import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -33,7 +35,6 @@ from prompt_tool.db.models import Project
 from prompt_tool.db.url import redact
 from prompt_tool.errors import InvalidInputError, NotFoundError, SchemaError
 from prompt_tool.migrate.archive import (
-    FLUSH_BYTES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -114,56 +115,39 @@ class _HashingFile:
 
 
 class _LinesFile:
-    """Lines going into a file, gzip-compressed or not; ``append`` adds a finished part.
+    """Blocks of lines going into a file, each block gzip-compressed or not.
 
-    A compressed table is a series of gzip members (one per part read in parallel, compressed
-    by the thread that read it); concatenated members are one valid gzip file.
+    A compressed table is a series of gzip members, one per block, so that the threads reading
+    a table in parallel can each compress what they read (:meth:`encode`); concatenated members
+    are one valid gzip file, and deflate's 32 KiB window makes 1 MiB members cost nothing in size.
     """
 
     def __init__(self, path: Path, compress: bool) -> None:
         self.path = path
         self._raw = _HashingFile(path)
         self._compress = compress
-        self._gzip: gzip.GzipFile | None = None
         self.rows = 0
 
+    def encode(self, data: bytes) -> bytes:
+        """``data`` as it goes into the file; safe to call from any thread."""
+        if not self._compress:
+            return data
+        # No name, mtime 0: the same data gives the same bytes and checksum.
+        return gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+
+    def write_encoded(self, data: bytes, rows: int) -> None:
+        self._raw.write(data)
+        self.rows += rows
+
     def write(self, data: bytes, rows: int) -> None:
-        if self._compress:
-            if self._gzip is None:
-                # No name, mtime 0: the same data gives the same bytes and checksum.
-                self._gzip = gzip.GzipFile(
-                    filename="", mode="wb", fileobj=self._raw, compresslevel=_GZIP_LEVEL, mtime=0
-                )
-            self._gzip.write(data)
-        else:
-            self._raw.write(data)
-        self.rows += rows
-
-    def _end_member(self) -> None:
-        if self._gzip is not None:
-            self._gzip.close()  # writes the member's trailer; the raw file stays open
-            self._gzip = None
-
-    def append(self, part: Path, rows: int) -> None:
-        self._end_member()
-        with open(part, "rb") as source:
-            while block := source.read(FLUSH_BYTES):
-                self._raw.write(block)
-        self.rows += rows
+        self.write_encoded(self.encode(data), rows)
 
     def close(self) -> None:
         try:
-            if self._compress and self._gzip is None and self._raw.size == 0:
-                self._gzip = gzip.GzipFile(
-                    filename="", mode="wb", fileobj=self._raw, compresslevel=_GZIP_LEVEL, mtime=0
-                )  # an empty table is still a valid (empty) gzip file
-            self._end_member()
+            if self._compress and self._raw.size == 0:
+                self._raw.write(self.encode(b""))  # an empty table is still a valid gzip file
         finally:
             self._raw.close()
-
-    @property
-    def compressed(self) -> bool:
-        return self._compress
 
     @property
     def size(self) -> int:
@@ -175,42 +159,89 @@ class _LinesFile:
 
 
 class _CancelledError(Exception):
-    """A parallel part stops because the export as a whole failed."""
+    """A range reader stops because the export as a whole stopped."""
 
 
-@dataclass
-class _Part:
-    """One key range of a big table, read on its own connection into its own file."""
-
-    path: Path
-    condition: str
-    rows: int = 0
-    error: BaseException | None = None
-    thread: threading.Thread | None = None
+_END = object()  # the last item of a range's queue
 
 
-def _read_part(
-    engine: Engine,
-    dialect: DialectIO,
-    spec: TableSpec,
-    part: _Part,
-    compress: bool,
-    stop: threading.Event,
-) -> None:
-    try:
-        with dialect.worker(engine) as connection:
-            output = _LinesFile(part.path, compress)
-            try:
-                with closing(dialect.stream_lines(connection, spec, part.condition)) as blocks:
-                    for data, rows in blocks:
-                        if stop.is_set():
-                            raise _CancelledError
-                        output.write(data, rows)
-            finally:
-                output.close()
-            part.rows = output.rows
-    except BaseException as error:  # noqa: BLE001 - handed to the main thread, re-raised there
-        part.error = error
+class _RangeReaders:
+    """``jobs`` threads, each on its own connection to the export's snapshot, read a table's key
+    ranges in turn; :meth:`blocks` hands their blocks over in key order.
+
+    A reader may start a range only while fewer than ``jobs + 1`` ranges are read or waiting
+    ahead of the one being written, so memory stays a few ranges' worth whatever the table's
+    size, while the ranges after the one being written are read in parallel with it.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        dialect: DialectIO,
+        spec: TableSpec,
+        conditions: list[str | None],
+        jobs: int,
+        encode: Callable[[bytes], bytes],
+    ) -> None:
+        self._engine = engine
+        self._dialect = dialect
+        self._spec = spec
+        self._conditions = conditions
+        self._encode = encode
+        self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in conditions]
+        self._claimed = itertools.count()
+        self._claim_lock = threading.Lock()
+        self._window = threading.Semaphore(jobs + 1)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._read, name=f"export-{spec.name}-{n}", daemon=True)
+            for n in range(min(jobs, len(conditions)))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _claim(self) -> int | None:
+        self._window.acquire()
+        with self._claim_lock:
+            index = next(self._claimed)
+        if self._stop.is_set() or index >= len(self._conditions):
+            return None
+        return index
+
+    def _read(self) -> None:
+        index: int | None = None
+        try:
+            with self._dialect.worker(self._engine) as connection:
+                while (index := self._claim()) is not None:
+                    lines = self._dialect.stream_lines(
+                        connection, self._spec, self._conditions[index]
+                    )
+                    with closing(lines):
+                        for data, rows in lines:
+                            if self._stop.is_set():
+                                raise _CancelledError
+                            self._queues[index].put((self._encode(data), rows))
+                    self._queues[index].put(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the writing thread
+            # Every queue: the writer may be waiting on any range this reader would have read.
+            for waiting in self._queues:
+                waiting.put(error)
+
+    def blocks(self) -> Generator[tuple[bytes, int]]:
+        for waiting in self._queues:
+            while (item := waiting.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, tuple)
+                yield item
+            self._window.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        for _ in self._threads:
+            self._window.release()  # wakes a reader waiting for a turn, which then sees the stop
+        for thread in self._threads:
+            thread.join()
 
 
 def _and(*conditions: str | None) -> str | None:
@@ -227,47 +258,32 @@ def _write_table(
     jobs: int,
     progress: ProgressCallback | None,
 ) -> None:
-    """Stream one table into ``output``: in one go, or in key ranges read in parallel where
-    the first range streams here while the others fill part files, appended in order."""
-    split = dialect.split(connection, spec, where, jobs)
-    ranges: list[str | None] = [*split] if split else [None]
-    parts = [
-        _Part(output.path.with_name(f".{output.path.name}.part{number}"), str(condition))
-        for number, condition in enumerate(ranges[1:], start=1)
-    ]
-    stop = threading.Event()
-    engine = connection.engine
-    for part in parts:
-        part.thread = threading.Thread(
-            target=_read_part,
-            args=(engine, dialect, spec, part, output.compressed, stop),
-            name=f"export-{spec.name}-{part.path.suffix}",
-            daemon=True,
-        )
-        part.thread.start()
+    """Stream one table into ``output``: in one go, or in key ranges read in parallel."""
+    ranges = dialect.split(connection, spec, where, jobs)
+    readers: _RangeReaders | None = None
+    if ranges:
+        conditions = [_and(where, key_range) for key_range in ranges]
+        readers = _RangeReaders(connection.engine, dialect, spec, conditions, jobs, output.encode)
+        blocks = readers.blocks()
+    else:
+        blocks = _encoded(dialect.stream_lines(connection, spec, where), output.encode)
     try:
-        with closing(dialect.stream_lines(connection, spec, _and(where, ranges[0]))) as blocks:
+        with closing(blocks):
             for data, rows in blocks:
-                output.write(data, rows)
+                output.write_encoded(data, rows)
                 if progress is not None:
                     progress(spec.name, output.rows, None)
-                for part in parts:
-                    if part.error is not None:  # fail fast, not after the first range
-                        raise part.error
-        for part in parts:
-            assert part.thread is not None
-            part.thread.join()
-            if part.error is not None:
-                raise part.error
-            output.append(part.path, part.rows)
-            part.path.unlink()
-            if progress is not None:
-                progress(spec.name, output.rows, None)
     finally:
-        stop.set()
-        for part in parts:
-            if part.thread is not None:
-                part.thread.join()
+        if readers is not None:
+            readers.close()
+
+
+def _encoded(
+    lines: Generator[tuple[bytes, int]], encode: Callable[[bytes], bytes]
+) -> Generator[tuple[bytes, int]]:
+    with closing(lines):
+        for data, rows in lines:
+            yield encode(data), rows
 
 
 def _scope_conditions(project_ids: list[int] | None, tables: set[str]) -> dict[str, str | None]:

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import shutil
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from prompt_tool.migrate.archive import (
     ARCHIVED_TABLES,
     ExportRevisionMismatchError,
     InvalidExportError,
+    TableSpec,
 )
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.export import export
@@ -874,6 +876,79 @@ def test_parallel_key_ranges_write_exactly_what_one_reader_writes(
     assert parallel_gzip.row_counts == one.row_counts
     _restore(target, tmp_path / "parallel-gzip")
     assert _all_text(target) == _all_text(source)
+
+
+class _RangeReadFailedError(Exception):
+    pass
+
+
+@pytest.mark.postgres
+def test_a_range_reader_that_fails_fails_the_export_and_leaves_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _new_head_db("postgresql", request, tmp_path, "source")
+    _load_rich_data(source, sessions=120)
+    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(archive, "RANGE_BYTES", 1)  # a range per few rows
+    stream_lines = archive.PostgresIO.stream_lines
+    calls = iter(range(1_000_000))
+
+    def fails_on_the_fifth_range(self: Any, connection: Any, spec: Any, where: Any) -> Any:
+        if where and next(calls) == 4:
+            raise _RangeReadFailedError("the connection went away")
+        return stream_lines(self, connection, spec, where)
+
+    monkeypatch.setattr(archive.PostgresIO, "stream_lines", fails_on_the_fifth_range)
+    threads_before = threading.active_count()
+    parent = tmp_path / "exports"
+    parent.mkdir()
+
+    with pytest.raises(_RangeReadFailedError):
+        _export(source, parent / "export", jobs=2)
+
+    assert list(parent.iterdir()) == []
+    assert threading.active_count() == threads_before  # every reader joined
+
+
+@pytest.mark.postgres
+def test_an_export_stopped_while_ranges_are_read_stops_its_readers(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _new_head_db("postgresql", request, tmp_path, "source")
+    _load_rich_data(source, sessions=120)
+    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(archive, "RANGE_BYTES", 1)
+    threads_before = threading.active_count()
+    parent = tmp_path / "exports"
+    parent.mkdir()
+
+    with pytest.raises(_InterruptedError):
+        _export(source, parent / "export", jobs=2, progress=_raise_midway(5))
+
+    assert list(parent.iterdir()) == []
+    assert threading.active_count() == threads_before
+
+
+@pytest.mark.postgres
+def test_a_table_keyed_by_session_and_role_is_split_on_its_session_ids(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _new_head_db("postgresql", request, tmp_path, "source")
+    _load_rich_data(source, sessions=30)
+    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
+    engine = make_engine(source)
+    try:
+        with engine.connect() as connection:
+            dialect = archive.dialect_io(connection)
+            with dialect.snapshot(connection):
+                ranges = dialect.split(
+                    connection, TableSpec.from_model("session_prompt_refs"), None, 3
+                )
+    finally:
+        engine.dispose()
+
+    assert ranges is not None and len(ranges) == 3
+    assert all('"session_id"' in condition for condition in ranges)
 
 
 # --- SQLite: text that is not UTF-8 ------------------------------------------------------------
