@@ -15,9 +15,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Row, select
 
 from prompt_tool.compat.shadow import (
     LogPublisher,
@@ -45,17 +45,20 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.errors import NotFoundError
-from prompt_tool.flags import FlagService, Variant
+from prompt_tool.flags import FlagDecision, FlagService, Variant
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
 __all__ = ["SessionReader"]
 
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
 logger = logging.getLogger("prompt_tool.compat")
 
-# (role, its value): the references are keyed by the stored value, and an enum's ``.value``
-# is a property lookup, paid per role per session otherwise.
-# In the order of SessionPrompts' fields (system, planner, synthesis).
-_ROLE_KEYS = tuple((role, role.value) for role in PromptRole)
+# (position, role, its value): the references are keyed by the stored value, and an enum's
+# ``.value`` is a property lookup, paid per role per session otherwise. In the order of
+# SessionPrompts' fields (system, planner, synthesis), which is also _LegacyRow.texts' order.
+_ROLE_KEYS = tuple((position, role, role.value) for position, role in enumerate(PromptRole))
 # Versions are immutable; what a cached one may go stale on is its template's name, scope and
 # declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
 _VERSION_CACHE_SIZE = 20_000
@@ -69,18 +72,79 @@ class _Reference(NamedTuple):
     legacy_hash: str | None
 
 
+# A references row as read (session_id, role, prompt_version_id, variables, legacy_hash), kept
+# as the driver's row: a warm read looks at its version id only.
+_StoredReference = Row[tuple[int, str, int, dict[str, Any] | None, str | None]]
+
+
+class _Version(NamedTuple):
+    """A cached version, with what a warm templates read of it needs at hand."""
+
+    template: ResolvedTemplate
+    # The source when it is its own rendering whatever the variables (no brace, no declared
+    # variable: most imported texts), else None.
+    literal: str | None
+    # Per role position: the RolePrompt a read returns when ``literal`` is the legacy text.
+    # Immutable, so every session served from this version shares them.
+    served: tuple[RolePrompt, ...]
+
+
 class _LegacyRow(NamedTuple):
     session_id: int
     project_id: int
     project: str
-    texts: dict[PromptRole, str | None]
+    texts: tuple[str | None, str | None, str | None]  # system, planner, synthesis
+
+
+def _literal_source(template: ResolvedTemplate) -> str | None:
+    """The source, when it is its own rendering whatever the variables: not one brace and no
+    declared variable (the engine hands such a text back unchanged). Most imported texts."""
+    if not template.declared_variables and "{" not in template.source:
+        return template.source
+    return None
+
+
+def _cached_version(template: ResolvedTemplate) -> _Version:
+    literal = _literal_source(template)
+    served = tuple(
+        new_role_prompt(role, literal, PromptSource.TEMPLATE, template.version_id)
+        for _, role, _ in _ROLE_KEYS
+    )
+    return _Version(template, literal, served)
+
+
+class _Recent(Generic[_Key, _Value]):
+    """At most ``size`` entries, each kept ``ttl_s`` seconds (0: none kept); thread-safe."""
+
+    def __init__(self, ttl_s: float, size: int) -> None:
+        self._ttl_s = ttl_s
+        self._size = size
+        self._entries: OrderedDict[_Key, tuple[float, _Value]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Iterable[_Key], now: float) -> dict[_Key, _Value]:
+        """The fresh entries of ``keys``, under one hold of the lock."""
+        oldest = now - self._ttl_s
+        with self._lock:
+            entries = [(key, self._entries.get(key)) for key in keys]
+        return {key: entry[1] for key, entry in entries if entry is not None and entry[0] > oldest}
+
+    def put(self, key: _Key, value: _Value, now: float) -> None:
+        if self._ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (now, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 class _Rendered:
     """Render each distinct (project, version, variables) once per batch.
 
     The project is part of the key: an ``include`` resolves through the project's hierarchy, so
-    one global version can render differently in two projects.
+    one global version can render differently in two projects. Not kept across batches: what
+    an ``include`` resolves to changes as soon as the template manager says so.
     """
 
     def __init__(self, manager: TemplateManager) -> None:
@@ -88,11 +152,9 @@ class _Rendered:
         self._done: dict[tuple[str, int, str], str | TemplateError] = {}
 
     def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
-        template = reference.template
-        if not template.declared_variables and "{" not in template.source:
-            # Not one brace, no declared variable: the text is its own rendering whatever
-            # the variables (the engine hands it back unchanged too). Most imported texts.
-            return template.source
+        literal = _literal_source(reference.template)
+        if literal is not None:
+            return literal
         key = (
             project,
             reference.template.version_id,
@@ -130,9 +192,9 @@ class SessionReader:
         self.flags = flags
         self.publisher: ShadowPublisher = publisher if publisher is not None else LogPublisher()
         self.shadow_counts = ShadowCounters()
-        self._versions: OrderedDict[int, tuple[float, ResolvedTemplate]] = OrderedDict()
-        self._versions_lock = threading.Lock()
-        self._version_ttl_s = self.manager.settings.name_cache_ttl_s
+        self._versions: _Recent[int, _Version] = _Recent(
+            self.manager.settings.name_cache_ttl_s, _VERSION_CACHE_SIZE
+        )
 
     # --- queries -----------------------------------------------------------------------
 
@@ -150,16 +212,7 @@ class SessionReader:
             .where(one_of(connection, OrchestrationSession.id, session_ids))
         )
         return [
-            _LegacyRow(
-                session_id,
-                project_id,
-                slug,
-                {
-                    PromptRole.SYSTEM: system,
-                    PromptRole.PLANNER: planner,
-                    PromptRole.SYNTHESIS: synthesis,
-                },
-            )
+            _LegacyRow(session_id, project_id, slug, (system, planner, synthesis))
             # .all(): one fetchall, not a fetchone per row as iterating the result does.
             for session_id, project_id, slug, system, planner, synthesis in connection.execute(
                 query
@@ -168,46 +221,32 @@ class SessionReader:
 
     def _references(
         self, connection: Connection, session_ids: list[int]
-    ) -> dict[tuple[int, str], _Reference]:
-        """The sessions' references: one narrow query on the references table, then the
-        versions it names that are not cached yet (a version never changes)."""
+    ) -> tuple[dict[tuple[int, str], _StoredReference], dict[int, _Version]]:
+        """The sessions' references, by (session, role): one narrow query on the references
+        table; and the versions they name, from the cache or one query for those not in it (a
+        version never changes)."""
         if not session_ids:
-            return {}
+            return {}, {}
         query = select(
             SessionPromptRef.session_id,
             SessionPromptRef.role,
+            SessionPromptRef.prompt_version_id,
             SessionPromptRef.variables,
             SessionPromptRef.legacy_hash,
-            SessionPromptRef.prompt_version_id,
         ).where(one_of(connection, SessionPromptRef.session_id, session_ids))
         rows = connection.execute(query).all()
-        templates = self._templates(connection, {row[4] for row in rows})
-        return {
-            (session_id, role): _Reference(templates[version_id], variables or {}, legacy_hash)
-            for session_id, role, variables, legacy_hash, version_id in rows
-        }
+        references = {(row[0], row[1]): row for row in rows}
+        return references, self._versions_of(connection, {row[2] for row in rows})
 
-    def _templates(
-        self, connection: Connection, version_ids: set[int]
-    ) -> dict[int, ResolvedTemplate]:
+    def _versions_of(self, connection: Connection, version_ids: set[int]) -> dict[int, _Version]:
         now = time.monotonic()
-        found: dict[int, ResolvedTemplate] = {}
-        with self._versions_lock:
-            for version_id in version_ids:
-                cached = self._versions.get(version_id)
-                if cached is not None and now - cached[0] < self._version_ttl_s:
-                    found[version_id] = cached[1]
+        found = self._versions.get_many(version_ids, now)
         missing = version_ids - found.keys()
         if not missing:
             return found
-        found.update(load_versions(connection, missing))
-        if self._version_ttl_s > 0:
-            with self._versions_lock:
-                for version_id in missing:
-                    self._versions[version_id] = (now, found[version_id])
-                    self._versions.move_to_end(version_id)
-                while len(self._versions) > _VERSION_CACHE_SIZE:
-                    self._versions.popitem(last=False)
+        for version_id, template in load_versions(connection, missing).items():
+            found[version_id] = version = _cached_version(template)
+            self._versions.put(version_id, version, now)
         return found
 
     # --- reading -----------------------------------------------------------------------
@@ -232,29 +271,36 @@ class SessionReader:
                 for row in rows
                 if decisions[row.project].variant is not Variant.LEGACY
             ]
-            references = self._references(connection, needs_templates)
+            references, versions = self._references(connection, needs_templates)
         render = _Rendered(self.manager)
         result: dict[int, SessionPrompts] = {}
-        TEMPLATE = PromptSource.TEMPLATE  # noqa: N806 - a local alias for the hot loop
         role_prompt = self._role
+        reference_of = references.get
         for row in rows:
             decision = decisions[row.project]
             variant = decision.variant
-            sample_rate = decision.sample_rate
             if variant is Variant.TEMPLATES:
-                # The common case inline, one call per role fewer: a reference whose
-                # rendering is the legacy text. Anything else takes the full path.
+                # The common case inline, and no object built for it: a reference to a version
+                # whose source is its own rendering and is the legacy text. The RolePrompt is
+                # the version's shared one. Anything else takes the full path.
+                session_id = row.session_id
+                texts = row.texts
                 system, planner, synthesis = [
-                    new_role_prompt(role, rendered, TEMPLATE, reference.template.version_id)
-                    if (reference := references.get((row.session_id, key))) is not None
-                    and (rendered := render(row.project, reference)) == row.texts[role]
-                    else role_prompt(row, role, key, variant, sample_rate, references, render)
-                    for role, key in _ROLE_KEYS
+                    version.served[position]
+                    if (stored := reference_of((session_id, key))) is not None
+                    and (version := versions[stored.prompt_version_id]).literal is not None
+                    and version.literal == texts[position]
+                    else role_prompt(
+                        row, position, role, key, variant, decision, references, versions, render
+                    )
+                    for position, role, key in _ROLE_KEYS
                 ]
             else:
                 system, planner, synthesis = [
-                    role_prompt(row, role, key, variant, sample_rate, references, render)
-                    for role, key in _ROLE_KEYS
+                    role_prompt(
+                        row, position, role, key, variant, decision, references, versions, render
+                    )
+                    for position, role, key in _ROLE_KEYS
                 ]
             result[row.session_id] = new_session_prompts(
                 row.session_id, row.project, variant.value, system, planner, synthesis
@@ -264,19 +310,30 @@ class SessionReader:
     def _role(
         self,
         row: _LegacyRow,
+        position: int,
         role: PromptRole,
         key: str,
         variant: Variant,
-        sample_rate: float,
-        references: Mapping[tuple[int, str], _Reference],
+        decision: FlagDecision,
+        references: Mapping[tuple[int, str], _StoredReference],
+        versions: Mapping[int, _Version],
         render: _Rendered,
     ) -> RolePrompt:
-        legacy = row.texts[role]
+        legacy = row.texts[position]
         if variant is Variant.LEGACY:
             return new_role_prompt(role, legacy, PromptSource.LEGACY)
-        reference = references.get((row.session_id, key))
+        stored = references.get((row.session_id, key))
+        reference = (
+            None
+            if stored is None
+            else _Reference(
+                versions[stored.prompt_version_id].template,
+                stored.variables or {},
+                stored.legacy_hash,
+            )
+        )
         if variant is Variant.SHADOW:
-            if reference is not None and is_sampled(row.session_id, sample_rate):
+            if reference is not None and is_sampled(row.session_id, decision.sample_rate):
                 self._compare(row, role, legacy, reference, render)
             return new_role_prompt(role, legacy, PromptSource.LEGACY)
         if reference is None:

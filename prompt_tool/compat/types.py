@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
 
 from prompt_tool.db.models import PromptRole
 
@@ -59,7 +58,7 @@ class SessionPrompts:
 _new = object.__new__
 _role_slots = tuple(RolePrompt.__dict__[name].__set__ for name in ("role", "text", "source"))
 _set_version_id = RolePrompt.__dict__["version_id"].__set__
-_session_slots = tuple(
+_set_session_id, _set_project, _set_variant, _set_system, _set_planner, _set_synthesis = (
     SessionPrompts.__dict__[name].__set__
     for name in ("session_id", "project", "variant", "system", "planner", "synthesis")
 )
@@ -78,10 +77,21 @@ def new_role_prompt(
     return prompt
 
 
-def new_session_prompts(*fields: Any) -> SessionPrompts:
+def new_session_prompts(
+    session_id: int,
+    project: str,
+    variant: str,
+    system: RolePrompt,
+    planner: RolePrompt,
+    synthesis: RolePrompt,
+) -> SessionPrompts:
     """``SessionPrompts(session_id, project, variant, system, planner, synthesis)``, built
     faster (see above)."""
     prompts: SessionPrompts = _new(SessionPrompts)
-    for setter, value in zip(_session_slots, fields, strict=True):
-        setter(prompts, value)
+    _set_session_id(prompts, session_id)
+    _set_project(prompts, project)
+    _set_variant(prompts, variant)
+    _set_system(prompts, system)
+    _set_planner(prompts, planner)
+    _set_synthesis(prompts, synthesis)
     return prompts

@@ -179,9 +179,14 @@ def one_of(
     has no arrays and keeps ``IN``.
     """
     element = column.expression if isinstance(column, QueryableAttribute) else column
-    if connection.dialect.name == "postgresql":
-        return element == any_(bindparam(None, list(values), type_=postgresql.ARRAY(element.type)))
-    return element.in_(values)
+    if connection.dialect.name != "postgresql":
+        return element.in_(values)
+    if all(type(value) is int for value in values):
+        # Integer keys as one comma-joined string: psycopg dumps a list element by element in
+        # Python, 1.6 ms of a 1,000-key lookup; the server splits the string in microseconds.
+        split = func.string_to_array(bindparam(None, comma_joined(values), type_=Text()), ",")
+        return element == any_(cast(split, postgresql.ARRAY(element.type)))
+    return element == any_(bindparam(None, list(values), type_=postgresql.ARRAY(element.type)))
 
 
 def set_local_timeouts(

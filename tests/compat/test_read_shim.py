@@ -20,6 +20,7 @@ from prompt_tool.compat import (
 from prompt_tool.compat.types import new_role_prompt, new_session_prompts
 from prompt_tool.db import schema
 from prompt_tool.db.models import OrchestrationSession, PromptRole, Scope
+from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.verify import verify
 from prompt_tool.settings import Settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
@@ -109,6 +110,38 @@ def test_legacy_text_changed_after_the_reference_wins_as_stale(
     set_flag("acme", "templates")
     planner = reader.read(created.session_id).planner
     assert (planner.text, planner.source) == ("edited by an old app version", PromptSource.STALE)
+
+
+def test_a_backfilled_plain_text_is_served_from_its_version_until_the_legacy_text_changes(
+    db_engine: Engine, reader: SessionReader, set_flag: Any
+) -> None:
+    texts = {"system_prompt": "Plain words.", "planner_prompt": "Plain words."}
+    first = _legacy_session(db_engine, "acme", texts)
+    second = _legacy_session(db_engine, "acme", texts)
+    backfill(db_engine)
+    set_flag("acme", "templates")
+
+    before = reader.read_many([first, second])
+    with db_engine.begin() as connection:
+        connection.execute(
+            update(OrchestrationSession)
+            .where(OrchestrationSession.id == first)
+            .values(system_prompt="Edited by an old app version.")
+        )
+    after = reader.read_many([first, second])
+
+    for read in (before[first], before[second], after[second]):
+        assert (read.system.role, read.planner.role) == (PromptRole.SYSTEM, PromptRole.PLANNER)
+        assert read.texts() == {
+            "system": "Plain words.",
+            "planner": "Plain words.",
+            "synthesis": None,
+        }
+        assert read.system.source is read.planner.source is PromptSource.TEMPLATE
+        assert read.system.version_id is not None
+    assert after[first].system.text == "Edited by an old app version."
+    assert after[first].system.source is PromptSource.STALE
+    assert after[first].planner.source is PromptSource.TEMPLATE
 
 
 def test_shadow_returns_legacy_and_publishes_a_mismatch_without_the_full_text(
