@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
 from sqlalchemy import Connection, Row, select
 
@@ -35,6 +35,7 @@ from prompt_tool.compat.types import (
     new_role_prompt,
     new_session_prompts,
 )
+from prompt_tool.core import literal_text
 from prompt_tool.core.errors import TemplateError
 from prompt_tool.db.dialect import one_of
 from prompt_tool.db.engine import Connectable, connect
@@ -57,8 +58,18 @@ logger = logging.getLogger("prompt_tool.compat")
 
 # (position, role, its value): the references are keyed by the stored value, and an enum's
 # ``.value`` is a property lookup, paid per role per session otherwise. In the order of
-# SessionPrompts' fields (system, planner, synthesis), which is also _LegacyRow.texts' order.
+# SessionPrompts' fields (system, planner, synthesis), which is also the legacy rows' order.
 _ROLE_KEYS = tuple((position, role, role.value) for position, role in enumerate(PromptRole))
+# A legacy row is (session_id, project_id, project, system, planner, synthesis): the driver's
+# row as read. A batch reads thousands of rows, and every object built per row (or per role)
+# is also one more for the garbage collector, whose passes over the process's heap were a
+# sixth of a warm read.
+# Read by position in the hot loop: a Row's attribute lookup by name costs several times more.
+_SESSION_ID: Final = 0
+_PROJECT_ID: Final = 1
+_PROJECT: Final = 2
+_TEXTS: Final = 3  # then the texts, in role position order
+_VERSION_ID: Final = 2  # in a _StoredReference
 # Versions are immutable; what a cached one may go stale on is its template's name, scope and
 # declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
 _VERSION_CACHE_SIZE = 20_000
@@ -70,11 +81,12 @@ class _Reference(NamedTuple):
     template: ResolvedTemplate
     variables: dict[str, Any]
     legacy_hash: str | None
+    literal: str | None  # _Version.literal
 
 
 # A references row as read (session_id, role, prompt_version_id, variables, legacy_hash), kept
 # as the driver's row: a warm read looks at its version id only.
-_StoredReference = Row[tuple[int, str, int, dict[str, Any] | None, str | None]]
+_StoredReference = Row[int, str, int, dict[str, Any] | None, str | None]
 
 
 class _Version(NamedTuple):
@@ -89,19 +101,17 @@ class _Version(NamedTuple):
     served: tuple[RolePrompt, ...]
 
 
-class _LegacyRow(NamedTuple):
-    session_id: int
-    project_id: int
-    project: str
-    texts: tuple[str | None, str | None, str | None]  # system, planner, synthesis
+_LegacyRow = Row[int, int, str, str | None, str | None, str | None]
 
 
 def _literal_source(template: ResolvedTemplate) -> str | None:
-    """The source, when it is its own rendering whatever the variables: not one brace and no
-    declared variable (the engine hands such a text back unchanged). Most imported texts."""
-    if not template.declared_variables and "{" not in template.source:
-        return template.source
-    return None
+    """What the version renders to whatever the variables, when that is known without
+    rendering it: with no declared variable, a source without a brace is its own rendering
+    (most imported texts), and a source that ``literal_template`` made of a text renders to
+    that text (imported texts with braces). None otherwise."""
+    if template.declared_variables:
+        return None
+    return literal_text(template.source)
 
 
 def _cached_version(template: ResolvedTemplate) -> _Version:
@@ -126,8 +136,12 @@ class _Recent(Generic[_Key, _Value]):
         """The fresh entries of ``keys``, under one hold of the lock."""
         oldest = now - self._ttl_s
         with self._lock:
-            entries = [(key, self._entries.get(key)) for key in keys]
-        return {key: entry[1] for key, entry in entries if entry is not None and entry[0] > oldest}
+            get = self._entries.get
+            return {
+                key: entry[1]
+                for key in keys
+                if (entry := get(key)) is not None and entry[0] > oldest
+            }
 
     def put(self, key: _Key, value: _Value, now: float) -> None:
         if self._ttl_s <= 0:
@@ -152,9 +166,8 @@ class _Rendered:
         self._done: dict[tuple[str, int, str], str | TemplateError] = {}
 
     def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
-        literal = _literal_source(reference.template)
-        if literal is not None:
-            return literal
+        if reference.literal is not None:
+            return reference.literal
         key = (
             project,
             reference.template.version_id,
@@ -201,9 +214,9 @@ class SessionReader:
     def _legacy_rows(self, connection: Connection, session_ids: list[int]) -> list[_LegacyRow]:
         query = (
             select(
-                OrchestrationSession.id,
+                OrchestrationSession.id.label("session_id"),
                 OrchestrationSession.project_id,
-                Project.slug,
+                Project.slug.label("project"),
                 OrchestrationSession.system_prompt,
                 OrchestrationSession.planner_prompt,
                 OrchestrationSession.synthesis_prompt,
@@ -211,22 +224,17 @@ class SessionReader:
             .join(Project, Project.id == OrchestrationSession.project_id)
             .where(one_of(connection, OrchestrationSession.id, session_ids))
         )
-        return [
-            _LegacyRow(session_id, project_id, slug, (system, planner, synthesis))
-            # .all(): one fetchall, not a fetchone per row as iterating the result does.
-            for session_id, project_id, slug, system, planner, synthesis in connection.execute(
-                query
-            ).all()
-        ]
+        # .all(): one fetchall, not a fetchone per row as iterating the result does.
+        return list(connection.execute(query).all())
 
     def _references(
         self, connection: Connection, session_ids: list[int]
-    ) -> tuple[dict[tuple[int, str], _StoredReference], dict[int, _Version]]:
-        """The sessions' references, by (session, role): one narrow query on the references
-        table; and the versions they name, from the cache or one query for those not in it (a
-        version never changes)."""
+    ) -> tuple[dict[str, dict[int, _StoredReference]], dict[int, _Version]]:
+        """The sessions' references, by role and then session: one narrow query on the
+        references table; and the versions they name, from the cache or one query for those
+        not in it (a version never changes)."""
         if not session_ids:
-            return {}, {}
+            return {key: {} for _, _, key in _ROLE_KEYS}, {}
         query = select(
             SessionPromptRef.session_id,
             SessionPromptRef.role,
@@ -235,8 +243,11 @@ class SessionReader:
             SessionPromptRef.legacy_hash,
         ).where(one_of(connection, SessionPromptRef.session_id, session_ids))
         rows = connection.execute(query).all()
-        references = {(row[0], row[1]): row for row in rows}
-        return references, self._versions_of(connection, {row[2] for row in rows})
+        # Keyed by the session id, an int: no (session, role) tuple per reference.
+        references = {
+            key: {row[0]: row for row in rows if row[1] == key} for _, _, key in _ROLE_KEYS
+        }
+        return references, self._versions_of(connection, {row[_VERSION_ID] for row in rows})
 
     def _versions_of(self, connection: Connection, version_ids: set[int]) -> dict[int, _Version]:
         now = time.monotonic()
@@ -265,35 +276,36 @@ class SessionReader:
         # checkout costs a pool round trip (and a reset on return) per batch.
         with connect(self.engine) as connection:
             rows = self._legacy_rows(connection, wanted)
-            decisions = self.flags.variants_for({(row.project, row.project_id) for row in rows})
+            decisions = self.flags.variants_for({(row[_PROJECT], row[_PROJECT_ID]) for row in rows})
             needs_templates = [
-                row.session_id
+                row[_SESSION_ID]
                 for row in rows
-                if decisions[row.project].variant is not Variant.LEGACY
+                if decisions[row[_PROJECT]].variant is not Variant.LEGACY
             ]
             references, versions = self._references(connection, needs_templates)
         render = _Rendered(self.manager)
         result: dict[int, SessionPrompts] = {}
         role_prompt = self._role
-        reference_of = references.get
+        roles = [(*role_key, references[role_key[2]]) for role_key in _ROLE_KEYS]
+        variant_names = {variant: variant.value for variant in Variant}
         for row in rows:
-            decision = decisions[row.project]
+            session_id = row[_SESSION_ID]
+            project = row[_PROJECT]
+            decision = decisions[project]
             variant = decision.variant
             if variant is Variant.TEMPLATES:
                 # The common case inline, and no object built for it: a reference to a version
                 # whose source is its own rendering and is the legacy text. The RolePrompt is
                 # the version's shared one. Anything else takes the full path.
-                session_id = row.session_id
-                texts = row.texts
                 system, planner, synthesis = [
                     version.served[position]
-                    if (stored := reference_of((session_id, key))) is not None
-                    and (version := versions[stored.prompt_version_id]).literal is not None
-                    and version.literal == texts[position]
+                    if (stored := of_role.get(session_id)) is not None
+                    and (version := versions[stored[_VERSION_ID]]).literal is not None
+                    and version.literal == row[_TEXTS + position]
                     else role_prompt(
                         row, position, role, key, variant, decision, references, versions, render
                     )
-                    for position, role, key in _ROLE_KEYS
+                    for position, role, key, of_role in roles
                 ]
             else:
                 system, planner, synthesis = [
@@ -302,8 +314,8 @@ class SessionReader:
                     )
                     for position, role, key in _ROLE_KEYS
                 ]
-            result[row.session_id] = new_session_prompts(
-                row.session_id, row.project, variant.value, system, planner, synthesis
+            result[session_id] = new_session_prompts(
+                session_id, project, variant_names[variant], system, planner, synthesis
             )
         return result
 
@@ -315,21 +327,22 @@ class SessionReader:
         key: str,
         variant: Variant,
         decision: FlagDecision,
-        references: Mapping[tuple[int, str], _StoredReference],
+        references: Mapping[str, Mapping[int, _StoredReference]],
         versions: Mapping[int, _Version],
         render: _Rendered,
     ) -> RolePrompt:
-        legacy = row.texts[position]
+        legacy = cast("str | None", row[_TEXTS + position])
         if variant is Variant.LEGACY:
             return new_role_prompt(role, legacy, PromptSource.LEGACY)
-        stored = references.get((row.session_id, key))
+        stored = references[key].get(row.session_id)
         reference = (
             None
             if stored is None
             else _Reference(
-                versions[stored.prompt_version_id].template,
+                (version := versions[stored.prompt_version_id]).template,
                 stored.variables or {},
                 stored.legacy_hash,
+                version.literal,
             )
         )
         if variant is Variant.SHADOW:

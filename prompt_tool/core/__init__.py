@@ -26,7 +26,7 @@ from prompt_tool.core.errors import (
     VariableSpecError,
 )
 from prompt_tool.core.limits import RenderLimits
-from prompt_tool.core.literal import literal_template
+from prompt_tool.core.literal import literal_template, literal_text
 from prompt_tool.core.sandbox import PromptTemplate
 from prompt_tool.core.variables import (
     JSONValue,
@@ -59,6 +59,7 @@ __all__ = [
     "content_hash",
     "default_engine",
     "literal_template",
+    "literal_text",
     "parse_variable_specs",
     "prepare_variables",
     "render",

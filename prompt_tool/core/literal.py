@@ -14,11 +14,13 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["literal_template"]
+__all__ = ["literal_template", "literal_text"]
 
 # A run of "{" that would open a tag: greedy, so "{{{x" escapes the first two braces and leaves
 # the last one (followed by "x") as plain text.
 _OPENING_BRACES: Final = re.compile(r"\{+(?=[{%#])")
+# What literal_template makes of such a run.
+_ESCAPED_BRACES: Final = re.compile(r"\{\{'(\{+)'\}\}")
 
 
 def literal_template(text: str) -> str:
@@ -26,3 +28,14 @@ def literal_template(text: str) -> str:
     if "{" not in text:
         return text
     return _OPENING_BRACES.sub(lambda match: "{{'" + match.group(0) + "'}}", text)
+
+
+def literal_text(source: str) -> str | None:
+    """The text ``source`` renders to when it is what :func:`literal_template` makes of some
+    text (whatever the variables: it refers to none), else None.
+
+    Lets a reader serve such a template without rendering it: unescape, then check that
+    escaping gives ``source`` back, so only an exact image of ``literal_template`` qualifies.
+    """
+    text = _ESCAPED_BRACES.sub(lambda match: match.group(1), source) if "{" in source else source
+    return text if literal_template(text) == source else None

@@ -144,6 +144,26 @@ def test_a_backfilled_plain_text_is_served_from_its_version_until_the_legacy_tex
     assert after[first].planner.source is PromptSource.TEMPLATE
 
 
+def test_a_backfilled_text_with_braces_is_served_from_its_version_without_rendering(
+    db_engine: Engine,
+    reader: SessionReader,
+    set_flag: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    jinja_looking = "Dear {{ user }},\r\n{% if x %} {# note #} {{'{'}} { lone"
+    session_id = _legacy_session(db_engine, "acme", {"planner_prompt": jinja_looking})
+    backfill(db_engine)
+    set_flag("acme", "templates")
+
+    def no_rendering(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("an imported text needs no rendering")
+
+    monkeypatch.setattr(reader.manager, "render_resolved", no_rendering)
+    planner = reader.read(session_id).planner
+
+    assert (planner.text, planner.source) == (jinja_looking, PromptSource.TEMPLATE)
+
+
 def test_shadow_returns_legacy_and_publishes_a_mismatch_without_the_full_text(
     db_engine: Engine,
     manager: TemplateManager,

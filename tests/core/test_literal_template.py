@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prompt_tool.core import TemplateEngine, literal_template
+from prompt_tool.core import TemplateEngine, literal_template, literal_text
 from prompt_tool.settings import Settings
 
 ENGINE = TemplateEngine(settings=Settings())
@@ -67,3 +67,16 @@ def test_escaping_is_compact() -> None:
     assert literal_template("a {{ b }} c") == "a {{'{'}}{ b }} c"
     assert literal_template("{%") == "{{'{'}}%"
     assert literal_template("{{{#") == "{{'{{{'}}#"
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=_TEXTS)
+def test_literal_text_gives_back_the_text_a_literal_template_was_made_of(text: str) -> None:
+    assert literal_text(literal_template(text)) == text
+
+
+@pytest.mark.parametrize(
+    "source", ["{{ user }}", "{% if x %}y{% endif %}", "{{'{'}}", "{{'{{'}}x", "{# c #}"]
+)
+def test_a_source_literal_template_cannot_have_made_has_no_literal_text(source: str) -> None:
+    assert literal_text(source) is None
