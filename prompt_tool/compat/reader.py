@@ -286,26 +286,31 @@ class SessionReader:
         render = _Rendered(self.manager)
         result: dict[int, SessionPrompts] = {}
         role_prompt = self._role
-        roles = [(*role_key, references[role_key[2]]) for role_key in _ROLE_KEYS]
+        # Per role: what the hot loop needs, looked up once per batch rather than per session.
+        roles = [
+            (position, role, key, _TEXTS + position, references[key].get)
+            for position, role, key in _ROLE_KEYS
+        ]
         variant_names = {variant: variant.value for variant in Variant}
+        templates = Variant.TEMPLATES
         for row in rows:
             session_id = row[_SESSION_ID]
             project = row[_PROJECT]
             decision = decisions[project]
             variant = decision.variant
-            if variant is Variant.TEMPLATES:
+            if variant is templates:
                 # The common case inline, and no object built for it: a reference to a version
                 # whose source is its own rendering and is the legacy text. The RolePrompt is
                 # the version's shared one. Anything else takes the full path.
                 system, planner, synthesis = [
                     version.served[position]
-                    if (stored := of_role.get(session_id)) is not None
-                    and (version := versions[stored[_VERSION_ID]]).literal is not None
-                    and version.literal == row[_TEXTS + position]
+                    if (stored := reference_of(session_id)) is not None
+                    and (literal := (version := versions[stored[_VERSION_ID]]).literal) is not None
+                    and literal == row[text_at]
                     else role_prompt(
                         row, position, role, key, variant, decision, references, versions, render
                     )
-                    for position, role, key, of_role in roles
+                    for position, role, key, text_at, reference_of in roles
                 ]
             else:
                 system, planner, synthesis = [
