@@ -9,6 +9,7 @@ number of SQL statements, and each distinct (version, variables) pair is rendere
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
-from sqlalchemy import Connection, Row, select
+from sqlalchemy import Connection, Row, Select, select
 
 from prompt_tool.compat.shadow import (
     LogPublisher,
@@ -37,7 +38,7 @@ from prompt_tool.compat.types import (
 )
 from prompt_tool.core import literal_text
 from prompt_tool.core.errors import TemplateError
-from prompt_tool.db.dialect import one_of
+from prompt_tool.db.dialect import ids_parameter, one_of_ids
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -185,6 +186,35 @@ class _Rendered:
         return self._done[key]
 
 
+# The two queries of a batch, built once per dialect: SQLAlchemy then neither builds them nor
+# computes their cache keys again for every batch.
+@functools.cache
+def _legacy_query(dialect: str) -> Select[int, int, str, str | None, str | None, str | None]:
+    return (
+        select(
+            OrchestrationSession.id.label("session_id"),
+            OrchestrationSession.project_id,
+            Project.slug.label("project"),
+            OrchestrationSession.system_prompt,
+            OrchestrationSession.planner_prompt,
+            OrchestrationSession.synthesis_prompt,
+        )
+        .join(Project, Project.id == OrchestrationSession.project_id)
+        .where(one_of_ids(dialect, OrchestrationSession.id, "ids"))
+    )
+
+
+@functools.cache
+def _references_query(dialect: str) -> Select[int, str, int, dict[str, Any] | None, str | None]:
+    return select(
+        SessionPromptRef.session_id,
+        SessionPromptRef.role,
+        SessionPromptRef.prompt_version_id,
+        SessionPromptRef.variables,
+        SessionPromptRef.legacy_hash,
+    ).where(one_of_ids(dialect, SessionPromptRef.session_id, "ids"))
+
+
 class SessionReader:
     """Reads session prompts the way the project's flag says; never breaks because of it."""
 
@@ -212,20 +242,10 @@ class SessionReader:
     # --- queries -----------------------------------------------------------------------
 
     def _legacy_rows(self, connection: Connection, session_ids: list[int]) -> list[_LegacyRow]:
-        query = (
-            select(
-                OrchestrationSession.id.label("session_id"),
-                OrchestrationSession.project_id,
-                Project.slug.label("project"),
-                OrchestrationSession.system_prompt,
-                OrchestrationSession.planner_prompt,
-                OrchestrationSession.synthesis_prompt,
-            )
-            .join(Project, Project.id == OrchestrationSession.project_id)
-            .where(one_of(connection, OrchestrationSession.id, session_ids))
-        )
+        dialect = connection.dialect.name
+        parameters = {"ids": ids_parameter(dialect, session_ids)}
         # .all(): one fetchall, not a fetchone per row as iterating the result does.
-        return list(connection.execute(query).all())
+        return list(connection.execute(_legacy_query(dialect), parameters).all())
 
     def _references(
         self, connection: Connection, session_ids: list[int]
@@ -235,14 +255,9 @@ class SessionReader:
         not in it (a version never changes)."""
         if not session_ids:
             return {key: {} for _, _, key in _ROLE_KEYS}, {}
-        query = select(
-            SessionPromptRef.session_id,
-            SessionPromptRef.role,
-            SessionPromptRef.prompt_version_id,
-            SessionPromptRef.variables,
-            SessionPromptRef.legacy_hash,
-        ).where(one_of(connection, SessionPromptRef.session_id, session_ids))
-        rows = connection.execute(query).all()
+        dialect = connection.dialect.name
+        parameters = {"ids": ids_parameter(dialect, session_ids)}
+        rows = connection.execute(_references_query(dialect), parameters).all()
         # Keyed by the session id, an int: no (session, role) tuple per reference.
         references = {
             key: {row[0]: row for row in rows if row[1] == key} for _, _, key in _ROLE_KEYS

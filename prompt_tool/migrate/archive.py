@@ -24,7 +24,7 @@ Values in a row, by column kind (the same whichever database wrote the file):
   timestamp type: its UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]`` becomes the ISO spelling and is
   written back to SQLite exactly as it was; any other text it holds is kept as ``{"raw": value}``.
 
-The dialect differences (snapshot, text decoding, COPY, identity sequences) live in
+The dialect differences (snapshot, text decoding, streaming, identity sequences) live in
 :class:`PostgresIO` and :class:`SQLiteIO` and nowhere else in ``migrate/``.
 """
 

@@ -102,7 +102,7 @@ class RestoreResult:
 
 
 class _GzipMembers:
-    """Decompress a gzip stream of one or more members (parallel parts are separate members)."""
+    """Decompress a gzip stream of one or more members (an export writes one per block)."""
 
     def __init__(self) -> None:
         self._member = zlib.decompressobj(16 + zlib.MAX_WBITS)
