@@ -108,7 +108,7 @@ class _HashingFile:
         return None
 
     def close(self) -> None:
-        # No fsync here: it would cost as much as the whole COPY. A machine crash can tear an
+        # No fsync here: it would cost as much as the whole read. A machine crash can tear an
         # export, and restore then refuses it by its checksums; only replacing an old export
         # (see _publish) waits for the new one to be on disk.
         self._file.close()
@@ -296,7 +296,8 @@ def _scope_conditions(project_ids: list[int] | None, tables: set[str]) -> dict[s
     """
     if project_ids is None:
         return dict.fromkeys(tables)
-    # Inlined, not bound: COPY takes no parameters. They are ints read from the database.
+    # Inlined, not bound: conditions are SQL text, joined with the key ranges. They are ints
+    # read from the database.
     ids = ", ".join(str(int(i)) for i in project_ids) or "NULL"
     sessions = f"SELECT id FROM orchestration_sessions WHERE project_id IN ({ids})"
     tests = f"SELECT id FROM ab_tests WHERE project_id IN ({ids})"
