@@ -76,15 +76,6 @@ _VERSION_ID: Final = 2  # in a _StoredReference
 _VERSION_CACHE_SIZE = 20_000
 
 
-# Named tuples, not frozen dataclasses: a batch builds thousands of each, and a frozen
-# dataclass's __init__ (object.__setattr__ per field) costs several times a tuple's.
-class _Reference(NamedTuple):
-    template: ResolvedTemplate
-    variables: dict[str, Any]
-    legacy_hash: str | None
-    literal: str | None  # _Version.literal
-
-
 # A references row as read (session_id, role, prompt_version_id, variables, legacy_hash), kept
 # as the driver's row: a warm read looks at its version id only.
 _StoredReference = Row[int, str, int, dict[str, Any] | None, str | None]
@@ -94,8 +85,8 @@ class _Version(NamedTuple):
     """A cached version, with what a warm templates read of it needs at hand."""
 
     template: ResolvedTemplate
-    # The source when it is its own rendering whatever the variables (no brace, no declared
-    # variable: most imported texts), else None.
+    # What it renders to whatever the variables, when known without rendering it
+    # (_literal_source), else None.
     literal: str | None
     # Per role position: the RolePrompt a read returns when ``literal`` is the legacy text.
     # Immutable, so every session served from this version shares them.
@@ -103,6 +94,14 @@ class _Version(NamedTuple):
 
 
 _LegacyRow = Row[int, int, str, str | None, str | None, str | None]
+
+
+# Named tuples, not frozen dataclasses: a frozen dataclass's __init__ (object.__setattr__ per
+# field) costs several times a tuple's, and a batch may build thousands of these.
+class _Reference(NamedTuple):
+    version: _Version
+    variables: dict[str, Any]
+    legacy_hash: str | None
 
 
 def _literal_source(template: ResolvedTemplate) -> str | None:
@@ -167,11 +166,12 @@ class _Rendered:
         self._done: dict[tuple[str, int, str], str | TemplateError] = {}
 
     def __call__(self, project: str, reference: _Reference) -> str | TemplateError:
-        if reference.literal is not None:
-            return reference.literal
+        version = reference.version
+        if version.literal is not None:
+            return version.literal
         key = (
             project,
-            reference.template.version_id,
+            version.template.version_id,
             json.dumps(reference.variables, sort_keys=True, default=str)
             if reference.variables
             else "",
@@ -179,7 +179,7 @@ class _Rendered:
         if key not in self._done:
             try:
                 self._done[key] = self._manager.render_resolved(
-                    reference.template, reference.variables, project=project
+                    version.template, reference.variables, project=project
                 )
             except TemplateError as error:
                 self._done[key] = error
@@ -315,8 +315,8 @@ class SessionReader:
             variant = decision.variant
             if variant is templates:
                 # The common case inline, and no object built for it: a reference to a version
-                # whose source is its own rendering and is the legacy text. The RolePrompt is
-                # the version's shared one. Anything else takes the full path.
+                # whose known rendering is the legacy text. The RolePrompt is the version's
+                # shared one. Anything else takes the full path.
                 system, planner, synthesis = [
                     version.served[position]
                     if (stored := reference_of(session_id)) is not None
@@ -359,10 +359,7 @@ class SessionReader:
             None
             if stored is None
             else _Reference(
-                (version := versions[stored.prompt_version_id]).template,
-                stored.variables or {},
-                stored.legacy_hash,
-                version.literal,
+                versions[stored.prompt_version_id], stored.variables or {}, stored.legacy_hash
             )
         )
         if variant is Variant.SHADOW:
@@ -373,7 +370,7 @@ class SessionReader:
             # NULL stays NULL: a role the session never used has nothing to migrate.
             source = PromptSource.LEGACY if legacy is None else PromptSource.UNMIGRATED
             return new_role_prompt(role, legacy, source)
-        version_id = reference.template.version_id
+        version_id = reference.version.template.version_id
         rendered = render(row.project, reference)
         if rendered == legacy:
             # The templates path gives the legacy text back: whatever the reference was made
@@ -419,7 +416,7 @@ class SessionReader:
             session_id=row.session_id,
             role=role.value,
             kind=kind,
-            version_id=reference.template.version_id,
+            version_id=reference.version.template.version_id,
             legacy_hash=text_hash(legacy),
             rendered_hash=text_hash(rendered),
             diff=short_diff(legacy, rendered) if rendered is not None else "",

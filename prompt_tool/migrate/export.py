@@ -139,9 +139,6 @@ class _LinesFile:
         self._raw.write(data)
         self.rows += rows
 
-    def write(self, data: bytes, rows: int) -> None:
-        self.write_encoded(self.encode(data), rows)
-
     def close(self) -> None:
         try:
             if self._compress and self._raw.size == 0:
@@ -209,7 +206,6 @@ class _RangeReaders:
         return index
 
     def _read(self) -> None:
-        index: int | None = None
         try:
             with self._dialect.worker(self._engine) as connection:
                 while (index := self._claim()) is not None:

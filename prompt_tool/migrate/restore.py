@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import IntegrityError
 
+from prompt_tool.db.dialect import refresh_statistics
 from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.db.url import redact
 from prompt_tool.errors import InvalidInputError
@@ -380,6 +381,12 @@ def _restore(
                 )
             for spec in specs.values():
                 dialect.advance_identity(connection, spec)
+            written = [table.table for table in results if table.inserted or table.overwritten]
+            if written:
+                # Whatever runs next (verify, the read shim) would otherwise be planned for empty
+                # tables until autovacuum gets there: verify of 50,000 restored sessions ran for
+                # over ten minutes instead of two seconds.
+                refresh_statistics(connection, written)
     return results
 
 
