@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
-from sqlalchemy import Connection, Row, Select, select
+from sqlalchemy import ColumnElement, Connection, Row, Select, func, select
 
 from prompt_tool.compat.shadow import (
     LogPublisher,
@@ -74,6 +74,9 @@ _VERSION_ID: Final = 2  # in a _StoredReference
 # Versions are immutable; what a cached one may go stale on is its template's name, scope and
 # declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
 _VERSION_CACHE_SIZE = 20_000
+_NO_LINKS: tuple[None, ...] = (None,) * (1 + len(_ROLE_KEYS))
+# Per role position: what a role the session never used reads as. Immutable, so shared.
+_NEVER_USED = tuple(new_role_prompt(role, None, PromptSource.LEGACY) for _, role, _ in _ROLE_KEYS)
 
 
 # A references row as read (session_id, role, prompt_version_id, variables, legacy_hash), kept
@@ -94,6 +97,10 @@ class _Version(NamedTuple):
 
 
 _LegacyRow = Row[int, int, str, str | None, str | None, str | None]
+# A session's links as read: (session_id, then the version id of each role, in role position
+# order, or None).
+_Links = Row[int, int | None, int | None, int | None]
+_LINKED: Final = 1  # where the version ids start in a _Links
 
 
 # Named tuples, not frozen dataclasses: a frozen dataclass's __init__ (object.__setattr__ per
@@ -186,7 +193,7 @@ class _Rendered:
         return self._done[key]
 
 
-# The two queries of a batch, built once per dialect: SQLAlchemy then neither builds them nor
+# The queries of a batch, built once per dialect: SQLAlchemy then neither builds them nor
 # computes their cache keys again for every batch.
 @functools.cache
 def _legacy_query(dialect: str) -> Select[int, int, str, str | None, str | None, str | None]:
@@ -205,6 +212,28 @@ def _legacy_query(dialect: str) -> Select[int, int, str, str | None, str | None,
 
 
 @functools.cache
+def _links_query(dialect: str) -> Select[int, int, int, int]:
+    """One row per session that has references: the version of each role, in role position
+    order (NULL for a role without one). Grouped by the database: a third of the rows of
+    one per reference, and one lookup per session, not per role, in the hot loop."""
+
+    def version_of(role: PromptRole) -> ColumnElement[int]:
+        column = SessionPromptRef.prompt_version_id
+        return func.max(column).filter(SessionPromptRef.role == role.value)
+
+    return (
+        select(
+            SessionPromptRef.session_id,
+            version_of(PromptRole.SYSTEM),
+            version_of(PromptRole.PLANNER),
+            version_of(PromptRole.SYNTHESIS),
+        )
+        .where(one_of_ids(dialect, SessionPromptRef.session_id, "ids"))
+        .group_by(SessionPromptRef.session_id)
+    )
+
+
+@functools.cache
 def _references_query(dialect: str) -> Select[int, str, int, dict[str, Any] | None, str | None]:
     return select(
         SessionPromptRef.session_id,
@@ -213,6 +242,68 @@ def _references_query(dialect: str) -> Select[int, str, int, dict[str, Any] | No
         SessionPromptRef.variables,
         SessionPromptRef.legacy_hash,
     ).where(one_of_ids(dialect, SessionPromptRef.session_id, "ids"))
+
+
+def _needs_references(row: _LegacyRow, decision: FlagDecision) -> bool:
+    """Whether reading this session needs its references in full: with the flag
+    ``templates`` (it was not served from its versions alone), or ``shadow`` and sampled."""
+    variant = decision.variant
+    if variant is Variant.TEMPLATES:
+        return True
+    return variant is Variant.SHADOW and is_sampled(row[_SESSION_ID], decision.sample_rate)
+
+
+def _served_from_versions(
+    rows: list[_LegacyRow],
+    decisions: Mapping[str, FlagDecision],
+    links: Mapping[int, _Links],
+    versions: Mapping[int, _Version],
+) -> tuple[dict[int, SessionPrompts], list[_LegacyRow]]:
+    """The common case of a warm read, served from the links alone: a session read with the
+    flag ``templates`` whose every role either links to a version whose known rendering is its
+    legacy text (the RolePrompt is the version's shared one, no object built) or links to
+    nothing (its legacy text). The other rows, to be read with their references in full."""
+    served: dict[int, SessionPrompts] = {}
+    rest: list[_LegacyRow] = []
+    templates = Variant.TEMPLATES
+    variant_name = templates.value
+    links_of = links.get
+    # Per role: what the loop needs, looked up once per batch rather than per session.
+    roles = [
+        (position, role, _TEXTS + position, _LINKED + position, _NEVER_USED[position])
+        for position, role, _ in _ROLE_KEYS
+    ]
+    for row in rows:
+        if decisions[row[_PROJECT]].variant is not templates:
+            rest.append(row)
+            continue
+        session_id = row[_SESSION_ID]
+        linked = links_of(session_id, _NO_LINKS)
+        prompts: list[RolePrompt] = []
+        for position, role, text_at, link_at, never_used in roles:
+            legacy = cast("str | None", row[text_at])
+            version_id = linked[link_at]
+            if version_id is None:
+                # NULL stays NULL: a role the session never used has nothing to migrate.
+                prompts.append(
+                    never_used
+                    if legacy is None
+                    else new_role_prompt(role, legacy, PromptSource.UNMIGRATED)
+                )
+                continue
+            version = versions[version_id]
+            literal = version.literal
+            if literal is None or literal != legacy:
+                break
+            prompts.append(version.served[position])
+        else:
+            system, planner, synthesis = prompts
+            served[session_id] = new_session_prompts(
+                session_id, row[_PROJECT], variant_name, system, planner, synthesis
+            )
+            continue
+        rest.append(row)
+    return served, rest
 
 
 class SessionReader:
@@ -247,18 +338,32 @@ class SessionReader:
         # .all(): one fetchall, not a fetchone per row as iterating the result does.
         return list(connection.execute(_legacy_query(dialect), parameters).all())
 
+    def _links(
+        self, connection: Connection, session_ids: list[int]
+    ) -> tuple[dict[int, _Links], dict[int, _Version]]:
+        """The versions each session's roles link to, by session; and those versions, from
+        the cache or one query for those not in it (a version never changes). Only the ids:
+        a link's variables and digest are read for the few sessions whose versions do not
+        settle them (:meth:`_references`)."""
+        if not session_ids:
+            return {}, {}
+        dialect = connection.dialect.name
+        parameters = {"ids": ids_parameter(dialect, session_ids)}
+        rows = connection.execute(_links_query(dialect), parameters).all()
+        version_ids = {
+            version_id for row in rows for version_id in row[_LINKED:] if version_id is not None
+        }
+        return {row[0]: row for row in rows}, self._versions_of(connection, version_ids)
+
     def _references(
         self, connection: Connection, session_ids: list[int]
     ) -> tuple[dict[str, dict[int, _StoredReference]], dict[int, _Version]]:
-        """The sessions' references, by role and then session: one narrow query on the
-        references table; and the versions they name, from the cache or one query for those
-        not in it (a version never changes)."""
+        """The sessions' references in full, by role and then session, and their versions."""
         if not session_ids:
             return {key: {} for _, _, key in _ROLE_KEYS}, {}
         dialect = connection.dialect.name
         parameters = {"ids": ids_parameter(dialect, session_ids)}
         rows = connection.execute(_references_query(dialect), parameters).all()
-        # Keyed by the session id, an int: no (session, role) tuple per reference.
         references = {
             key: {row[0]: row for row in rows if row[1] == key} for _, _, key in _ROLE_KEYS
         }
@@ -287,55 +392,34 @@ class SessionReader:
     def read_many(self, session_ids: Iterable[int]) -> dict[int, SessionPrompts]:
         """The prompts of many sessions, by id, in a constant number of SQL statements."""
         wanted = list(dict.fromkeys(session_ids))
-        # One connection for both queries, as a legacy reader uses for its one: a second
+        # One connection for every query, as a legacy reader uses for its one: a second
         # checkout costs a pool round trip (and a reset on return) per batch.
         with connect(self.engine) as connection:
             rows = self._legacy_rows(connection, wanted)
             decisions = self.flags.variants_for({(row[_PROJECT], row[_PROJECT_ID]) for row in rows})
-            needs_templates = [
+            templated = [
                 row[_SESSION_ID]
                 for row in rows
-                if decisions[row[_PROJECT]].variant is not Variant.LEGACY
+                if decisions[row[_PROJECT]].variant is Variant.TEMPLATES
             ]
-            references, versions = self._references(connection, needs_templates)
+            links, versions = self._links(connection, templated)
+            result, rest = _served_from_versions(rows, decisions, links, versions)
+            in_full = [
+                row[_SESSION_ID] for row in rest if _needs_references(row, decisions[row[_PROJECT]])
+            ]
+            references, more_versions = self._references(connection, in_full)
+        versions.update(more_versions)
         render = _Rendered(self.manager)
-        result: dict[int, SessionPrompts] = {}
-        role_prompt = self._role
-        # Per role: what the hot loop needs, looked up once per batch rather than per session.
-        roles = [
-            (position, role, key, _TEXTS + position, references[key].get)
-            for position, role, key in _ROLE_KEYS
-        ]
-        variant_names = {variant: variant.value for variant in Variant}
-        templates = Variant.TEMPLATES
-        for row in rows:
+        for row in rest:
             session_id = row[_SESSION_ID]
             project = row[_PROJECT]
             decision = decisions[project]
-            variant = decision.variant
-            if variant is templates:
-                # The common case inline, and no object built for it: a reference to a version
-                # whose known rendering is the legacy text. The RolePrompt is the version's
-                # shared one. Anything else takes the full path.
-                system, planner, synthesis = [
-                    version.served[position]
-                    if (stored := reference_of(session_id)) is not None
-                    and (literal := (version := versions[stored[_VERSION_ID]]).literal) is not None
-                    and literal == row[text_at]
-                    else role_prompt(
-                        row, position, role, key, variant, decision, references, versions, render
-                    )
-                    for position, role, key, text_at, reference_of in roles
-                ]
-            else:
-                system, planner, synthesis = [
-                    role_prompt(
-                        row, position, role, key, variant, decision, references, versions, render
-                    )
-                    for position, role, key in _ROLE_KEYS
-                ]
+            system, planner, synthesis = [
+                self._role(row, position, role, key, decision, references, versions, render)
+                for position, role, key in _ROLE_KEYS
+            ]
             result[session_id] = new_session_prompts(
-                session_id, project, variant_names[variant], system, planner, synthesis
+                session_id, project, decision.variant.value, system, planner, synthesis
             )
         return result
 
@@ -345,13 +429,13 @@ class SessionReader:
         position: int,
         role: PromptRole,
         key: str,
-        variant: Variant,
         decision: FlagDecision,
         references: Mapping[str, Mapping[int, _StoredReference]],
         versions: Mapping[int, _Version],
         render: _Rendered,
     ) -> RolePrompt:
         legacy = cast("str | None", row[_TEXTS + position])
+        variant = decision.variant
         if variant is Variant.LEGACY:
             return new_role_prompt(role, legacy, PromptSource.LEGACY)
         stored = references[key].get(row.session_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -26,6 +28,21 @@ from prompt_tool.settings import Settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
 ROLES = {"system": "system", "planner": "planner", "synthesis": "synthesis"}
+
+
+@contextmanager
+def _statements_run(engine: Engine) -> Iterator[list[str]]:
+    """The SQL statements run on ``engine`` inside the block."""
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def _legacy_session(engine: Engine, project: str, texts: dict[str, str | None]) -> int:
@@ -203,6 +220,54 @@ def test_shadow_sampling_at_zero_compares_nothing(
     assert publisher.events == []
 
 
+@pytest.mark.parametrize(("sample_rate", "references_read"), [(0.0, False), (1.0, True)])
+def test_shadow_reads_references_only_for_the_sessions_it_compares(
+    db_engine: Engine,
+    manager: TemplateManager,
+    reader: SessionReader,
+    set_flag: Any,
+    sample_rate: float,
+    references_read: bool,
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    set_flag("acme", "shadow", sample_rate=sample_rate)
+    reader.read(created.session_id)  # warm the flag cache
+
+    with _statements_run(db_engine) as statements:
+        read = reader.read(created.session_id)
+
+    assert read.texts() == created.texts
+    assert any("session_prompt_refs" in sql for sql in statements) is references_read
+
+
+def test_a_role_relinked_while_a_batch_is_read_reads_as_stale_not_as_an_error(
+    db_engine: Engine, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    manager.create(TemplateAddress("terse", Scope.GLOBAL), "Terse on {{ topic }}.", actor="root")
+    created = create_session(manager, "acme", ROLES, {"topic": "tax"}, name="s")
+    set_flag("acme", "templates")
+    reader.read(created.session_id)  # warm the flag and version caches
+
+    relinked: list[bool] = []
+
+    def relink_before_the_full_references_are_read(*args: Any) -> None:
+        if "legacy_hash" in args[2] and not relinked:
+            relinked.append(True)
+            set_session_template(manager, created.session_id, "planner", "terse")
+
+    relink = relink_before_the_full_references_are_read
+    event.listen(db_engine, "before_cursor_execute", relink)
+    try:
+        planner = reader.read(created.session_id).planner
+    finally:
+        event.remove(db_engine, "before_cursor_execute", relink)
+
+    # The batch read the text before the relink and the reference after it: the text wins.
+    assert (planner.text, planner.source) == (created.texts["planner"], PromptSource.STALE)
+    assert planner.version_id is not None
+    assert reader.read(created.session_id).planner.text == "Terse on tax."
+
+
 def test_a_template_that_fails_to_render_serves_the_legacy_text(
     db_engine: Engine,
     manager: TemplateManager,
@@ -258,16 +323,8 @@ def test_batch_read_costs_the_same_statements_for_10_and_1000_sessions(
     reader.read_many(ids)  # warm the flag cache
 
     def count(session_ids: list[int]) -> int:
-        statements: list[str] = []
-
-        def record(*args: Any) -> None:
-            statements.append(args[2])
-
-        event.listen(db_engine, "before_cursor_execute", record)
-        try:
+        with _statements_run(db_engine) as statements:
             read = reader.read_many(session_ids)
-        finally:
-            event.remove(db_engine, "before_cursor_execute", record)
         assert all(p.planner.source is PromptSource.TEMPLATE for p in read.values())
         return len(statements)
 
