@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, text, update
+from statements import statements_run
 
 from prompt_tool import flags
 from prompt_tool.compat import (
@@ -28,21 +27,6 @@ from prompt_tool.settings import Settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
 ROLES = {"system": "system", "planner": "planner", "synthesis": "synthesis"}
-
-
-@contextmanager
-def _statements_run(engine: Engine) -> Iterator[list[str]]:
-    """The SQL statements run on ``engine`` inside the block."""
-    statements: list[str] = []
-
-    def record(*args: Any) -> None:
-        statements.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def _legacy_session(engine: Engine, project: str, texts: dict[str, str | None]) -> int:
@@ -233,7 +217,7 @@ def test_shadow_reads_references_only_for_the_sessions_it_compares(
     set_flag("acme", "shadow", sample_rate=sample_rate)
     reader.read(created.session_id)  # warm the flag cache
 
-    with _statements_run(db_engine) as statements:
+    with statements_run(db_engine) as statements:
         read = reader.read(created.session_id)
 
     assert read.texts() == created.texts
@@ -323,7 +307,7 @@ def test_batch_read_costs_the_same_statements_for_10_and_1000_sessions(
     reader.read_many(ids)  # warm the flag cache
 
     def count(session_ids: list[int]) -> int:
-        with _statements_run(db_engine) as statements:
+        with statements_run(db_engine) as statements:
             read = reader.read_many(session_ids)
         assert all(p.planner.source is PromptSource.TEMPLATE for p in read.values())
         return len(statements)

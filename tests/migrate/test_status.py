@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, insert, select, update
+from sqlalchemy import Engine, insert, select, update
+from statements import statements_run
 from typer.testing import CliRunner
 
 from prompt_tool import flags
@@ -258,13 +259,8 @@ def test_status_counts_in_a_fixed_number_of_queries_whatever_the_sessions(
     legacy_engine: Engine,
 ) -> None:
     backfill(legacy_engine)
-    statements: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(legacy_engine, "before_cursor_execute", record)
-    status(legacy_engine)
+    with statements_run(legacy_engine) as statements:
+        status(legacy_engine)
     few = len(statements)
     with legacy_engine.begin() as connection:
         project_id = connection.execute(select(Project.id).limit(1)).scalar_one()
@@ -275,9 +271,8 @@ def test_status_counts_in_a_fixed_number_of_queries_whatever_the_sessions(
                 for n in range(500)
             ],
         )
-    statements.clear()
-    report = status(legacy_engine)
-    event.remove(legacy_engine, "before_cursor_execute", record)
+    with statements_run(legacy_engine) as statements:
+        report = status(legacy_engine)
 
     assert len(statements) == few
     assert sum(p.unmigrated for p in report.projects) == 500

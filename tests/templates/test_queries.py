@@ -3,31 +3,14 @@ lookups use the expand step's indexes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
-from sqlalchemy import Engine, event, insert, text
+from sqlalchemy import Engine, insert, text
+from statements import statements_run
 
 from prompt_tool.db.engine import make_session_factory, session_scope
 from prompt_tool.db.models import Prompt, PromptType, PromptVersion, Scope, TemplateLabel
 from prompt_tool.db.projects import get_project
 from prompt_tool.templates import TemplateManager
-
-
-@contextmanager
-def counting_statements(engine: Engine) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def record(*args: Any) -> None:
-        statements.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def _bulk_templates(engine: Engine, count: int, prefix: str) -> None:
@@ -68,10 +51,10 @@ def test_listing_costs_the_same_statements_for_10_and_1000_templates(
     manager.list_templates(
         project="acme"
     )  # warm the slug -> id map, which never needs a query again
-    with counting_statements(db_engine) as small:
+    with statements_run(db_engine) as small:
         assert len(manager.list_templates(project="acme", search="small")) == 10
     _bulk_templates(db_engine, 990, "big")
-    with counting_statements(db_engine) as large:
+    with statements_run(db_engine) as large:
         listed = manager.list_templates(project="acme")
     assert len(listed) == 1000
     assert all(t.labels == {"latest": 1, "production": 1} for t in listed)
