@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, cast, func, literal, null, select, union_all
+from sqlalchemy import Connection, and_, case, cast, func, literal, null, select, true, union_all
 from sqlalchemy.types import Text
 
 from prompt_tool.core import content_hash
@@ -215,49 +215,61 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
         in_range = and_(in_range, _SESSIONS.c.project_id.in_(list(project_ids)))
     if sample_ids is not None:
         in_range = and_(in_range, _SESSIONS.c.id.in_(sample_ids))
-    per_role = []
-    for role in PromptRole:
-        column = _SESSIONS.c[role.legacy_column]
-        literal_versions = _literal_versions()
-        settled = and_(
-            column == literal_versions.c.content,
-            _REFS.c.legacy_hash == literal_versions.c.content_hash,
+    # Each session row is read once and unpivoted into its roles (a cross join with the role
+    # names, the text picked by CASE), and the references are joined on (session, role) in
+    # one pass. One query branch per role read the sessions, the references and the literal
+    # versions three times: in one backend, a batch of 500,000 sessions took 5.6-5.9 s, now
+    # 3.9-4.0 s; with PostgreSQL's parallel workers about the same as before (3.4-3.6 s).
+    role_names = union_all(
+        *(select(literal(each.value).label("role")) for each in PromptRole)
+    ).subquery("roles")
+    role = role_names.c.role
+    legacy_text = case(
+        *((role == each.value, _SESSIONS.c[each.legacy_column]) for each in PromptRole)
+    )
+    literal_versions = _literal_versions()
+    settled = and_(
+        legacy_text == literal_versions.c.content,
+        _REFS.c.legacy_hash == literal_versions.c.content_hash,
+    )
+    rows = (
+        select(
+            _SESSIONS.c.id.label("session_id"),
+            _SESSIONS.c.project_id.label("project_id"),
+            role.label("role"),
+            legacy_text.is_(None).label("no_text"),
+            # Only the digest leaves this subquery, not the text (NULL for a settled role): a
+            # parallel plan then gathers short rows. Its workers read the texts themselves.
+            case((settled, null()), else_=sha256_hex(legacy_text)).label("legacy_hash"),
+            _REFS.c.prompt_version_id.label("version_id"),
+            _REFS.c.legacy_hash.label("linked_hash"),
+            cast(_REFS.c.variables, Text).label("variables"),
         )
-        per_role.append(
-            select(
-                _SESSIONS.c.id.label("session_id"),
-                _SESSIONS.c.project_id.label("project_id"),
-                literal(role.value).label("role"),
-                column.label("legacy_text"),
-                case((settled, literal(1)), else_=literal(0)).label("settled"),
-                _REFS.c.prompt_version_id.label("version_id"),
-                _REFS.c.legacy_hash.label("linked_hash"),
-                cast(_REFS.c.variables, Text).label("variables"),
-            )
-            .outerjoin(
-                _REFS,
-                and_(
-                    _REFS.c.session_id == _SESSIONS.c.id,
-                    _REFS.c.role == role.value,
-                    # The same key range on the references: an index range scan of this
-                    # batch's references, never a scan of the whole table per batch.
-                    _REFS.c.session_id > after,
-                    _REFS.c.session_id <= last,
-                ),
-            )
-            .outerjoin(literal_versions, literal_versions.c.id == _REFS.c.prompt_version_id)
-            .where(in_range, ~and_(column.is_(None), _REFS.c.prompt_version_id.is_(None)))
+        .select_from(_SESSIONS.join(role_names, true()))
+        .outerjoin(
+            _REFS,
+            and_(
+                _REFS.c.session_id == _SESSIONS.c.id,
+                _REFS.c.role == role,
+                # The same key range on the references: a range scan of this batch's
+                # references, never a scan of the whole table per batch.
+                _REFS.c.session_id > after,
+                _REFS.c.session_id <= last,
+            ),
         )
-    united = union_all(*per_role).subquery()
-    rows = select(
-        united,
-        case((united.c.settled == 1, null()), else_=sha256_hex(united.c.legacy_text)).label(
-            "legacy_hash"
-        ),
-    ).subquery()
+        .outerjoin(literal_versions, literal_versions.c.id == _REFS.c.prompt_version_id)
+        .where(in_range, ~and_(legacy_text.is_(None), _REFS.c.prompt_version_id.is_(None)))
+        # A fence (OFFSET 0 keeps PostgreSQL from pulling the subquery up): the digest
+        # compares and hashes texts, and pulled up, that would be repeated wherever the
+        # classification below names it.
+        .offset(0)
+        .subquery()
+    )
+    # A linked role with a text and no digest was settled (a NULL text has no digest either).
+    is_settled = and_(rows.c.legacy_hash.is_(None), ~rows.c.no_text)
     kind = case(
         (rows.c.version_id.is_(None), literal(_UNMIGRATED)),
-        (rows.c.settled == 1, literal(_MATCHED)),
+        (is_settled, literal(_MATCHED)),
         (rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash), literal(_STALE)),
         else_=literal(_CHECK),
     )
