@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,13 +135,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_path(name: str, *args: str) -> dict[str, Any]:
-    """Run one of our heavy paths (benchmarks.paths) in a fresh process: its RSS is its own."""
+def run_path(name: str, *args: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one of our heavy paths (benchmarks.paths) in a fresh process: its RSS is its own.
+    ``env`` is added to this process's environment for it."""
     done = subprocess.run(  # noqa: S603 - our own interpreter running our own module
         [sys.executable, "-m", "benchmarks.paths", name, *args],
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
     if done.returncode != 0:
         raise RuntimeError(f"benchmark path {name} failed:\n{done.stderr[-4000:]}")

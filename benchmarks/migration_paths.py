@@ -41,10 +41,12 @@ from prompt_tool.db.models import (
 
 CEILING = "SQL ceiling (INSERT ... SELECT, batches of 5,000)"
 ORM = "per-row ORM loop (sampled)"
-COUNT = "SQL count(*) over the same join"
+COUNT = "SQL count(*) over the same join, one backend"
 NAIVE = "naive per-session render loop (sampled)"
-FLOOR = "SQL sha256 of every legacy text in the same join (the byte-for-byte floor)"
-READ = "SQL length() of every legacy text in the same join (reading them, no check)"
+FLOOR = "SQL sha256 of every legacy text in the same join, one backend (byte-for-byte floor)"
+READ = "SQL length() of every legacy text in the same join, one backend (reading them only)"
+# PostgreSQL may give a query parallel workers: verify measured with none is one core's work.
+ONE_BACKEND = {"PGOPTIONS": "-c max_parallel_workers_per_gather=0"}
 COPY = "COPY ... TO STDOUT of the same rows"
 
 CEILING_TEXTS = """
@@ -321,8 +323,9 @@ def _run(
         ours_print = fingerprint(url)
         log("verify (ours)")
         verified = run_path("verify", url)
-        if not verified["passed"]:
-            raise AssertionError(f"verify failed after the backfill: {verified}")
+        per_core = run_path("verify", url, env=ONE_BACKEND)
+        if not (verified["passed"] and per_core["passed"]):
+            raise AssertionError(f"verify failed after the backfill: {verified}, {per_core}")
         count_s = min(count_join(url) for _ in range(2))
         floor_s = min(count_join(url, DIGEST_JOIN) for _ in range(2))
         read_s = min(count_join(url, READ_JOIN) for _ in range(2))
@@ -377,8 +380,8 @@ def _run(
         ),
         Measurement(
             section="verify",
-            what=f"orch-migrate verify, {sessions:,} sessions",
-            ours_per_s=verify_rate,
+            what=f"orch-migrate verify, {sessions:,} sessions, one backend (per core)",
+            ours_per_s=sessions / per_core["elapsed_s"],
             baselines={
                 COUNT: sessions / count_s,
                 FLOOR: sessions / floor_s,
@@ -391,11 +394,21 @@ def _run(
                 # must. The smoke check guards this one (see docs/PERFORMANCE.md).
                 FLOOR: Target(0.5, "time within 2x of the floor (>= 0.50x)"),
             },
-            # One Python process on one connection: one core of ours (plus the server's).
-            absolute_target=(100_000.0, ">= 100,000 sessions/s (one process)"),
+            # One Python process, one backend with no parallel workers: one core of each.
+            absolute_target=(100_000.0, ">= 100,000 sessions/s per core (one backend)"),
             either=True,
+            peak_rss_mib=per_core["peak_rss_mib"],
+            extra={"verify": per_core, "naive_sample": naive_sample, "cores": cores},
+        ),
+        Measurement(
+            section="verify",
+            what=f"orch-migrate verify, {sessions:,} sessions, default settings",
+            ours_per_s=verify_rate,
+            # The same one-backend reading, for scale: PostgreSQL may add parallel workers
+            # to verify's queries (up to max_parallel_workers_per_gather, 2 by default).
+            baselines={READ: sessions / read_s},
             peak_rss_mib=verified["peak_rss_mib"],
-            extra={"verify": verified, "naive_sample": naive_sample, "cores": cores},
+            extra={"verify": verified},
         ),
         Measurement(
             section="export",
