@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine, select, text
@@ -25,7 +26,7 @@ BATCH = 1_000
 BATCH_ROUNDS = 10  # best of 10 of each, warm
 
 
-def _legacy_read(engine: Engine, ids: list[int]) -> list[Any]:
+def _legacy_read(engine: Engine, ids: list[int]) -> Sequence[Any]:
     """What a legacy reader does: the TEXT columns of the sessions, with their project, the
     keys bound the fastest way this dialect allows (the same lookup the shim uses, so the ratio
     measures the templates path, not how the keys are passed)."""
