@@ -59,7 +59,6 @@ from prompt_tool.db.models import (
     MigrationBatch,
     MigrationRun,
     OrchestrationSession,
-    Project,
     Prompt,
     PromptRole,
     PromptType,
@@ -67,7 +66,8 @@ from prompt_tool.db.models import (
     Scope,
     SessionPromptRef,
 )
-from prompt_tool.errors import InvalidInputError, NotFoundError, PromptToolError
+from prompt_tool.db.projects import projects_by_slug
+from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.migrate import backfill_plan
 from prompt_tool.migrate.adoption import adopt_orphaned_imports
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
@@ -217,17 +217,6 @@ _ROLES = tuple(role.value for role in PromptRole)
 
 def _lock_key(project_id: int) -> int:
     return (_LOCK_NAMESPACE << 32) | project_id
-
-
-def _project_ids(connection: Connection, slugs: Sequence[str]) -> dict[int, str]:
-    query = select(Project.id, Project.slug).order_by(Project.id)
-    if slugs:
-        query = query.where(Project.slug.in_(list(slugs)))
-    found = {project_id: slug for project_id, slug in connection.execute(query)}
-    missing = sorted(set(slugs) - set(found.values()))
-    if missing:
-        raise NotFoundError(f"no project with slug {', '.join(missing)}; check --project")
-    return found
 
 
 def _session_filter(project_ids: Sequence[int], scoped: bool) -> Any:
@@ -777,7 +766,7 @@ def backfill(
     settings = settings or get_settings()
     started = time.monotonic()
     with connect(engine) as connection:
-        projects = _project_ids(connection, options.projects)
+        projects = projects_by_slug(connection, options.projects)
     scoped = bool(options.projects)
     project_ids = list(projects)
     scope_key = ",".join(sorted(projects.values())) if scoped else "*"

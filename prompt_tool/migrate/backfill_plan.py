@@ -39,6 +39,7 @@ from sqlalchemy import Connection, func, insert, or_, select
 import prompt_tool.migrate.backfill as backfill_module
 from prompt_tool.db.engine import Connectable, begin, connect, make_engine
 from prompt_tool.db.models import MigrationBatch, OrchestrationSession
+from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import PromptToolError
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.settings import Settings, get_settings
@@ -329,7 +330,7 @@ def worker_main() -> int:
     engine = make_engine(config["url"])
     try:
         with connect(engine) as connection:
-            projects = backfill_module._project_ids(connection, options.projects)
+            projects = projects_by_slug(connection, options.projects)
         summary = backfill_module.BackfillSummary(
             config["run_id"], False, sorted(projects.values()), 0
         )

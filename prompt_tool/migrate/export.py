@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 import prompt_tool
-from prompt_tool.db.models import Project
+from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
-from prompt_tool.errors import InvalidInputError, NotFoundError, SchemaError
+from prompt_tool.errors import InvalidInputError, SchemaError
 from prompt_tool.migrate.archive import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -400,19 +400,7 @@ def _project_ids(engine: Engine, slugs: list[str] | None) -> list[int] | None:
     if not slugs:
         return None
     with engine.connect() as connection:
-        found: dict[str, int] = {
-            slug: project_id
-            for slug, project_id in connection.execute(
-                select(Project.slug, Project.id).where(Project.slug.in_(slugs))
-            )
-        }
-    missing = [slug for slug in slugs if slug not in found]
-    if missing:
-        raise NotFoundError(
-            f"no project with slug {', '.join(map(repr, missing))}; "
-            "`prompt-tool projects list` shows the projects"
-        )
-    return [found[slug] for slug in slugs]
+        return list(projects_by_slug(connection, slugs))
 
 
 def _write_tables(

@@ -34,12 +34,12 @@ from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     MigrationRun,
     OrchestrationSession,
-    Project,
     PromptRole,
     SessionPromptRef,
 )
+from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
-from prompt_tool.errors import NotFoundError, PromptToolError, SchemaError
+from prompt_tool.errors import PromptToolError, SchemaError
 from prompt_tool.migrate.runs import RunKind, RunStatus
 
 __all__ = [
@@ -358,16 +358,8 @@ def _collect(
             )
         revision = MigrationContext.configure(connection).get_current_revision()
         templates_schema = all(table in tables for table in _TEMPLATES_TABLES)
-        query = select(Project.id, Project.slug).order_by(Project.slug)
-        if only:
-            query = query.where(Project.slug.in_(list(only)))
-        slugs = {project_id: slug for project_id, slug in connection.execute(query)}
-        missing = sorted(set(only) - set(slugs.values()))
-        if missing:
-            raise NotFoundError(
-                f"no project with slug {', '.join(repr(m) for m in missing)}; "
-                "`prompt-tool projects list` shows the projects"
-            )
+        by_id = projects_by_slug(connection, only)
+        slugs = dict(sorted(by_id.items(), key=lambda project: project[1]))
         if templates_schema:
             counts = _session_counts(connection, list(slugs))
             runs = _last_runs(connection, slugs)

@@ -32,13 +32,12 @@ from prompt_tool.db.dialect import sha256_hex
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
-    Project,
     Prompt,
     PromptRole,
     PromptVersion,
     SessionPromptRef,
 )
-from prompt_tool.errors import NotFoundError
+from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
@@ -319,13 +318,7 @@ def verify(
     manager = manager if manager is not None else TemplateManager(engine)
     started = time.monotonic()
     with connect(engine) as connection:
-        query = select(Project.id, Project.slug)
-        if options.projects:
-            query = query.where(Project.slug.in_(list(options.projects)))
-        projects = {project_id: slug for project_id, slug in connection.execute(query)}
-        missing = sorted(set(options.projects) - set(projects.values()))
-        if missing:
-            raise NotFoundError(f"no project with slug {', '.join(missing)}; check --project")
+        projects = projects_by_slug(connection, options.projects)
         scope = list(projects) if options.projects else []
         sample_ids = None
         if options.sample is not None:

@@ -155,7 +155,7 @@ def test_project_and_limit_select_what_is_backfilled(legacy_engine: Engine) -> N
 
 
 def test_unknown_project_is_refused(legacy_engine: Engine) -> None:
-    with pytest.raises(Exception, match="no project with slug nope"):
+    with pytest.raises(Exception, match="no project with slug 'nope'"):
         backfill(legacy_engine, BackfillOptions(projects=["nope"]))
 
 

@@ -87,7 +87,7 @@ def test_backfill_cli_says_when_nothing_is_left(legacy_url: str) -> None:
 def test_bad_backfill_input_is_one_line_exit_2(legacy_url: str) -> None:
     result = runner.invoke(app, ["backfill", "--db", legacy_url, "--project", "ghost"])
     assert result.exit_code == 2
-    assert "no project with slug ghost" in result.output
+    assert "no project with slug 'ghost'" in result.output
 
 
 def _first_system_reference(connection: Any) -> tuple[int, int]:
