@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 import psycopg
 
 from benchmarks import dataset, migration_paths, template_loading
-from benchmarks.harness import Measurement, libpq, log, scratch_database
+from benchmarks.harness import Measurement, admin_url, libpq, log, scratch_database, server_url
+from prompt_tool.db.url import redact
 
 MEMORY_BASE = 100_000  # the size the flat-memory check compares against
 MEMORY_LIMIT_MIB = 200.0
@@ -123,13 +124,42 @@ def _memory_report(sizes: list[int], per_size: list[dict[str, float]]) -> dict[s
     return {"sizes": [f"{size:,}" for size in sizes], "paths": paths}
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum:,}")
+        return value
+
+    return parse
+
+
+def _server_reachable() -> str | None:
+    """None, or why the benchmark server cannot be used (one line)."""
+    try:
+        with psycopg.connect(admin_url(server_url()), connect_timeout=10):
+            return None
+    except psycopg.Error as error:
+        reason = str(error).strip().splitlines()[0]
+        return (
+            f"cannot connect to PostgreSQL at {redact(server_url())} ({reason}); set "
+            "PROMPT_TOOL_BENCH_DATABASE_URL to a server where this user may create databases"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    parser.add_argument("--sessions", type=int, help="sessions (default 1,000,000; quick 100,000)")
-    parser.add_argument("--projects", type=int, default=50, help="projects (default 50)")
+    # The batch read reads 1,000 sessions: fewer would measure a smaller batch than it says.
+    parser.add_argument(
+        "--sessions", type=_at_least(1_000), help="sessions (default 1,000,000; quick 100,000)"
+    )
+    parser.add_argument("--projects", type=_at_least(1), default=50, help="projects (default 50)")
     parser.add_argument("--quick", action="store_true", help="the CI smoke check (~100,000)")
     parser.add_argument(
-        "--templates", type=int, help="templates to load (default 10,000; quick 2,000)"
+        "--templates", type=_at_least(10), help="templates to load (default 10,000; quick 2,000)"
     )
     parser.add_argument("--out", type=Path, help="write JSON here, and Markdown next to it (.md)")
     parser.add_argument(
@@ -140,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sessions = args.sessions or (100_000 if args.quick else 1_000_000)
     templates = args.templates or (2_000 if args.quick else 10_000)
+    unreachable = _server_reachable()
+    if unreachable is not None:
+        sys.stderr.write(f"scripts/bench: error: {unreachable}\n")
+        return 2
     started = time.perf_counter()
 
     measurements: list[Measurement] = []

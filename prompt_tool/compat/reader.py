@@ -15,8 +15,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Generic, NamedTuple, TypeVar, TypeVarTuple, cast
 
 from sqlalchemy import ColumnElement, Connection, Row, Select, func, select
 
@@ -54,6 +54,7 @@ __all__ = ["SessionReader"]
 
 _Key = TypeVar("_Key")
 _Value = TypeVar("_Value")
+_Columns = TypeVarTuple("_Columns")
 
 logger = logging.getLogger("prompt_tool.compat")
 
@@ -74,6 +75,7 @@ _VERSION_ID: Final = 2  # in a _StoredReference
 # Versions are immutable; what a cached one may go stale on is its template's name, scope and
 # declared variables, so entries live as long as resolved names do (settings.name_cache_ttl_s).
 _VERSION_CACHE_SIZE = 20_000
+# The links of a session that has no reference: no version for any role.
 _NO_LINKS: tuple[None, ...] = (None,) * (1 + len(_ROLE_KEYS))
 # Per role position: what a role the session never used reads as. Immutable, so shared.
 _NEVER_USED = tuple(new_role_prompt(role, None, PromptSource.LEGACY) for _, role, _ in _ROLE_KEYS)
@@ -244,6 +246,18 @@ def _references_query(dialect: str) -> Select[int, str, int, dict[str, Any] | No
     ).where(one_of_ids(dialect, SessionPromptRef.session_id, "ids"))
 
 
+def _of_sessions(
+    connection: Connection,
+    query_for: Callable[[str], Select[*_Columns]],
+    session_ids: list[int],
+) -> Sequence[Row[*_Columns]]:
+    """One of the queries above, for these sessions."""
+    dialect = connection.dialect.name
+    parameters = {"ids": ids_parameter(dialect, session_ids)}
+    # .all(): one fetchall, not a fetchone per row as iterating the result does.
+    return connection.execute(query_for(dialect), parameters).all()
+
+
 def _needs_references(row: _LegacyRow, decision: FlagDecision) -> bool:
     """Whether reading this session needs its references in full: with the flag
     ``templates`` (it was not served from its versions alone), or ``shadow`` and sampled."""
@@ -333,10 +347,7 @@ class SessionReader:
     # --- queries -----------------------------------------------------------------------
 
     def _legacy_rows(self, connection: Connection, session_ids: list[int]) -> list[_LegacyRow]:
-        dialect = connection.dialect.name
-        parameters = {"ids": ids_parameter(dialect, session_ids)}
-        # .all(): one fetchall, not a fetchone per row as iterating the result does.
-        return list(connection.execute(_legacy_query(dialect), parameters).all())
+        return list(_of_sessions(connection, _legacy_query, session_ids))
 
     def _links(
         self, connection: Connection, session_ids: list[int]
@@ -347,9 +358,7 @@ class SessionReader:
         settle them (:meth:`_references`)."""
         if not session_ids:
             return {}, {}
-        dialect = connection.dialect.name
-        parameters = {"ids": ids_parameter(dialect, session_ids)}
-        rows = connection.execute(_links_query(dialect), parameters).all()
+        rows = _of_sessions(connection, _links_query, session_ids)
         version_ids = {
             version_id for row in rows for version_id in row[_LINKED:] if version_id is not None
         }
@@ -361,9 +370,7 @@ class SessionReader:
         """The sessions' references in full, by role and then session, and their versions."""
         if not session_ids:
             return {key: {} for _, _, key in _ROLE_KEYS}, {}
-        dialect = connection.dialect.name
-        parameters = {"ids": ids_parameter(dialect, session_ids)}
-        rows = connection.execute(_references_query(dialect), parameters).all()
+        rows = _of_sessions(connection, _references_query, session_ids)
         references = {
             key: {row[0]: row for row in rows if row[1] == key} for _, _, key in _ROLE_KEYS
         }
