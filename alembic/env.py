@@ -12,7 +12,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection, Engine
 
-from prompt_tool.db.engine import make_engine
+from prompt_tool.db.engine import make_engine, transactional_ddl
 from prompt_tool.db.models import Base
 from prompt_tool.db.online_ddl import migration_timeouts, timeout_statements
 from prompt_tool.db.url import normalize_url, resolve_url
@@ -69,7 +69,7 @@ def run_migrations_online() -> None:
     elif isinstance(handed_over, Engine):  # pytest-alembic hands over an engine at times
         _run_with_engine(handed_over)
     else:
-        engine = make_engine(_database_url())
+        engine = transactional_ddl(make_engine(_database_url()))
         try:
             _run_with_engine(engine)
         finally:

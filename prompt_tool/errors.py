@@ -6,10 +6,13 @@ Every error says what went wrong and what to do about it, in one line, so the CL
 
 from __future__ import annotations
 
+from alembic.util.exc import CommandError
+
 __all__ = [
     "ConfigurationError",
     "DatabaseUnavailableError",
     "InvalidInputError",
+    "MigrationRefusedError",
     "NotFoundError",
     "PromptToolError",
     "SchemaError",
@@ -44,3 +47,11 @@ class DatabaseUnavailableError(PromptToolError):
 
 class SchemaError(PromptToolError):
     """The database schema is not what the command needs (not under Alembic, unknown revision)."""
+
+
+class MigrationRefusedError(SchemaError, CommandError):
+    """A schema step refused to run (it would lose data); nothing was changed.
+
+    Also an Alembic ``CommandError``, so plain ``alembic downgrade`` prints the one line too
+    instead of a traceback.
+    """

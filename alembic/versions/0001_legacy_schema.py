@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from prompt_tool.db.online_ddl import refuse_unless_asked
+
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -131,7 +133,18 @@ def upgrade() -> None:
     )
 
 
+# Going below 0001 drops the deployment's own tables, with every session and prompt in them.
+DROP_LEGACY_TABLES = "i-understand-this-drops-legacy-tables"
+
+
 def downgrade() -> None:
+    refuse_unless_asked(
+        DROP_LEGACY_TABLES,
+        "refused: going below 0001 drops the legacy tables (projects, prompts, every "
+        "orchestration session) and everything in them; 0001 is where the rollback ends. If "
+        "you really mean it: `orch-migrate db downgrade base "
+        f"--{DROP_LEGACY_TABLES}` (alembic: -x {DROP_LEGACY_TABLES})",
+    )
     op.drop_table("ab_test_variants")
     op.drop_table("ab_tests")
     op.drop_index("ix_orchestration_sessions_project_id", table_name="orchestration_sessions")

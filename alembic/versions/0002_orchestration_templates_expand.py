@@ -2,7 +2,14 @@
 
 Only adds. On the existing tables: nullable columns or a constant default (no table rewrite on
 PostgreSQL 11+), indexes built CONCURRENTLY, a CHECK added NOT VALID and validated in its own
-transaction. The legacy columns are never touched, and downgrade() removes exactly this.
+transaction. The legacy columns are never touched.
+
+downgrade() is the exact inverse for the legacy tables: it removes what this revision added and
+every row the new system wrote into the legacy tables (templates, their versions, A/B tests of
+templates; see prompt_tool.migrate.retract). What a backfill re-creates goes first, in short
+batches; what people made goes only in the last transaction, with the schema, and only once it
+is in an archive (-x archive=DIR) or knowingly discarded (-x discard=user-templates); otherwise
+the downgrade is refused before it changes anything.
 
 Revision ID: 0002
 Revises: 0001
@@ -19,12 +26,29 @@ from alembic import op
 from prompt_tool.db.online_ddl import (
     add_check_not_valid,
     add_column,
+    batches_outside_transaction,
     concurrent_ddl,
     create_index_concurrently,
     drop_check,
     drop_column,
-    drop_index_concurrently,
+    drop_index_in_transaction,
+    migration_argument,
+    refusals_for_alembic,
+    single_transaction,
     validate_constraint,
+)
+from prompt_tool.db.revisions import EXPAND_INDEXES, EXPAND_TABLES
+from prompt_tool.errors import InvalidInputError
+from prompt_tool.migrate.retract import (
+    ARCHIVE_OPTION,
+    DISCARD_OPTION,
+    Retraction,
+    count_kept_rows,
+    remove_derived_rows,
+    remove_kept_rows,
+    require_archive_or_discard,
+    require_nothing_new,
+    write_archive,
 )
 
 revision: str = "0002"
@@ -47,22 +71,6 @@ def _prompt_columns() -> tuple[sa.Column[object], ...]:
         sa.Column("content_hash", sa.String(64), nullable=True),
     )
 
-
-# (name, table, columns, unique, partial-index predicate): all on existing tables.
-INDEXES_ON_EXISTING_TABLES: tuple[tuple[str, str, tuple[str, ...], bool, str | None], ...] = (
-    ("ix_prompts_type_project", "prompts", ("prompt_type", "project_id"), False, None),
-    ("ix_prompts_scope_name", "prompts", ("scope", "name"), False, None),
-    ("uq_prompts_global_name", "prompts", ("name",), True, "scope = 'global'"),
-    ("uq_prompts_project_name", "prompts", ("project_id", "name"), True, "scope = 'project'"),
-    (
-        "uq_prompts_custom_name",
-        "prompts",
-        ("project_id", "owner", "name"),
-        True,
-        "scope = 'custom'",
-    ),
-    ("ix_prompt_versions_content_hash", "prompt_versions", ("content_hash",), False, None),
-)
 
 # A scope says where a template lives; legacy prompts have none (NULL).
 SCOPE_CHECK = (
@@ -285,20 +293,6 @@ def _create_new_tables() -> None:
     )
 
 
-NEW_TABLES = (
-    "migration_batches",
-    "migration_runs",
-    "orchestration_steps",
-    "feature_flag_events",
-    "feature_flag_states",
-    "ab_assignments",
-    "session_prompt_refs",
-    "template_permissions",
-    "template_events",
-    "template_labels",
-)
-
-
 def upgrade() -> None:
     # Every statement tolerates its own leftovers (IF NOT EXISTS): the concurrent part below
     # commits in the middle of this revision, so a failure there leaves the first part applied
@@ -312,18 +306,46 @@ def upgrade() -> None:
 
     with concurrent_ddl():
         validate_constraint("ck_prompts_scope", "prompts")
-        for name, table, columns, unique, where in INDEXES_ON_EXISTING_TABLES:
+        for name, table, columns, unique, where in EXPAND_INDEXES:
             create_index_concurrently(name, table, columns, unique=unique, where=where)
 
 
-def downgrade() -> None:
-    with concurrent_ddl():
-        for name, table, *_ in reversed(INDEXES_ON_EXISTING_TABLES):
-            drop_index_concurrently(name, table)
+def _take_back_rows() -> None:
+    """Archive (or discard, as told) what people made, then remove the derivable rows in
+    batches; refused before anything changes when people's work would go unasked."""
+    retraction = Retraction()
+    with refusals_for_alembic():
+        archive = migration_argument(ARCHIVE_OPTION)
+        discard = migration_argument(DISCARD_OPTION)
+        require_archive_or_discard(count_kept_rows(op.get_bind()), archive, discard)
+        if archive is not None:
+            if single_transaction():
+                raise InvalidInputError(
+                    "an archive cannot be taken inside one rolled-back transaction (its rows "
+                    "are not committed); discard instead, nothing is kept anyway"
+                )
+            retraction.archive = archive
+            retraction.archived = write_archive(op.get_bind(), archive)
+        retraction.discarded = discard is not None
+    with batches_outside_transaction() as transaction:
+        remove_derived_rows(op.get_bind(), transaction, retraction)
+    with refusals_for_alembic():
+        require_nothing_new(op.get_bind(), retraction)
+    remove_kept_rows(op.get_bind(), retraction)
+    config = op.get_context().config
+    if config is not None:
+        config.attributes["retraction"] = retraction
 
-    # Dropping a table drops its own indexes with it.
-    for table in NEW_TABLES:
+
+def downgrade() -> None:
+    # Everything from here on is one transaction (the rows of people's work, the tables, the
+    # indexes, the columns, the revision): complete, or rolled back whole.
+    if not op.get_context().as_sql:
+        _take_back_rows()
+    for table in EXPAND_TABLES:
         op.drop_table(table, if_exists=True)
+    for name, table, *_ in reversed(EXPAND_INDEXES):
+        drop_index_in_transaction(name, table)
     drop_check("ck_prompts_scope", "prompts")
     drop_column("ab_tests", "target_role")
     drop_column("prompt_versions", "content_hash")

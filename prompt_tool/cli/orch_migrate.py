@@ -19,7 +19,7 @@ from prompt_tool.migrate import fingerprint as fingerprints
 from prompt_tool.migrate import sample
 
 app = new_app("Move prompt-tool deployments to orchestration templates, safely and reversibly.")
-db_app = new_app("The schema history: upgrade, downgrade, stamp, current, history.")
+db_app = new_app("The schema history: upgrade, downgrade, stamp, current, history, check.")
 app.add_typer(db_app, name="db")
 app.add_typer(flag_app, name="flag")
 app.command("export")(export_command)
@@ -29,19 +29,34 @@ app.command("verify")(verify_command)
 app.command("status")(status_command)
 app.command("rehearse")(rehearse_command)
 
-RevisionArgument = Annotated[str, typer.Argument(help="Target revision (id, head, -1, ...).")]
+RevisionArgument = Annotated[
+    str, typer.Argument(help="Target revision (id, head, base, -1, +1, ...).")
+]
+# `db downgrade -1` as Alembic users type it: a relative revision is an argument, not an option.
+_REVISION_FORMS = {"ignore_unknown_options": True}
 
 
 def _describe(state: schema.SchemaState) -> str:
     if state.previous == state.current:
         return f"{state.database}: at {state.current or 'no revision'} (head {state.head})"
-    return (
+    lines = [
         f"{state.database}: {state.previous or 'empty'} -> {state.current or 'empty'} "
         f"(head {state.head})"
-    )
+    ]
+    if state.removed:
+        removed = ", ".join(f"{table} {rows:,}" for table, rows in state.removed.items())
+        lines.append(f"rows the new system had written, removed: {removed}")
+    if state.archive is not None:
+        lines.append(
+            f"what people made is archived in {state.archive}: after `db upgrade`, "
+            f"`orch-migrate restore --from {state.archive}` brings it back"
+        )
+    elif state.discarded:
+        lines.append("what people made was discarded, as asked (--discard-user-templates)")
+    return "\n".join(lines)
 
 
-@db_app.command("upgrade")
+@db_app.command("upgrade", context_settings=_REVISION_FORMS)
 def db_upgrade(
     revision: RevisionArgument = schema.HEAD, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
@@ -49,12 +64,65 @@ def db_upgrade(
     emit(schema.upgrade(resolve_url(db, create=True), revision), as_json=as_json, render=_describe)
 
 
-@db_app.command("downgrade")
+@db_app.command("downgrade", context_settings=_REVISION_FORMS)
 def db_downgrade(
-    revision: RevisionArgument = "-1", db: DbOption = None, as_json: JsonOption = False
+    revision: RevisionArgument = "-1",
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            metavar="DIR",
+            help="Write what people made with templates (templates, labels, audit, A/B tests "
+            "of templates, sessions' links) to this new directory first; `restore --from DIR` "
+            "brings it back after a re-upgrade.",
+        ),
+    ] = None,
+    discard_user_templates: Annotated[
+        bool,
+        typer.Option(
+            "--discard-user-templates", help="Drop what people made with templates, unarchived."
+        ),
+    ] = False,
+    drop_legacy_tables: Annotated[
+        bool,
+        typer.Option(
+            "--i-understand-this-drops-legacy-tables",
+            help="Allow going below 0001 (base), which drops every legacy table and its rows.",
+        ),
+    ] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Step the schema back (default: one revision). Legacy data is never touched."""
-    emit(schema.downgrade(resolve_url(db), revision), as_json=as_json, render=_describe)
+    """Step the schema back (default: one revision). Legacy rows stay byte for byte as they were
+    before the upgrade; what the new system wrote is taken back out."""
+    emit(
+        schema.downgrade(
+            resolve_url(db),
+            revision,
+            archive=archive,
+            discard_user_templates=discard_user_templates,
+            drop_legacy_tables=drop_legacy_tables,
+        ),
+        as_json=as_json,
+        render=_describe,
+    )
+
+
+@db_app.command("check")
+def db_check(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Exit 1 if the schema differs from what its recorded revision holds (an interrupted
+    step), saying what to run."""
+    result = schema.check(resolve_url(db))
+    emit(
+        result,
+        as_json=as_json,
+        render=lambda r: "\n".join(
+            [f"{r.database}: at {r.current or 'no revision'} (head {r.head})"]
+            + (r.drift or ["the schema holds exactly what its revision says"])
+        ),
+    )
+    if not result.consistent:
+        fail(f"the schema differs from revision {result.current}: {result.drift[0]}", 1)
 
 
 @db_app.command("stamp")

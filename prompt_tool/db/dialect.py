@@ -21,8 +21,10 @@ __all__ = [
     "acquire_advisory_lock",
     "comma_joined",
     "comma_joined_array",
+    "has_added_checks",
     "ids_parameter",
     "insert_for",
+    "invalid_indexes",
     "is_lock_timeout",
     "is_retryable",
     "one_of",
@@ -267,3 +269,23 @@ def refresh_statistics(connection: Connection, tables: Sequence[str]) -> bool:
     except DBAPIError:
         return False
     return True
+
+
+def invalid_indexes(connection: Connection) -> set[str]:
+    """Indexes left INVALID by an interrupted ``CREATE INDEX CONCURRENTLY`` (PostgreSQL only)."""
+    if connection.dialect.name != "postgresql":
+        return set()
+    rows = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE NOT i.indisvalid AND n.nspname = current_schema()"
+        )
+    )
+    return {str(row[0]) for row in rows}
+
+
+def has_added_checks(connection: Connection) -> bool:
+    """Whether CHECK constraints are added to existing tables here (SQLite cannot without a
+    table rebuild, so the migrations add them on PostgreSQL only)."""
+    return connection.dialect.name == "postgresql"

@@ -22,6 +22,7 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "session_scope",
+    "transactional_ddl",
 ]
 
 # Library functions take either: an Engine (each unit of work in its own transaction), or a
@@ -45,6 +46,29 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _prepare_sqlite)
+    return engine
+
+
+def transactional_ddl(engine: Engine) -> Engine:
+    """Let SQLAlchemy, not pysqlite, open SQLite transactions, so DDL commits or rolls back with
+    the rest (a schema step, a rolled-back rehearsal). No-op on PostgreSQL.
+
+    pysqlite only opens a transaction before INSERT/UPDATE/DELETE, so a CREATE, DROP or ALTER
+    that comes first is committed on its own (a killed downgrade left 0002 recorded with its
+    tables gone); with its handling off and BEGIN emitted here, every statement is inside the
+    transaction (and SAVEPOINT works).
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+
+    @event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
     return engine
 
 

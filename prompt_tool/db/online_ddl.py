@@ -10,24 +10,30 @@ to plain DDL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from alembic import op
 from sqlalchemy import Column, inspect, text
 from sqlalchemy.engine import Connection
 
+from prompt_tool.errors import MigrationRefusedError, PromptToolError
 from prompt_tool.settings import get_settings
 
 __all__ = [
     "add_check_not_valid",
     "add_column",
+    "batches_outside_transaction",
     "concurrent_ddl",
     "create_index_concurrently",
     "drop_check",
     "drop_column",
     "drop_index_concurrently",
+    "drop_index_in_transaction",
+    "migration_argument",
     "migration_timeouts",
+    "refusals_for_alembic",
+    "refuse_unless_asked",
     "single_transaction",
     "timeout_statements",
     "validate_constraint",
@@ -95,19 +101,62 @@ def concurrent_ddl() -> Iterator[None]:
     whole table but holds no lock that blocks reads or writes, so it may take as long as it needs;
     ``lock_timeout`` stays, bounding the brief lock each one takes at start and end.
     """
-    if single_transaction():
+    # SQLite has no CONCURRENTLY: there the DDL stays inside the revision's one transaction, so
+    # a killed upgrade leaves nothing behind.
+    if single_transaction() or not _is_postgres():
         yield
         return
     with op.get_context().autocommit_block():
-        if _is_postgres():
-            op.execute("SET statement_timeout = 0")
+        op.execute("SET statement_timeout = 0")
         try:
             yield
         finally:
-            if _is_postgres():
-                op.execute(
-                    f"SET statement_timeout = {int(get_settings().migration_statement_timeout_ms)}"
-                )
+            op.execute(
+                f"SET statement_timeout = {int(get_settings().migration_statement_timeout_ms)}"
+            )
+
+
+def migration_argument(name: str) -> str | None:
+    """An option given to this run: by the caller (``orch-migrate db ... --archive DIR`` sets
+    ``config.attributes``), else on plain Alembic's command line (``-x archive=DIR``)."""
+    config = op.get_context().config
+    if config is None:
+        return None
+    if config.attributes.get(name) is not None:
+        return str(config.attributes[name])
+    for item in getattr(config.cmd_opts, "x", None) or []:
+        key, _, value = str(item).partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+@contextmanager
+def _short_transaction() -> Iterator[None]:
+    connection = op.get_bind()
+    connection.exec_driver_sql("BEGIN")
+    try:
+        yield
+    except BaseException:
+        connection.exec_driver_sql("ROLLBACK")
+        raise
+    connection.exec_driver_sql("COMMIT")
+
+
+@contextmanager
+def batches_outside_transaction() -> Iterator[Callable[[], AbstractContextManager[None]]]:
+    """Run data batches before the revision's own transaction, each in a short one of its own.
+
+    Yields the factory of one batch's transaction. On PostgreSQL each batch commits on its own
+    (under the session's ``lock_timeout``), so no lock is held from one batch to the next; on
+    SQLite (one writer) and inside a caller's single transaction the batches simply run in the
+    revision's transaction.
+    """
+    if single_transaction() or not _is_postgres():
+        yield nullcontext
+        return
+    with op.get_context().autocommit_block():
+        yield _short_transaction
 
 
 def _drop_invalid_leftover(name: str) -> None:
@@ -156,6 +205,14 @@ def drop_index_concurrently(name: str, table: str) -> None:
     )
 
 
+def drop_index_in_transaction(name: str, table: str) -> None:
+    """Drop an index inside the revision's transaction, so the drop commits (or rolls back)
+    with the rest of the step: a plain DROP INDEX is a catalog change whose brief ACCESS
+    EXCLUSIVE lock is bounded by ``lock_timeout``; CONCURRENTLY would commit on its own and
+    leave the schema half-removed when a later statement gives up."""
+    op.drop_index(name, table_name=table, if_exists=True)
+
+
 def add_check_not_valid(name: str, table: str, condition: str) -> None:
     """Add a CHECK that new rows must meet, without scanning the existing ones yet.
 
@@ -197,3 +254,22 @@ def drop_column(table: str, column: str) -> None:
         op.drop_column(table, column, if_exists=True)
     elif op.get_context().as_sql or _has_column(table, column):
         op.drop_column(table, column)
+
+
+@contextmanager
+def refusals_for_alembic() -> Iterator[None]:
+    """Let a refusal raised inside a migration reach plain ``alembic`` as one line too (it prints
+    only its own ``CommandError`` without a traceback)."""
+    try:
+        yield
+    except MigrationRefusedError:
+        raise
+    except PromptToolError as error:
+        raise MigrationRefusedError(str(error)) from None
+
+
+def refuse_unless_asked(option: str, refusal: str) -> None:
+    """Stop a destructive step unless ``option`` was given (``-x OPTION`` or by the caller)."""
+    if op.get_context().as_sql or migration_argument(option) is not None:
+        return
+    raise MigrationRefusedError(refusal)

@@ -7,10 +7,11 @@ scripts as ``prompt_tool/_alembic``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -20,15 +21,19 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from prompt_tool.db.engine import check_connection, make_engine
+from prompt_tool.db.drift import drift, expand_objects_present
+from prompt_tool.db.engine import check_connection, make_engine, transactional_ddl
+from prompt_tool.db.revisions import BASELINE
 from prompt_tool.db.url import normalize_url, redact, require_existing_sqlite_file
-from prompt_tool.errors import DatabaseUnavailableError, SchemaError
+from prompt_tool.errors import DatabaseUnavailableError, PromptToolError, SchemaError
 
 __all__ = [
     "HEAD",
     "Revision",
+    "SchemaCheck",
     "SchemaState",
     "alembic_config",
+    "check",
     "current",
     "downgrade",
     "history",
@@ -58,6 +63,25 @@ class SchemaState:
     previous: str | None
     current: str | None
     head: str
+    # A downgrade of 0002: where what people made was archived (or that it was discarded),
+    # and the rows taken back out of the legacy and new tables, by table.
+    archive: str | None = None
+    discarded: bool = False
+    removed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaCheck:
+    """`db check`: the recorded revision against the schema actually there."""
+
+    database: str
+    current: str | None
+    head: str
+    drift: list[str]
+
+    @property
+    def consistent(self) -> bool:
+        return not self.drift
 
 
 def script_location() -> Path:
@@ -112,7 +136,7 @@ def _require_existing_sqlite_file(url: str) -> None:
 
 @contextmanager
 def _connected(url: str) -> Iterator[Connection]:
-    engine = make_engine(url)
+    engine = transactional_ddl(make_engine(url))
     try:
         check_connection(engine)
         with engine.connect() as connection:
@@ -129,7 +153,32 @@ def current(url: str) -> SchemaState:
     return SchemaState(redact(url), revision, revision, _head())
 
 
-def _run(url: str, action: str, revision: str, *, allow_unversioned: bool) -> SchemaState:
+def check(url: str) -> SchemaCheck:
+    """Compare the recorded revision with the objects the schema holds."""
+    _require_existing_sqlite_file(url)
+    with _connected(url) as connection:
+        revision = _current_on(connection)
+        problems = drift(connection, revision)
+    return SchemaCheck(redact(url), revision, _head(), problems)
+
+
+def _refuse_undoing_a_partial_upgrade(url: str, connection: Connection, before: str | None) -> None:
+    if before == BASELINE and expand_objects_present(connection).present:
+        raise SchemaError(
+            f"{redact(url)} records 0001 but holds part of 0002 (an upgrade was interrupted); "
+            "finish it with `orch-migrate db upgrade`, then `orch-migrate db downgrade` takes "
+            "it back whole"
+        )
+
+
+def _run(
+    url: str,
+    action: str,
+    revision: str,
+    *,
+    allow_unversioned: bool,
+    options: Mapping[str, Any] | None = None,
+) -> SchemaState:
     with _connected(url) as connection:
         before = _current_on(connection)
         if before is None and not allow_unversioned:
@@ -142,10 +191,15 @@ def _run(url: str, action: str, revision: str, *, allow_unversioned: bool) -> Sc
                 f"{redact(url)} already has the legacy tables but no alembic_version; if they "
                 "match the legacy schema, run `orch-migrate db stamp 0001`, then `db upgrade`"
             )
+        if action == "downgrade":
+            _refuse_undoing_a_partial_upgrade(url, connection, before)
         connection.commit()
         config = alembic_config(connection)
+        config.attributes.update(options or {})
         try:
             getattr(command, action)(config, revision)
+        except PromptToolError:
+            raise
         except CommandError as error:
             raise SchemaError(
                 f"{action} to {revision!r} failed: {error}; `orch-migrate db history` lists the "
@@ -155,7 +209,24 @@ def _run(url: str, action: str, revision: str, *, allow_unversioned: bool) -> Sc
             _raise_database_error(url, action, error)
         connection.commit()
         after = _current_on(connection)
-    return SchemaState(redact(url), before, after, _head())
+    retraction = config.attributes.get("retraction")
+    if retraction is None:
+        return SchemaState(redact(url), before, after, _head())
+    return SchemaState(
+        redact(url),
+        before,
+        after,
+        _head(),
+        archive=retraction.archive,
+        discarded=retraction.discarded,
+        removed={table: rows for table, rows in retraction.removed.items() if rows},
+    )
+
+
+_PARTLY_UNDONE = (
+    " The schema is as it was (each step commits whole); a downgrade may already have removed "
+    "rows a backfill re-creates."
+)
 
 
 def _raise_database_error(url: str, action: str, error: DBAPIError) -> None:
@@ -163,16 +234,23 @@ def _raise_database_error(url: str, action: str, error: DBAPIError) -> None:
     first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
     if sqlstate == "55P03":  # lock_not_available: lock_timeout expired
         raise SchemaError(
-            f"{action} gave up waiting for a table lock ({first_line}); a long transaction holds "
-            "it. Nothing was left half-done: retry when it ends, or raise "
+            f"{action} gave up waiting for a table lock ({first_line}): a long transaction holds "
+            f"it.{_PARTLY_UNDONE} Run it again when that transaction ends, or raise "
             "PROMPT_TOOL_LOCK_TIMEOUT_MS"
+        ) from None
+    if sqlstate == "40P01":  # deadlock_detected: a concurrent writer (a backfill) in the way
+        raise SchemaError(
+            f"{action} met a concurrent writer ({first_line}).{_PARTLY_UNDONE} Stop running "
+            "backfills and run it again"
         ) from None
     if isinstance(error, OperationalError):
         raise DatabaseUnavailableError(f"{action} on {redact(url)} failed: {first_line}") from None
     raise SchemaError(f"{action} on {redact(url)} failed: {first_line}") from None
 
 
-def migrate_on(connection: Connection, action: str, revision: str) -> str | None:
+def migrate_on(
+    connection: Connection, action: str, revision: str, options: Mapping[str, Any] | None = None
+) -> str | None:
     """Run ``upgrade``/``downgrade`` on a connection inside the caller's transaction.
 
     Nothing commits: the caller decides (``rehearse --rollback`` rolls everything back, which
@@ -181,9 +259,12 @@ def migrate_on(connection: Connection, action: str, revision: str) -> str | None
     if action not in {"upgrade", "downgrade"}:
         raise ValueError(action)
     config = alembic_config(connection)
+    config.attributes.update(options or {})
     config.attributes["single_transaction"] = True
     try:
         getattr(command, action)(config, revision)
+    except PromptToolError:
+        raise
     except CommandError as error:
         raise SchemaError(f"{action} to {revision!r} failed: {error}") from None
     return _current_on(connection)
@@ -194,10 +275,31 @@ def upgrade(url: str, revision: str = HEAD) -> SchemaState:
     return _run(url, "upgrade", revision, allow_unversioned=True)
 
 
-def downgrade(url: str, revision: str = "-1") -> SchemaState:
-    """Step ``url`` back to ``revision`` (default: one step)."""
+def downgrade(
+    url: str,
+    revision: str = "-1",
+    *,
+    archive: Path | str | None = None,
+    discard_user_templates: bool = False,
+    drop_legacy_tables: bool = False,
+) -> SchemaState:
+    """Step ``url`` back to ``revision`` (default: one step).
+
+    Going below 0002 takes back every row the new system wrote into the legacy tables; what
+    people made (templates, labels, A/B tests of templates, sessions' links) must go to
+    ``archive`` (a directory ``orch-migrate restore`` reads) or be discarded explicitly, else the
+    downgrade is refused before it changes anything. Going below 0001 (the legacy tables
+    themselves) is refused unless ``drop_legacy_tables``.
+    """
     _require_existing_sqlite_file(url)
-    return _run(url, "downgrade", revision, allow_unversioned=False)
+    options: dict[str, Any] = {}
+    if archive is not None:
+        options["archive"] = str(Path(archive).absolute())
+    if discard_user_templates:
+        options["discard"] = "user-templates"
+    if drop_legacy_tables:
+        options["i-understand-this-drops-legacy-tables"] = "yes"
+    return _run(url, "downgrade", revision, allow_unversioned=False, options=options)
 
 
 def stamp(url: str, revision: str) -> SchemaState:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -408,6 +408,7 @@ def _write_tables(
     dialect: DialectIO,
     staging: Path,
     project_ids: list[int] | None,
+    rows: Mapping[str, str | None] | None,
     compress: bool,
     jobs: int,
     progress: ProgressCallback | None,
@@ -415,6 +416,8 @@ def _write_tables(
     revision = MigrationContext.configure(connection).get_current_revision()
     specs = existing_table_specs(connection)
     conditions = _scope_conditions(project_ids, {spec.name for spec in specs})
+    if rows is not None:
+        conditions = {name: rows.get(name) for name in conditions}
     files = []
     for spec in specs:
         output = _LinesFile(
@@ -455,6 +458,8 @@ def export(
     force: bool = False,
     jobs: int | None = None,
     progress: ProgressCallback | None = None,
+    rows: Mapping[str, str | None] | None = None,
+    record_run: bool = True,
 ) -> ExportResult:
     """Export the data of ``engine``'s database to the directory ``target``.
 
@@ -462,7 +467,10 @@ def export(
     it references. ``compress`` gzips every file. ``jobs`` parallel readers for a big PostgreSQL
     table (default: one per core, at most 4). ``progress(table, rows_done, None)`` is called as
     rows are written; whatever it (or anything else) raises midway, no complete-looking
-    directory is left behind and an existing ``target`` is untouched.
+    directory is left behind and an existing ``target`` is untouched. ``rows`` (instead of
+    ``projects``) is the SQL condition each table's rows must meet (a table it does not name is
+    exported whole); ``record_run=False`` writes nothing to the database, not even the ledger
+    (the downgrade's archive, taken while the downgrade holds its transaction open).
 
     Raises :class:`InvalidInputError` when ``target`` is a non-empty directory and ``force`` is
     not set, :class:`NotFoundError` for an unknown project, :class:`SchemaError` when the
@@ -479,9 +487,12 @@ def export(
             f"{redact(engine.url)} is not under Alembic; run `orch-migrate db stamp 0001` or "
             "`orch-migrate db upgrade` first, so the export can say which schema it holds"
         )
+    if projects and rows is not None:
+        raise InvalidInputError("export takes projects or row conditions, not both")
     started = time.perf_counter()
     slugs = list(dict.fromkeys(projects)) if projects else None
     project_ids = _project_ids(engine, slugs)
+    scope = _Scope(slugs, project_ids, rows)
     run_id = (
         start_run(
             engine,
@@ -489,11 +500,11 @@ def export(
             project_id=project_ids[0] if project_ids and len(project_ids) == 1 else None,
             params={"directory": str(target), "projects": slugs, "gzip": compress},
         )
-        if state.has_run_ledger
+        if state.has_run_ledger and record_run
         else None
     )
     try:
-        result = _export(engine, target, slugs, project_ids, compress, jobs, progress, started)
+        result = _export(engine, target, scope, compress, jobs, progress, started)
     except BaseException as error:
         if run_id is not None:
             finish_run(engine, run_id, RunStatus.FAILED, error=_one_line(error))
@@ -504,11 +515,19 @@ def export(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Which rows an export holds: some projects' (slugs and ids), or rows meeting conditions."""
+
+    projects: list[str] | None
+    project_ids: list[int] | None
+    rows: Mapping[str, str | None] | None
+
+
 def _export(
     engine: Engine,
     target: Path,
-    projects: list[str] | None,
-    project_ids: list[int] | None,
+    scope: _Scope,
     compress: bool,
     jobs: int,
     progress: ProgressCallback | None,
@@ -521,7 +540,14 @@ def _export(
             dialect = dialect_io(connection)
             with dialect.snapshot(connection):
                 revision, files = _write_tables(
-                    connection, dialect, staging, project_ids, compress, jobs, progress
+                    connection,
+                    dialect,
+                    staging,
+                    scope.project_ids,
+                    scope.rows,
+                    compress,
+                    jobs,
+                    progress,
                 )
         manifest = Manifest(
             format=FORMAT_NAME,
@@ -530,7 +556,7 @@ def _export(
             alembic_revision=revision,
             source_dialect=engine.dialect.name,
             created_at=datetime.now(UTC).isoformat(),
-            projects=projects,
+            projects=scope.projects,
             compression="gzip" if compress else None,
             files=files,
         )
@@ -544,7 +570,7 @@ def _export(
         directory=str(target),
         alembic_revision=revision,
         tool_version=manifest.tool_version,
-        projects=projects,
+        projects=scope.projects,
         compression=manifest.compression,
         tables=[ExportedTable(f.table, f.file, f.rows, f.bytes, f.sha256) for f in files],
         rows=sum(f.rows for f in files),

@@ -62,7 +62,6 @@ from sqlalchemy import (
     Engine,
     MetaData,
     column,
-    event,
     insert,
     inspect,
     literal_column,
@@ -77,7 +76,14 @@ from prompt_tool.core import content_hash
 from prompt_tool.core.errors import PermissionDenied, TemplateNotFound
 from prompt_tool.db import schema
 from prompt_tool.db.dialect import sha256_hex
-from prompt_tool.db.engine import Connectable, begin, check_connection, connect, make_engine
+from prompt_tool.db.engine import (
+    Connectable,
+    begin,
+    check_connection,
+    connect,
+    make_engine,
+    transactional_ddl,
+)
 from prompt_tool.db.legacy import LEGACY_COLUMNS, LEGACY_TABLES
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -266,23 +272,6 @@ def _snapshot_differences(before: _Snapshot, after: _Snapshot) -> list[str]:
 
 
 # --- the database the rehearsal runs on -----------------------------------------------------
-
-
-def _transactional_sqlite(engine: Engine) -> None:
-    """Let SQLAlchemy, not pysqlite, open SQLite transactions: DDL then rolls back too.
-
-    pysqlite only opens a transaction before INSERT/UPDATE/DELETE, so a CREATE or ALTER that
-    comes first is committed on its own; with its handling off and BEGIN emitted here, every
-    statement is inside the transaction (and SAVEPOINT works).
-    """
-
-    @event.listens_for(engine, "connect")
-    def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
 
 
 class _Target:
@@ -880,9 +869,8 @@ def _run_in_transaction(
     sessions_to_create: int,
     after_downgrade: Callable[[Connection], None] | None,
 ) -> None:
-    if engine.dialect.name == "sqlite":
-        _transactional_sqlite(engine)
-        engine.dispose()  # connections made before must not be reused without it
+    transactional_ddl(engine)
+    engine.dispose()  # connections made before must not be reused without it
     with engine.connect() as connection:
         transaction = connection.begin()
         journey = _Journey(
