@@ -243,6 +243,11 @@ def _raise_database_error(url: str, action: str, error: DBAPIError) -> None:
             f"{action} met a concurrent writer ({first_line}).{_PARTLY_UNDONE} Stop running "
             "backfills and run it again"
         ) from None
+    if "database is locked" in first_line:  # SQLite: another writer (a backfill) holds the file
+        raise SchemaError(
+            f"{action} waited for another writer on {redact(url)} and gave up ({first_line})."
+            f"{_PARTLY_UNDONE} Run it again when the other writer (a backfill?) has finished"
+        ) from None
     if isinstance(error, OperationalError):
         raise DatabaseUnavailableError(f"{action} on {redact(url)} failed: {first_line}") from None
     raise SchemaError(f"{action} on {redact(url)} failed: {first_line}") from None

@@ -203,8 +203,7 @@ def require_nothing_new(connection: Connection, retraction: Retraction) -> None:
         raise ArchiveOutdatedError(
             f"downgrade stopped, the schema is unchanged at 0002: {_describe(newer)} were "
             "written while it ran; stop the writers (or set the flag to legacy) and run the "
-            "downgrade again"
-            + (" with a new --archive directory" if retraction.archive else "")
+            "downgrade again" + (" with a new --archive directory" if retraction.archive else "")
         )
 
 

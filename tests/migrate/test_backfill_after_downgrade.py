@@ -1,14 +1,21 @@
-"""A downgrade keeps the rows the backfill imported; the backfill after the next upgrade takes
-them back instead of importing every text again, so round trips do not grow `prompts`."""
+"""A downgrade takes back the rows the backfill imported, so the backfill after the next upgrade
+imports them again and round trips never grow `prompts`. Deployments downgraded by an older
+prompt-tool still hold those rows as plain legacy prompts: the backfill takes them back instead
+of importing every text again."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from prompt_tool.db import schema
 from prompt_tool.db.models import Prompt
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.verify import verify
+
+_OLD_LEFTOVERS = {
+    "prompts": ("id", "project_id", "name", "content", "category", "is_template"),
+    "prompt_versions": ("id", "prompt_id", "version", "content", "created_by", "change_note"),
+}
 
 
 def _prompts(engine: Engine) -> int:
@@ -17,12 +24,55 @@ def _prompts(engine: Engine) -> int:
 
 
 def _round_trip(url: str, engine: Engine) -> None:
+    """Downgrade and upgrade as an older prompt-tool did: imported rows left as legacy rows."""
+    with engine.connect() as connection:
+        kept = {
+            table: connection.execute(
+                text(
+                    f"SELECT {', '.join(columns)} FROM {table} WHERE "
+                    + (
+                        "category = 'imported'"
+                        if table == "prompts"
+                        else "prompt_id IN (SELECT id FROM prompts WHERE category = 'imported')"
+                    )
+                )
+            ).all()
+            for table, columns in _OLD_LEFTOVERS.items()
+        }
     engine.dispose()
     schema.downgrade(url, "-1")
+    with engine.begin() as connection:
+        for table, columns in _OLD_LEFTOVERS.items():
+            connection.execute(
+                text(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                    f"({', '.join(':' + c for c in columns)})"
+                ),
+                [dict(zip(columns, row, strict=True)) for row in kept[table]],
+            )
+    engine.dispose()
     schema.upgrade(url)
 
 
-def test_the_backfill_after_a_round_trip_adopts_what_it_imported(
+def test_a_round_trip_takes_the_imported_rows_back_and_the_next_backfill_makes_them_again(
+    legacy_url: str, legacy_engine: Engine
+) -> None:
+    before = _prompts(legacy_engine)
+    first = backfill(legacy_engine)
+    legacy_engine.dispose()
+    schema.downgrade(legacy_url, "-1")
+    assert _prompts(legacy_engine) == before
+    schema.upgrade(legacy_url)
+
+    again = backfill(legacy_engine)
+
+    assert again.templates_created == first.templates_created > 0
+    assert again.references_created == first.references_created
+    assert _prompts(legacy_engine) == before + first.templates_created
+    assert verify(legacy_engine).passed
+
+
+def test_the_backfill_takes_back_what_an_older_downgrade_left_behind(
     legacy_url: str, legacy_engine: Engine
 ) -> None:
     first = backfill(legacy_engine)
