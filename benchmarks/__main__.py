@@ -95,6 +95,15 @@ def markdown(report: dict[str, Any], measurements: Sequence[Measurement]) -> str
                 f"{parallel['speed_up']:.2f}x speed-up; same templates and references: "
                 f"{_yes(parallel['identical_to_single_worker'])}."
             )
+    downgrade = next((m for m in measurements if m.section == "downgrade"), None)
+    if downgrade is not None:
+        taken = downgrade.extra["downgrade"]
+        lines.append(
+            f"Downgrade: {taken['elapsed_s']:.1f} s ({downgrade.ratio('the backfill'):.2f}x the "
+            f"backfill's speed); {taken['batches']:,} batches, the longest {taken['longest_batch_ms']:.0f} "
+            f"ms; the last transaction (schema + people's work) {taken['last_transaction_ms']:.0f} "
+            "ms: the longest lock hold."
+        )
     memory = report.get("memory")
     if memory:
         lines += ["", "| path | " + " | ".join(f"{size} sessions (MiB)" for size in memory["sizes"])

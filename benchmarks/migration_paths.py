@@ -337,6 +337,8 @@ def _run(
         copy_s = min(copy_tables(url, list(exported["tables"]), scratch) for _ in range(2))
         log("batch read, dual write, flag evaluation")
         reads = read_paths.run(url, sessions, dual_writes=dual_writes)
+        log("db downgrade of the backfilled database (archive of what people made)")
+        downgraded = run_path("downgrade", url, str(scratch / "archive"))
     log("backfill baseline: SQL ceiling")
     with scratch_database("ceiling", dataset_url) as url:
         ceiling_s = sql_ceiling(url)
@@ -418,6 +420,20 @@ def _run(
             targets={COPY: Target(0.70, ">= 0.70x")},
             peak_rss_mib=exported["peak_rss_mib"],
             extra={"export": exported},
+        ),
+        Measurement(
+            section="downgrade",
+            what=f"orch-migrate db downgrade -1 --archive, backfilled {sessions:,} sessions",
+            ours_per_s=sessions / downgraded["elapsed_s"],
+            # Against the backfill it takes back: 1.0x takes as long, 2.0x half as long.
+            baselines={"the backfill": backfill_rate},
+            peak_rss_mib=downgraded["peak_rss_mib"],
+            extra={
+                "downgrade": downgraded,
+                "longest_lock_hold_ms": max(
+                    downgraded["longest_batch_ms"], downgraded["last_transaction_ms"]
+                ),
+            },
         ),
         *reads,
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import peak_rss_mib
+from prompt_tool.db import schema
 from prompt_tool.db.engine import make_engine
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.export import export
@@ -65,7 +66,22 @@ def _export(url: str, target: str) -> dict[str, Any]:
     }
 
 
+def _downgrade(url: str, archive: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    state = schema.downgrade(url, archive=archive)
+    elapsed = time.perf_counter() - start
+    schema.upgrade(url)  # the data set stays usable for what runs after
+    return {
+        "elapsed_s": elapsed,
+        "removed": state.removed,
+        "batches": state.batches,
+        "longest_batch_ms": state.longest_batch_ms,
+        "last_transaction_ms": state.last_transaction_ms,
+    }
+
+
 PATHS: dict[str, Callable[..., dict[str, Any]]] = {
+    "downgrade": _downgrade,
     "backfill": _backfill,
     "verify": _verify,
     "export": _export,

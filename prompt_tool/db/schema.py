@@ -7,6 +7,7 @@ scripts as ``prompt_tool/_alembic``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class SchemaState:
     archive: str | None = None
     discarded: bool = False
     removed: dict[str, int] = field(default_factory=dict)
+    # How long locks were held: the longest of the short batches, and the last transaction.
+    batches: int = 0
+    longest_batch_ms: float = 0.0
+    last_transaction_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +213,7 @@ def _run(
         except DBAPIError as error:
             _raise_database_error(url, action, error)
         connection.commit()
+        committed = time.perf_counter()
         after = _current_on(connection)
     retraction = config.attributes.get("retraction")
     if retraction is None:
@@ -220,6 +226,11 @@ def _run(
         archive=retraction.archive,
         discarded=retraction.discarded,
         removed={table: rows for table, rows in retraction.removed.items() if rows},
+        batches=retraction.batches,
+        longest_batch_ms=round(retraction.longest_batch_ms, 1),
+        last_transaction_ms=round(
+            (committed - (retraction.last_transaction_started or committed)) * 1e3, 1
+        ),
     )
 
 

@@ -69,7 +69,7 @@ _DERIVED_SOURCES_SQL = ", ".join(f"'{source}'" for source in DERIVED_SOURCES)
 _TEMPLATE = "p.prompt_type = 'orchestration_template'"
 # An imported template exactly as backfill left it: nothing of it is anyone's work.
 _DERIVED_TEMPLATE = (
-    f"{_TEMPLATE} AND p.category = 'imported' AND p.name LIKE 'imported/%'"
+    f"{_TEMPLATE} AND p.category = 'imported' AND substr(p.name, 1, 9) = 'imported/'"
     " AND NOT EXISTS (SELECT 1 FROM prompt_versions v"
     " WHERE v.prompt_id = p.id AND v.version <> 1)"
     " AND NOT EXISTS (SELECT 1 FROM template_labels l WHERE l.prompt_id = p.id)"
@@ -133,6 +133,8 @@ class Retraction:
     removed: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     longest_batch_ms: float = 0.0
+    # When the last transaction (people's work, the schema, the revision) began, perf_counter.
+    last_transaction_started: float | None = None
 
     def add(self, table: str, rows: int) -> None:
         self.removed[table] = self.removed.get(table, 0) + rows
@@ -195,6 +197,7 @@ def write_archive(connection: Connection, directory: str) -> dict[str, int]:
 def require_nothing_new(connection: Connection, retraction: Retraction) -> None:
     """In the last transaction: nothing a person made was written since the downgrade began
     (after its archive was taken, or after it found nothing to archive)."""
+    retraction.last_transaction_started = time.perf_counter()
     if retraction.discarded:
         return
     now = count_kept_rows(connection)

@@ -49,9 +49,10 @@ def orch_migrate(line: str, url: str) -> str:
 
 def test_the_runbook_covers_every_step_of_a_rollback() -> None:
     commands = runbook_commands()
-    for needed in ("flag set", "verify", "export", "fingerprint", "db downgrade", "restore"):
+    for needed in ("flag set", "verify", "--archive", "fingerprint", "db downgrade", "restore"):
         assert any(needed in c for c in commands), needed
-    assert commands.index("orch-migrate db downgrade") > commands.index(
+    downgrade = next(c for c in commands if c.startswith("orch-migrate db downgrade"))
+    assert commands.index(downgrade) > commands.index(
         "orch-migrate flag set --project acme legacy"
     )
 
@@ -65,6 +66,7 @@ def moved_deployment(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.Monk
     load_legacy_sample(empty_db_url, sessions=60, projects=3, seed=3)
     for line in (
         "orch-migrate export before-templates/",
+        "orch-migrate fingerprint --json > before-templates.json",
         "orch-migrate db upgrade",
         "orch-migrate backfill",
         "orch-migrate verify",
