@@ -100,9 +100,9 @@ def markdown(report: dict[str, Any], measurements: Sequence[Measurement]) -> str
         taken = downgrade.extra["downgrade"]
         lines.append(
             f"Downgrade: {taken['elapsed_s']:.1f} s ({downgrade.ratio('the backfill'):.2f}x the "
-            f"backfill's speed); {taken['batches']:,} batches, the longest {taken['longest_batch_ms']:.0f} "
-            f"ms; the last transaction (schema + people's work) {taken['last_transaction_ms']:.0f} "
-            "ms: the longest lock hold."
+            f"backfill's speed); {taken['batches']:,} batches, the longest "
+            f"{taken['longest_batch_ms']:.0f} ms; the last transaction (schema + people's work) "
+            f"{taken['last_transaction_ms']:.0f} ms: the longest lock hold."
         )
     memory = report.get("memory")
     if memory:
