@@ -5,7 +5,9 @@ arguments, calls one function of :mod:`prompt_tool.flags` and prints the result 
 with ``--json``, as the same data in JSON. Bad input (an unknown variant or project) is raised by
 the library and becomes a one-line error with exit code 2 in ``_runtime.run``; so does a switch to
 ``templates`` that the readiness guard (:func:`prompt_tool.migrate.status.readiness_guard`)
-refuses, unless ``--force``.
+refuses, unless ``--force``, and any ``set`` or ``unset`` while the flag is read from somewhere
+other than the database (``PROMPT_TOOL_FLAG_PROVIDER=flagd-file``): the message names the file.
+``get`` and ``list`` show what readers get, evaluated through the provider they use.
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
+from rich.text import Text
 
 from prompt_tool import flags
-from prompt_tool.cli._runtime import DbOption, JsonOption, acting_user, emit, new_app, table
+from prompt_tool.cli._runtime import (
+    DbOption,
+    JsonOption,
+    acting_user,
+    emit,
+    new_app,
+    stderr,
+    table,
+)
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
@@ -100,7 +112,8 @@ def flag_set(
 
     `templates` is refused (exit 2, saying what to run) unless the project is ready: fully
     backfilled and verified since (for the default: every project following it); --force skips
-    the check.
+    the check. Refused too (exit 2, nothing written) while the flag is read from a flagd file
+    (PROMPT_TOOL_FLAG_PROVIDER=flagd-file): change it in that file.
     """
     slug = _one_target(project, default)
     engine = make_engine(resolve_url(db))
@@ -132,7 +145,10 @@ def flag_unset(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Remove a project's override (it follows the default) or the default (built-in legacy)."""
+    """Remove a project's override (it follows the default) or the default (built-in legacy).
+
+    Refused (exit 2, nothing written) while the flag is read from a flagd file.
+    """
     slug = _one_target(project, default)
     if slug is None:
         change = flags.unset_default(resolve_url(db), actor=acting_user(as_user))
@@ -141,25 +157,41 @@ def flag_unset(
     emit(change, as_json=as_json, render=_render_change)
 
 
+def _in_database(location: flags.FlagLocation) -> bool:
+    return location.kind is flags.ProviderKind.DATABASE and location.database is None
+
+
+def _describe_source(source: flags.DecisionSource, detail: str | None) -> str:
+    return source.value + (f" ({detail})" if detail else "")
+
+
 def _render_status(status: flags.FlagStatus) -> Any:
     rows: list[tuple[str, Any]] = [
         ("project", f"{status.project_slug} (id {status.project_id})"),
         ("variant", status.variant.value),
-        ("from", status.source.value + (f" ({status.detail})" if status.detail else "")),
+        ("from", _describe_source(status.source, status.detail)),
+        ("read from", status.read_from.description),
         ("provider", status.provider),
     ]
     if status.variant is flags.Variant.SHADOW:
         rows.append(("sample rate", _rate(status.sample_rate)))
-    if status.override is not None:
-        rows.append(("override", _describe_state(status.override)))
-    rows.append(
-        (
-            "default",
-            _describe_state(status.default)
-            if status.default
-            else f"{flags.BUILTIN_DEFAULT.value} (built in)",
+    if _in_database(status.read_from):
+        if status.override is not None:
+            rows.append(("override", _describe_state(status.override)))
+        rows.append(
+            (
+                "default",
+                _describe_state(status.default)
+                if status.default
+                else f"{flags.BUILTIN_DEFAULT.value} (built in)",
+            )
         )
-    )
+    else:
+        # Rows `flag set` wrote before the provider changed: shown, but never as the answer.
+        if status.override is not None:
+            rows.append(("database override", _describe_state(status.override) + " (not read)"))
+        if status.default is not None:
+            rows.append(("database default", _describe_state(status.default) + " (not read)"))
     return table(f"Flag {status.flag_key}", ["", "value"], rows)
 
 
@@ -177,35 +209,63 @@ def flag_get(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """A project's effective variant and where it comes from (override, default, kill switch)."""
+    """A project's effective variant and where it comes from (override, default, kill switch,
+    or the flagd file when PROMPT_TOOL_FLAG_PROVIDER=flagd-file)."""
     emit(flags.get_variant(resolve_url(db), project), as_json=as_json, render=_render_status)
 
 
-def _render_listing(listing: flags.FlagListing) -> Any:
-    default = (
+def _render_listing(listing: flags.VariantListing) -> Any:
+    in_database = _in_database(listing.read_from)
+    stored_default = (
         listing.default.variant if listing.default else f"{listing.builtin_default} (built in)"
     )
-    title = f"Flag {listing.flag_key}: default {default}"
+    title = f"Flag {listing.flag_key}: "
+    title += (
+        f"default {stored_default}" if in_database else f"read from {listing.read_from.description}"
+    )
     if listing.kill_switch:
         title += " - KILL SWITCH ON: every project reads legacy"
-    rows = [
-        (
-            s.project_slug,
-            s.variant,
-            _rate(s.shadow_sample_rate),
-            s.updated_by,
-            f"{s.updated_at:%Y-%m-%d %H:%M:%S}" if s.updated_at else "",
-        )
-        for s in listing.overrides
+    columns = ["project", "variant", "from", "sample rate"]
+    rows: list[list[str]] = [
+        [
+            project.project_slug,
+            project.variant.value,
+            _describe_source(project.source, project.detail),
+            _rate(project.sample_rate) if project.variant is flags.Variant.SHADOW else "",
+        ]
+        for project in listing.projects
     ]
-    rows += [(slug, f"({default})", "", "", "") for slug in listing.without_override]
-    return table(title, ["project", "variant", "sample rate", "by", "at"], rows)
+    if in_database:
+        # Who set an override, and when: only meaningful where the override is what is read.
+        columns += ["by", "at"]
+        overrides = {s.project_slug: s for s in listing.overrides}
+        for row in rows:
+            override = overrides.get(row[0])
+            row += [
+                (override.updated_by or "") if override else "",
+                f"{override.updated_at:%Y-%m-%d %H:%M:%S}"
+                if override and override.updated_at
+                else "",
+            ]
+    result = table(title, columns, rows)
+    if in_database or (listing.default is None and not listing.overrides):
+        return result
+    stored = [f"default {listing.default.variant}"] if listing.default else []
+    stored += [f"{s.project_slug} {s.variant}" for s in listing.overrides]
+    return Group(
+        result,
+        Text(
+            f"Not read: the database's flag rows ({', '.join(stored)}); readers read "
+            f"{listing.read_from.description}."
+        ),
+    )
 
 
 @flag_app.command("list")
 def flag_list(db: DbOption = None, as_json: JsonOption = False) -> None:
-    """The default, every project override, and the projects that follow the default."""
-    emit(flags.list_flags(resolve_url(db)), as_json=as_json, render=_render_listing)
+    """Every project's effective variant as readers get it, and where it comes from (override,
+    default, or the flagd file when PROMPT_TOOL_FLAG_PROVIDER=flagd-file)."""
+    emit(flags.list_variants(resolve_url(db)), as_json=as_json, render=_render_listing)
 
 
 def _render_history(events: list[flags.FlagEvent]) -> Any:
@@ -234,7 +294,19 @@ def flag_history(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Every change, oldest first: who, when, from which variant to which."""
+    """Every change, oldest first: who, when, from which variant to which.
+
+    The history of the database's rows; while the flag is read from a flagd file, a note on
+    stderr says so (those rows are not what readers get).
+    """
+    location = flags.flag_location()
+    if not _in_database(location):
+        stderr.print(
+            f"note: the flag is read from {location.description}; this is the history of the "
+            "database's rows, which readers do not read",
+            highlight=False,
+            markup=False,
+        )
     emit(
         flags.flag_history(resolve_url(db), project, limit=limit),
         as_json=as_json,

@@ -18,8 +18,8 @@ __all__ = [
     "EXPAND_COLUMNS",
     "EXPAND_INDEXES",
     "EXPAND_TABLES",
-    "IndexSpec",
     "LEGACY_TABLES",
+    "IndexSpec",
 ]
 
 BASELINE: Final = "0001"

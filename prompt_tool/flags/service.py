@@ -52,7 +52,7 @@ from prompt_tool.flags.provider import (
     DatabaseFlagProvider,
     GuardedProvider,
 )
-from prompt_tool.flags.store import Database, connected, read_states
+from prompt_tool.flags.store import Database, connected, list_flags, project_ids, read_states
 from prompt_tool.flags.types import (
     BUILTIN_DEFAULT,
     DEFAULT_SHADOW_SAMPLE_RATE,
@@ -60,12 +60,21 @@ from prompt_tool.flags.types import (
     FLAG_KEY,
     DecisionSource,
     FlagDecision,
+    FlagLocation,
     FlagStatus,
+    ProjectVariant,
     Variant,
+    VariantListing,
 )
 from prompt_tool.settings import Settings, get_settings
 
-__all__ = ["DEFAULT_EVALUATION_TIMEOUT_S", "FlagService", "ProjectKey", "get_variant"]
+__all__ = [
+    "DEFAULT_EVALUATION_TIMEOUT_S",
+    "FlagService",
+    "ProjectKey",
+    "get_variant",
+    "list_variants",
+]
 
 logger = logging.getLogger("prompt_tool.flags")
 
@@ -309,6 +318,13 @@ class FlagService:
             return replacement.get_metadata().name
         return self._own_provider().get_metadata().name
 
+    @property
+    def read_from(self) -> FlagLocation:
+        """Where the provider answering right now reads the flag."""
+        if self._given is not None:
+            return config.location_of(self._given, "the provider given to this service")
+        return config.flag_location()
+
     def fallback_counts(self) -> dict[str, int]:
         """How many reads fell back to legacy, per cause, since the service started."""
         return self._causes.counts()
@@ -444,7 +460,8 @@ def get_variant(
     settings: Settings | None = None,
     provider: FeatureProvider | None = None,
 ) -> FlagStatus:
-    """A project's effective variant, as the read path sees it, and the stored rows behind it."""
+    """A project's effective variant, as the read path sees it, the stored rows behind it, and
+    where the flag is read from (when not the database, those rows are not read)."""
     with connected(db) as engine:
         project_id, override, default = read_states(engine, project_slug)
         with FlagService(
@@ -452,6 +469,7 @@ def get_variant(
         ) as service:
             decision = service.variant_for(project_slug, project_id)
             provider_name = service.provider_name
+            read_from = service.read_from
     return FlagStatus(
         flag_key=FLAG_KEY,
         project_slug=project_slug,
@@ -463,4 +481,48 @@ def get_variant(
         provider=provider_name,
         override=override,
         default=default,
+        read_from=read_from,
+    )
+
+
+def list_variants(
+    db: Database,
+    *,
+    settings: Settings | None = None,
+    provider: FeatureProvider | None = None,
+) -> VariantListing:
+    """Every project's effective variant, evaluated as the read path evaluates it, beside the
+    stored default and overrides (:func:`~prompt_tool.flags.list_flags`) and where the flag is
+    read from. Under a provider other than the database, the stored rows are not what readers
+    get; ``projects`` is."""
+    settings = settings or get_settings()
+    with connected(db) as engine:
+        stored = list_flags(engine, settings=settings)
+        ids = project_ids(engine)
+        with FlagService(
+            engine, settings, provider, evaluation_timeout_s=_ONE_SHOT_TIMEOUT_S
+        ) as service:
+            decisions = service.variants_for(ids.items())
+            provider_name = service.provider_name
+            read_from = service.read_from
+    return VariantListing(
+        flag_key=stored.flag_key,
+        builtin_default=stored.builtin_default,
+        kill_switch=stored.kill_switch,
+        default=stored.default,
+        overrides=stored.overrides,
+        without_override=stored.without_override,
+        read_from=read_from,
+        provider=provider_name,
+        projects=[
+            ProjectVariant(
+                project_slug=slug,
+                project_id=project_id,
+                variant=decisions[slug].variant,
+                source=decisions[slug].reason,
+                sample_rate=decisions[slug].sample_rate,
+                detail=decisions[slug].detail,
+            )
+            for slug, project_id in ids.items()
+        ],
     )

@@ -2,9 +2,10 @@
 ``project_id`` NULL, plus one override row per project) and ``feature_flag_events`` (every change,
 with who and when).
 
-Writes take the row lock, record the event in the same transaction, and then bump this
-process's *generation* of the database, which is how every in-process flag cache learns at once
-that its snapshot is out of date.
+Writes (:func:`write_change`; the public ones, which first check that readers read these rows,
+are in :mod:`prompt_tool.flags.writes`) take the row lock, record the event in the same
+transaction, and then bump this process's *generation* of the database, which is how every
+in-process flag cache learns at once that its snapshot is out of date.
 """
 
 from __future__ import annotations
@@ -48,11 +49,9 @@ __all__ = [
     "generation",
     "list_flags",
     "load_snapshot",
+    "project_ids",
     "read_states",
-    "set_default",
-    "set_variant",
-    "unset_default",
-    "unset_variant",
+    "write_change",
 ]
 
 Database = Engine | str
@@ -196,6 +195,12 @@ def read_states(
             else:
                 override = _state(row, project.slug)
         return project.id, override, default
+
+
+def project_ids(db: Database) -> dict[str, int]:
+    """Every project's id, by slug, in slug order."""
+    with connected(db) as engine, session_scope(make_session_factory(engine)) as session:
+        return {p.slug: p.id for p in sorted(list_projects(session), key=lambda p: p.slug)}
 
 
 def list_flags(
@@ -440,17 +445,19 @@ class _Work:
         )
 
 
-def set_variant(
+def write_change(
     db: Database,
-    project_slug: str,
-    variant: str,
+    project_slug: str | None,
+    variant: str | None,
     *,
     actor: str,
     sample_rate: float | None = None,
     guard: Guard | None = None,
     flag_key: str = FLAG_KEY,
 ) -> FlagChange:
-    """Override the variant of one project; ``sample_rate`` (0..1) only with ``shadow``.
+    """Write one change to the flag's rows: ``project_slug`` None is the default, ``variant``
+    None removes the row. The database only: whether readers read these rows is checked by the
+    public writes (:mod:`prompt_tool.flags.writes`), which call this.
 
     ``guard`` sees the change before anything is written and refuses it by raising: the one
     place where a readiness check (before ``templates``) plugs in.
@@ -462,58 +469,6 @@ def set_variant(
         sample_rate=sample_rate,
         actor=actor,
         guard=guard,
-    )
-    with connected(db) as engine:
-        return _retrying_once(engine, work)
-
-
-def set_default(
-    db: Database,
-    variant: str,
-    *,
-    actor: str,
-    sample_rate: float | None = None,
-    guard: Guard | None = None,
-    flag_key: str = FLAG_KEY,
-) -> FlagChange:
-    """Set the global default: the variant of every project without an override."""
-    work = _Work(
-        flag_key=flag_key,
-        project_slug=None,
-        variant=variant,
-        sample_rate=sample_rate,
-        actor=actor,
-        guard=guard,
-    )
-    with connected(db) as engine:
-        return _retrying_once(engine, work)
-
-
-def unset_variant(
-    db: Database, project_slug: str, *, actor: str, flag_key: str = FLAG_KEY
-) -> FlagChange:
-    """Remove a project's override: it follows the default again."""
-    work = _Work(
-        flag_key=flag_key,
-        project_slug=project_slug,
-        variant=None,
-        sample_rate=None,
-        actor=actor,
-        guard=None,
-    )
-    with connected(db) as engine:
-        return _retrying_once(engine, work)
-
-
-def unset_default(db: Database, *, actor: str, flag_key: str = FLAG_KEY) -> FlagChange:
-    """Remove the stored default: projects without an override get the built-in ``legacy``."""
-    work = _Work(
-        flag_key=flag_key,
-        project_slug=None,
-        variant=None,
-        sample_rate=None,
-        actor=actor,
-        guard=None,
     )
     with connected(db) as engine:
         return _retrying_once(engine, work)

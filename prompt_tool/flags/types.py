@@ -20,11 +20,15 @@ __all__ = [
     "FlagDecision",
     "FlagEvent",
     "FlagListing",
+    "FlagLocation",
     "FlagState",
     "FlagStatus",
     "Guard",
     "PendingChange",
+    "ProjectVariant",
+    "ProviderKind",
     "Variant",
+    "VariantListing",
     "parse_sample_rate",
     "parse_variant",
 ]
@@ -75,6 +79,34 @@ def parse_sample_rate(value: float | None, variant: Variant) -> float | None:
             f"sample rate {value!r} is not between 0 and 1; use e.g. 0.1 for 10% of reads"
         )
     return float(value)
+
+
+class ProviderKind(enum.StrEnum):
+    """What answers the flag: ``database`` and ``flagd-file`` are the values of
+    ``PROMPT_TOOL_FLAG_PROVIDER``; ``custom`` is any other provider given in code
+    (:func:`~prompt_tool.flags.use_provider`), never a setting."""
+
+    DATABASE = "database"
+    FLAGD_FILE = "flagd-file"
+    CUSTOM = "custom"
+
+
+@dataclass(frozen=True, slots=True)
+class FlagLocation:
+    """Where the readers of this process read the flag, so where a change must be made.
+
+    ``database``: the database a replacement database provider reads (its URL, no password);
+    None for the built-in provider, which reads the database each command or service is given.
+    ``description`` names the place in a phrase an operator can act on, e.g. ``the flagd file
+    /etc/flags.json (PROMPT_TOOL_FLAG_PROVIDER=flagd-file)``.
+    """
+
+    kind: ProviderKind
+    provider: str
+    chosen_by: str
+    description: str
+    flagd_file: str | None = None
+    database: str | None = None
 
 
 class DecisionSource(enum.StrEnum):
@@ -134,7 +166,11 @@ class FlagChange:
 
 @dataclass(frozen=True, slots=True)
 class FlagStatus:
-    """A project's effective variant with its source, and the stored rows behind it."""
+    """A project's effective variant with its source, and the stored rows behind it.
+
+    ``read_from`` is where readers read the flag; when it is not the database, ``override`` and
+    ``default`` are database rows that nobody reads.
+    """
 
     flag_key: str
     project_slug: str
@@ -146,6 +182,7 @@ class FlagStatus:
     provider: str
     override: FlagState | None
     default: FlagState | None
+    read_from: FlagLocation
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +195,32 @@ class FlagListing:
     default: FlagState | None
     overrides: list[FlagState]
     without_override: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectVariant:
+    """One project's effective variant, as the read path gets it."""
+
+    project_slug: str
+    project_id: int
+    variant: Variant
+    source: DecisionSource
+    sample_rate: float
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VariantListing(FlagListing):
+    """The stored state of the flag (as :class:`FlagListing`) and what readers get from it.
+
+    ``projects`` holds every project's effective variant, evaluated through the provider the
+    readers use (``provider``, reading from ``read_from``); when that is not the database, the
+    stored default and overrides are rows nobody reads.
+    """
+
+    read_from: FlagLocation
+    provider: str
+    projects: list[ProjectVariant]
 
 
 @dataclass(frozen=True, slots=True)

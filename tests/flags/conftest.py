@@ -11,7 +11,8 @@ from sqlalchemy import Engine, event
 from prompt_tool import flags
 from prompt_tool.db.engine import make_session_factory, session_scope
 from prompt_tool.db.projects import create_project
-from prompt_tool.settings import Settings
+from prompt_tool.flags import config as flag_config
+from prompt_tool.settings import Settings, get_settings
 
 EXAMPLE_FLAGD_FILE = (
     Path(__file__).resolve().parents[2] / "examples" / "flagd-orchestration-templates.json"
@@ -58,6 +59,45 @@ def add_projects(engine: Engine, *slugs: str) -> dict[str, int]:
 @pytest.fixture
 def example_flagd_file() -> Path:
     return EXAMPLE_FLAGD_FILE
+
+
+@pytest.fixture
+def fresh_process_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[dict[str, str]], None]]:
+    """Call with environment variables (``PROMPT_TOOL_FLAG_PROVIDER``, ...): they are set in a
+    process that has not read its flag configuration yet, as in a fresh ``orch-migrate``
+    process started with them."""
+
+    def switch(env: dict[str, str]) -> None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        monkeypatch.setattr(flag_config._process, "configured", False)
+
+    yield switch
+    flags.reset_provider()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def flagd_by_env(
+    fresh_process_env: Callable[[dict[str, str]], None], example_flagd_file: Path
+) -> Callable[[], Path]:
+    """Call to start reading the flag from the example flagd file, configured by environment
+    (``PROMPT_TOOL_FLAG_PROVIDER=flagd-file``, ``PROMPT_TOOL_FLAGD_FILE``); returns the file."""
+
+    def switch() -> Path:
+        fresh_process_env(
+            {
+                "PROMPT_TOOL_FLAG_PROVIDER": "flagd-file",
+                "PROMPT_TOOL_FLAGD_FILE": str(example_flagd_file),
+            }
+        )
+        return example_flagd_file
+
+    return switch
 
 
 @pytest.fixture
