@@ -371,7 +371,7 @@ def test_a_template_session_reads_the_same_after_alembic_downgrade(
     manager.engine.dispose()
     reader.flags.close()
 
-    schema.downgrade(head_db_url, "-1")
+    schema.downgrade(head_db_url, "-1", discard_user_templates=True)
 
     from prompt_tool.db.engine import make_engine
 
