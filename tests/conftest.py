@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from pytest_alembic.config import Config as PytestAlembicConfig
 from psycopg import sql
+from pytest_alembic.config import Config as PytestAlembicConfig
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 

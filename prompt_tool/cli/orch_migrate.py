@@ -154,19 +154,33 @@ def db_history(as_json: JsonOption = False) -> None:
     )
 
 
+def _compared(result: fingerprints.LegacyFingerprint, name: str) -> str:
+    """How a table compares with the saved fingerprint: ``same``, ``same, +3 new``, ``CHANGED``."""
+    verdict = "CHANGED" if name in (result.changed or ()) else "same"
+    added = (result.added or {}).get(name)
+    return f"{verdict}, +{added:,} new" if added else verdict
+
+
 def _render_fingerprint(result: fingerprints.LegacyFingerprint) -> Table:
-    changed = set(result.changed or ())
-    status = {t.table: ("CHANGED" if t.table in changed else "same") for t in result.tables}
-    columns = ["table", "rows", "sha256"] + ([] if result.changed is None else ["vs saved"])
-    return table(
+    against = result.changed is not None
+    columns = ["table", "rows", "max id", "sha256"] + (["vs saved"] if against else [])
+    shown = table(
         "Legacy tables",
         columns,
         [
-            (t.table, t.rows, t.sha256[:16])
-            + (() if result.changed is None else (status[t.table],))
+            (t.table, f"{t.rows:,}", "" if t.max_id is None else t.max_id, t.sha256[:16])
+            + ((_compared(result, t.table),) if against else ())
             for t in result.tables
         ],
     )
+    whole = [t.table for t in result.tables if against and t.table not in (result.added or {})]
+    if whole:
+        shown.caption = (
+            f"compared whole, the saved fingerprint records no max id for them: "
+            f"{', '.join(whole)} (rows added since count as differences there)"
+        )
+        shown.caption_justify = "left"
+    return shown
 
 
 @app.command("fingerprint")
@@ -176,17 +190,23 @@ def fingerprint(
         typer.Option(
             "--against",
             metavar="FILE",
-            help="A fingerprint saved earlier with --json: exit 1 if any legacy table differs.",
+            help="A fingerprint saved earlier with --json: exit 1 if any legacy row that existed "
+            "then changed or vanished; rows added since are counted, not failed.",
         ),
     ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Row count and sha256 of every legacy table: compare before and after any schema change."""
+    """Row count, highest id and sha256 of every legacy table: compare before and after any
+    schema change."""
     result = fingerprints.fingerprint_legacy_tables(resolve_url(db), against)
     emit(result, as_json=as_json, render=_render_fingerprint)
     if result.changed:
-        fail(f"legacy tables differ from {against}: {', '.join(result.changed)}", 1)
+        fail(
+            f"legacy tables differ from {against}: {', '.join(result.changed)} (rows that existed "
+            "when it was taken changed or vanished)",
+            1,
+        )
 
 
 @app.command("sample-data")

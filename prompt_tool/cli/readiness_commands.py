@@ -8,7 +8,8 @@ Mounted by the main app::
 Each parses its options, calls one library function (:func:`prompt_tool.migrate.status.status`,
 :func:`prompt_tool.migrate.rehearse.rehearse`) and prints the result as a table or, with
 ``--json``, as the same data in JSON. A rehearsal that found a difference prints its report first,
-then exits 1 with the failed steps on stderr.
+then exits 1 with one line on stderr: the step that stopped it and why (a statement or lock
+timeout is reported as one, never as a difference), and the steps that found differences.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from rich.text import Text
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
-from prompt_tool.migrate.rehearse import RehearsalReport, rehearse
+from prompt_tool.migrate.rehearse import (
+    LOCK_TIMEOUT,
+    STATEMENT_TIMEOUT,
+    RehearsalReport,
+    rehearse,
+)
 from prompt_tool.migrate.status import LastRun, StatusReport, status
 
 __all__ = ["rehearse_command", "status_command"]
@@ -128,7 +134,17 @@ def _render_rehearsal(report: RehearsalReport) -> Any:
         if report.passed
         else f"rehearsal FAILED; the database is at revision {report.end_revision}"
     )
-    return Group(result, *differences, Text(verdict))
+    notes = []
+    if report.archive is not None:
+        notes.append(
+            Text(
+                f"the downgrade's archive is kept in {report.archive}: what it holds is not in the "
+                f"database; after `orch-migrate db upgrade`, `orch-migrate restore --from "
+                f"{report.archive}` brings it back",
+                style="yellow",
+            )
+        )
+    return Group(result, *differences, *notes, Text(verdict))
 
 
 def rehearse_command(
@@ -162,13 +178,24 @@ def rehearse_command(
     )
     emit(report, as_json=as_json, render=_render_rehearsal)
     if not report.passed:
-        fail(f"the rehearsal found differences: {_failed_steps(report)}", 1)
+        fail(_failure(report), 1)
 
 
-def _failed_steps(report: RehearsalReport) -> str:
-    """``legacy_intact (orchestration_sessions), verify``: each failed step and what differs."""
-    named = []
+def _failure(report: RehearsalReport) -> str:
+    """One line: the step that stopped the rehearsal and why (a timeout is a timeout, not a
+    difference), then the steps that found differences, each with what differs, e.g.
+    ``legacy_intact (orchestration_sessions)``."""
+    parts = []
     for step in report.failures():
-        what = list(dict.fromkeys(d.split(":", 1)[0] for d in step.differences))
-        named.append(f"{step.name} ({', '.join(what)})" if what else step.name)
-    return ", ".join(named)
+        if step.stopped_by in (STATEMENT_TIMEOUT, LOCK_TIMEOUT):
+            parts.append(f"step {step.name} {step.details}")  # "timed out: ..."
+        elif step.stopped_by is not None:
+            parts.append(f"step {step.name} failed: {step.details}")
+    found = []
+    for step in report.failures():
+        if step.stopped_by is None:
+            what = list(dict.fromkeys(d.split(":", 1)[0] for d in step.differences))
+            found.append(f"{step.name} ({', '.join(what)})" if what else step.name)
+    if found:
+        parts.append(f"the rehearsal found differences: {', '.join(found)}")
+    return "; ".join(parts) or "the rehearsal failed"

@@ -26,13 +26,22 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
-from prompt_tool.migrate.archive import ProgressCallback
+from prompt_tool.errors import InvalidInputError
+from prompt_tool.migrate.archive import ARCHIVED_TABLES, ProgressCallback
 from prompt_tool.migrate.export import ExportResult, export
-from prompt_tool.migrate.restore import RestoreResult, restore
+from prompt_tool.migrate.restore import (
+    DifferingRows,
+    DifferingRowsError,
+    RestoredTable,
+    RestoreOutcome,
+    RestoreResult,
+    restore,
+)
 
 __all__ = ["export_command", "restore_command"]
 
@@ -73,13 +82,21 @@ def _progress_bar() -> Iterator[ProgressCallback | None]:
         yield update
 
 
+def _whole_table_names(view: Table) -> Table:
+    # Piped, Rich lays a table out in 80 columns: "orchestration…" would be two tables at once.
+    view.columns[0].min_width = max(map(len, ARCHIVED_TABLES))
+    return view
+
+
 def _render_export(result: ExportResult) -> Group:
     scope = ", ".join(result.projects) if result.projects else "all projects"
     return Group(
-        table(
-            f"Exported {scope} to {result.directory}",
-            ["table", "rows", "bytes", "file", "sha256"],
-            [(t.table, t.rows, t.bytes, t.file, t.sha256[:16]) for t in result.tables],
+        _whole_table_names(
+            table(
+                f"Exported {scope} to {result.directory}",
+                ["table", "rows", "bytes", "file", "sha256"],
+                [(t.table, t.rows, t.bytes, t.file, t.sha256[:16]) for t in result.tables],
+            )
         ),
         f"{result.rows} rows, {result.bytes} bytes at schema revision {result.alembic_revision} "
         f"in {result.seconds:.2f} s",
@@ -129,37 +146,104 @@ def export_command(
     emit(result, as_json=as_json, render=_render_export)
 
 
+_ACTION_COLUMN = {
+    DifferingRows.OVERWRITE: "overwritten",
+    DifferingRows.KEEP_CURRENT: "kept",
+}
+
+
+def _per_table(tables: list[RestoredTable]) -> str:
+    return ", ".join(f"{t.table} {t.different}" for t in tables if t.different)
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
+def _restore_summary(result: RestoreResult) -> str:
+    tables = _per_table(result.tables)
+    if result.outcome is RestoreOutcome.DRY_RUN:
+        head = (
+            f"Dry run, nothing written: a restore would insert {_rows(result.missing)} and skip "
+            f"{result.identical} identical"
+        )
+        if not result.different:
+            return f"{head}; no row differs from the export."
+        differ = (
+            f"{_rows(result.different)} {'differs' if result.different == 1 else 'differ'} "
+            f"from the export ({tables})"
+        )
+        if result.differing is DifferingRows.OVERWRITE:
+            return f"{head}; {differ}: it would overwrite them with the export's."
+        if result.differing is DifferingRows.KEEP_CURRENT:
+            return f"{head}; {differ}: it would keep them as they are."
+        return f"{head}; {differ}."  # and the line on stderr: it would be refused
+    head = f"{_rows(result.inserted)} inserted, {result.identical} identical (skipped)"
+    if result.overwritten:
+        differ = f"{result.overwritten} differing overwritten with the export's ({tables})"
+    elif result.kept:
+        differ = f"{result.kept} differing kept as they are ({tables})"
+    else:
+        differ = "no row differed from the export"
+    return f"{head}, {differ}; schema revision {result.alembic_revision}, {result.seconds:.2f} s"
+
+
 def _render_restore(result: RestoreResult) -> Group:
-    different = "overwritten" if result.overwrite else "different (left)"
-    return Group(
-        table(
-            f"Restored {result.source} into {result.database}",
-            ["table", "rows", "inserted", "identical (skipped)", different, "first keys"],
-            [
-                (
-                    t.table,
-                    t.rows,
-                    t.inserted,
-                    t.identical,
-                    t.different,
-                    ", ".join(str(tuple(key)) for key in t.different_keys),
-                )
-                for t in result.tables
-            ],
-        ),
-        f"{result.inserted} inserted, {result.identical} identical, {result.different} different "
-        f"in {result.seconds:.2f} s",
+    dry_run = result.outcome is RestoreOutcome.DRY_RUN
+    title = (
+        f"Dry run: {result.source} compared with {result.database}, nothing written"
+        if dry_run
+        else f"Restored {result.source} into {result.database}"
     )
+    action = None if dry_run else _ACTION_COLUMN.get(result.differing)
+    columns = [
+        "table",
+        "rows",
+        "to insert" if dry_run else "inserted",
+        "identical (skipped)",
+        "differ",
+        *([action] if action else []),
+        "first differing keys",
+    ]
+    rows = [
+        (
+            t.table,
+            t.rows,
+            t.missing if dry_run else t.inserted,
+            t.identical,
+            t.different,
+            *([t.overwritten or t.kept] if action else []),
+            t.keys_text() if t.different else "",
+        )
+        for t in result.tables
+    ]
+    return Group(_whole_table_names(table(title, columns, rows)), _restore_summary(result))
 
 
 def restore_command(
     source: Annotated[
         Path, typer.Option("--from", metavar="DIR", help="The export directory to restore.")
     ],
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Compare only: what would be inserted, what is identical, which rows differ. "
+            "Writes nothing.",
+        ),
+    ] = False,
+    keep_current: Annotated[
+        bool,
+        typer.Option(
+            "--keep-current",
+            help="Rows that differ from the export: leave them as they are, restore the rest.",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace rows that exist with other values (default: leave them)."
+            "--overwrite",
+            help="Rows that differ from the export: replace them with the export's values.",
         ),
     ] = False,
     db: DbOption = None,
@@ -167,18 +251,35 @@ def restore_command(
 ) -> None:
     """Restore an export: checked first, all or nothing, idempotent.
 
-    Exit code 1 when rows that differ from the export were left alone (see --overwrite).
+    Rows missing from the database are inserted, identical ones skipped. Rows the database
+    holds with other values (changed after the export) refuse the restore, exit 1, nothing
+    written, unless you choose --keep-current or --overwrite; --dry-run lists them first.
     """
+    if keep_current and overwrite:
+        raise InvalidInputError(
+            "--keep-current and --overwrite contradict each other: choose what happens to rows "
+            "that differ from the export (--dry-run lists them)"
+        )
+    differing = (
+        DifferingRows.OVERWRITE
+        if overwrite
+        else DifferingRows.KEEP_CURRENT
+        if keep_current
+        else DifferingRows.REFUSE
+    )
     engine = make_engine(resolve_url(db))
     try:
         with _progress_bar() as progress:
-            result = restore(engine, source, overwrite=overwrite, progress=progress)
+            result = restore(
+                engine, source, differing=differing, dry_run=dry_run, progress=progress
+            )
+    except DifferingRowsError as refused:
+        # The one line says it all to a person; a program gets the comparison as well.
+        if as_json:
+            emit(refused.result, as_json=True, render=_render_restore)
+        raise
     finally:
         engine.dispose()
     emit(result, as_json=as_json, render=_render_restore)
-    if result.left_different:
-        fail(
-            f"{result.left_different} rows differ from the export and were left alone; "
-            "rerun with --overwrite to replace them",
-            1,
-        )
+    if result.refusal is not None:  # a dry run that found what a restore would refuse
+        fail(result.refusal, 1)

@@ -9,6 +9,10 @@ An export is a directory::
     prompts.jsonl[.gz]
     ...
 
+and nothing else: the manifest lists one file for every table of the export's schema revision
+(:data:`TABLES_AT_REVISION`), and restore refuses a manifest that lacks one or a directory that
+holds a file the manifest does not list.
+
 Values in a row, by column kind (the same whichever database wrote the file):
 
 * integer: a JSON number;
@@ -35,10 +39,11 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from alembic.runtime.migration import MigrationContext
@@ -64,6 +69,7 @@ from sqlalchemy.sql.expression import ColumnClause, Select
 
 from prompt_tool.db.engine import Connectable, check_connection, connect
 from prompt_tool.db.models import Base
+from prompt_tool.db.revisions import BASELINE, EXPAND, EXPAND_TABLES, LEGACY_TABLES
 from prompt_tool.db.url import require_existing_sqlite_file
 from prompt_tool.errors import InvalidInputError, SchemaError
 
@@ -74,6 +80,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "PARALLEL_MIN_BYTES",
+    "TABLES_AT_REVISION",
     "ArchivedFile",
     "ColumnKind",
     "DatabaseState",
@@ -112,6 +119,19 @@ ARCHIVED_TABLES: Final[tuple[str, ...]] = (
     "ab_assignments",
     "template_labels",
     "template_events",
+)
+
+# What an export at each schema revision lists: the archived tables a database at that revision
+# has (export writes every one of them, a --project export too, some maybe with no rows), so
+# restore refuses a manifest that lacks one. Every revision has its line (from db.revisions, what
+# each revision holds); tests/migrate/test_restore_strict.py holds this against the migrations.
+TABLES_AT_REVISION: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        BASELINE: tuple(name for name in ARCHIVED_TABLES if name in LEGACY_TABLES),
+        EXPAND: tuple(
+            name for name in ARCHIVED_TABLES if name in LEGACY_TABLES or name in EXPAND_TABLES
+        ),
+    }
 )
 
 # (table, rows done so far, rows in all or None when not known in advance)

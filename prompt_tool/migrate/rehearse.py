@@ -3,41 +3,66 @@
 The journey, every step timed and checked, from whatever revision the database is at (0001: a
 legacy deployment about to migrate; head: one already migrated) and back to it:
 
+``refresh_statistics``
+    ``ANALYZE`` of the legacy tables, committed before anything else: each rehearsal is planned
+    for the data as it is now. A rolled-back rehearsal leaves dead rows behind, and PostgreSQL
+    keeps the table sizes an ``ANALYZE`` inside it measured (they are not rolled back): without
+    this, the tenth rehearsal of a database is planned for guesses the first never saw.
 ``fingerprint``
-    every legacy table (rows, sha256 of each column's text form), each table's highest id, the
-    revision, and (``rollback``) the row count and columns of every table.
+    every legacy table (rows, sha256 of each column's text form, highest id), the revision, and
+    (``rollback``) the row count and columns of every table. This is the *baseline*: the legacy
+    tables as they were before the migration wrote any row into them (at head: without the rows
+    the new system wrote there, templates and their versions, A/B tests of templates).
 ``upgrade``
     to head (nothing to do when already there).
 ``backfill``, ``verify``
-    every project; verify must pass.
+    every project; verify must pass. The statistics of the tables the backfill filled are
+    refreshed inside the rehearsal (PostgreSQL allows ``ANALYZE`` in a transaction).
 ``create_sessions``
     ``sessions_to_create`` sessions through templates, the dual write: global templates
     ``rehearse/system|planner|synthesis`` made by ``orch-migrate rehearse``, which makes itself
     the bootstrap global admin (when another global admin exists already, it may not, and uses
     custom templates of its own in each project instead: no permission is taken from anyone).
 ``downgrade``
-    ``-1``, preceded by a full legacy fingerprint; then ``after_downgrade(connection)`` if given.
+    ``-1``. What people made with templates (here: the rehearsal's templates, their versions,
+    labels, audit events, the links of its sessions) goes into an archive in a temporary
+    directory, in place and in ``scratch``; ``rollback`` discards it (nothing is kept anyway, and
+    an archive cannot be taken of rows that are never committed). Then ``after_downgrade
+    (connection)`` if given.
 ``legacy_intact``
-    (a) every legacy row that existed before the rehearsal (id up to the table's highest id at
-    the start) is byte-identical to what it was; (b) the downgrade itself changed no legacy row at
-    all, the rehearsal's new rows included (full fingerprint just before and just after it);
-    (c) the only rows added to legacy tables are the rehearsal's own: exactly the new sessions,
-    and one prompt plus one prompt version per template made (imported by backfill, or made for
-    the new sessions); nothing in projects, ab_tests, ab_test_variants.
+    every legacy table equals the baseline: projects, prompts, prompt_versions, ab_tests and
+    ab_test_variants exactly, row for row, nothing more and nothing less; orchestration_sessions
+    has every row it had, byte for byte, and as its only new rows the sessions the rehearsal
+    created through templates (they dual-wrote their legacy text). And the downgrade itself
+    removed exactly the rows the new system had written and changed nothing else, the new
+    sessions included (fingerprints just before and just after it).
 ``new_sessions_intact``
     each new session's legacy columns hold exactly the text rendered when it was created
     (sha256 compared in SQL), in its project, under its name.
-``upgrade_again``, ``backfill_again``, ``verify_again``
-    forward again; the downgrade dropped the references, so the backfill links them anew.
+``upgrade_again``
+    forward again.
+``restore``, ``restored_intact``
+    (not in ``rollback``) the downgrade's archive restored with ``orch-migrate restore``'s
+    library function, then every row it held (templates, versions, labels, audit events, A/B
+    tests of templates, sessions' links...) compared, every column's text, with the same rows
+    just before the downgrade. The archive is deleted once they round-trip; otherwise it is kept
+    and the report says where.
+``backfill_again``, ``verify_again``
+    the downgrade dropped the backfill's references, so the backfill links them anew.
 ``return_to_start``, ``legacy_intact_at_end``
-    back down to the starting revision if it was below head; (a), (c) and the new sessions again.
+    back down to the starting revision if it was below head (discarding the rehearsal's own
+    templates again); the legacy tables against the baseline and the new sessions again.
+
+A step that fails because the database cancelled a statement says so (``stopped_by``
+``statement_timeout``, naming ``PROMPT_TOOL_STATEMENT_TIMEOUT_MS``; ``lock_timeout`` likewise):
+a timeout is not a difference.
 
 Modes:
 
 - in place (default): real writes on a database meant for rehearsal; it ends at its starting
-  revision with the rehearsal's sessions and templates in it. Refused when the downgrade would
-  drop rows the rehearsal did not make (an already migrated database with references, flags,
-  runs...): rehearse on a copy (``scratch``) or in a transaction (``rollback``) instead.
+  revision with the rehearsal's sessions in it. Refused when the downgrade would drop rows the
+  rehearsal did not make (an already migrated database with references, flags, runs...):
+  rehearse on a copy (``scratch``) or in a transaction (``rollback``) instead.
 - ``rollback``: everything runs in one transaction on one connection and is rolled back; the
   last step (``rolled_back_exactly``) proves the database is as it was: revision, tables and
   columns, row count of every table, legacy fingerprint. PostgreSQL's DDL is transactional;
@@ -49,6 +74,8 @@ Modes:
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,13 +96,13 @@ from sqlalchemy import (
     table,
     text,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from prompt_tool.compat.writes import CreatedSession, create_session
 from prompt_tool.core import content_hash
 from prompt_tool.core.errors import PermissionDenied, TemplateNotFound
 from prompt_tool.db import schema
-from prompt_tool.db.dialect import sha256_hex
+from prompt_tool.db.dialect import refresh_statistics, set_local_timeouts, sha256_hex
 from prompt_tool.db.engine import (
     Connectable,
     begin,
@@ -96,16 +123,24 @@ from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import InvalidInputError, PromptToolError, SchemaError
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.fingerprint import (
+    TableFingerprint,
     changed_tables,
+    compare_table,
     fingerprint_legacy_tables,
+    fingerprint_rows,
     fingerprint_table,
 )
+from prompt_tool.migrate.restore import restore
+from prompt_tool.migrate.retract import DISCARD_OPTION, DISCARD_VALUE, KEPT_ROWS
 from prompt_tool.migrate.verify import VerifyOptions, verify
 from prompt_tool.settings import Settings, get_settings
 from prompt_tool.templates import TemplateAddress, TemplateManager
 
 __all__ = [
     "ACTOR",
+    "ERROR",
+    "LOCK_TIMEOUT",
+    "STATEMENT_TIMEOUT",
     "TEMPLATE_SOURCES",
     "RehearsalRefusedError",
     "RehearsalReport",
@@ -132,6 +167,45 @@ _SESSIONS = OrchestrationSession.__table__
 _COPY_BATCH_ROWS = 1_000
 _MAX_SHOWN = 5
 
+# At head, the legacy tables also hold rows the new system wrote (what the downgrade of 0002
+# takes back out, see prompt_tool.migrate.retract): these conditions keep only the others, the
+# legacy rows proper. NULL-safe (NOT EXISTS): a legacy A/B test without a prompt is legacy.
+_TEMPLATE = "t.prompt_type = 'orchestration_template'"
+_LEGACY_ROWS: Mapping[str, str] = {
+    "prompts": "prompts.prompt_type <> 'orchestration_template'",
+    "prompt_versions": (
+        "NOT EXISTS (SELECT 1 FROM prompts t"
+        f" WHERE t.id = prompt_versions.prompt_id AND {_TEMPLATE})"
+    ),
+    "ab_tests": (
+        f"NOT EXISTS (SELECT 1 FROM prompts t WHERE t.id = ab_tests.prompt_id AND {_TEMPLATE})"
+    ),
+    "ab_test_variants": (
+        "NOT EXISTS (SELECT 1 FROM ab_tests a JOIN prompts t ON t.id = a.prompt_id"
+        f" WHERE a.id = ab_test_variants.ab_test_id AND {_TEMPLATE})"
+        " AND NOT EXISTS (SELECT 1 FROM prompt_versions v JOIN prompts t ON t.id = v.prompt_id"
+        f" WHERE v.id = ab_test_variants.prompt_version_id AND {_TEMPLATE})"
+    ),
+}
+# What a backfill (or a restore) writes, analysed before the next step reads it.
+_WRITTEN_TABLES = ("session_prompt_refs", "prompts", "prompt_versions", "orchestration_sessions")
+# What the downgrade's archive holds, as a person reads it.
+_KEPT_WHAT = {
+    "prompts": "templates",
+    "prompt_versions": "versions",
+    "template_labels": "labels",
+    "template_events": "audit events",
+    "session_prompt_refs": "sessions' links",
+    "ab_tests": "A/B tests",
+    "ab_test_variants": "A/B variants",
+    "ab_assignments": "A/B assignments",
+    "orchestration_steps": "step records",
+}
+# Why a step stopped the rehearsal (RehearsalStep.stopped_by).
+STATEMENT_TIMEOUT = "statement_timeout"
+LOCK_TIMEOUT = "lock_timeout"
+ERROR = "error"
+
 
 class RehearsalRefusedError(InvalidInputError):
     """The rehearsal cannot run as asked; nothing was written anywhere."""
@@ -144,6 +218,9 @@ class RehearsalStep:
     duration_s: float
     details: str
     differences: list[str] = field(default_factory=list)
+    # Why the step stopped the rehearsal, when it did not reach a verdict: "statement_timeout",
+    # "lock_timeout" or "error" (details says which, in one line). None: it ran to its end.
+    stopped_by: str | None = None
 
 
 @dataclass
@@ -158,6 +235,9 @@ class RehearsalReport:
     steps: list[RehearsalStep] = field(default_factory=list)
     passed: bool = False
     elapsed_s: float = 0.0
+    # The downgrade's archive, when the rehearsal stopped before it round-tripped: what it holds
+    # is not in the database (`orch-migrate restore --from` it after `db upgrade`).
+    archive: str | None = None
 
     def failures(self) -> list[RehearsalStep]:
         return [step for step in self.steps if not step.ok]
@@ -168,6 +248,7 @@ class _Outcome:
     ok: bool
     details: str
     differences: Sequence[str] = ()
+    stopped_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,39 +281,34 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _legacy_digests(
-    connection: Connection, bounds: Mapping[str, int] | None = None
-) -> dict[str, tuple[int, str]]:
-    """(rows, sha256) of each legacy table, or of its rows with ``id <= bounds[table]``."""
+def _legacy_digests(connection: Connection) -> dict[str, tuple[int, str]]:
+    """(rows, sha256) of each whole legacy table."""
     digests: dict[str, tuple[int, str]] = {}
     for name in LEGACY_COLUMNS:
-        found = fingerprint_table(
-            connection, name, up_to_id=None if bounds is None else bounds[name]
-        )
+        found = fingerprint_table(connection, name)
         digests[name] = (found.rows, found.sha256)
     return digests
 
 
-def _highest_ids(connection: Connection) -> dict[str, int]:
+def _at_head_columns(connection: Connection) -> bool:
+    """Whether the legacy tables carry the new system's rows (revision 0002's columns)."""
+    return any(c["name"] == "prompt_type" for c in inspect(connection).get_columns("prompts"))
+
+
+def _legacy_rows(connection: Connection) -> dict[str, TableFingerprint]:
+    """Each legacy table's fingerprint, without the rows the new system wrote into it."""
+    where = _LEGACY_ROWS if _at_head_columns(connection) else {}
     return {
-        name: int(
-            connection.execute(
-                text(f"SELECT COALESCE(MAX(id), 0) FROM {_quote(name)}")
-            ).scalar_one()
-        )
-        for name in LEGACY_TABLES
+        name: fingerprint_table(connection, name, where=where.get(name)) for name in LEGACY_TABLES
     }
 
 
-def _added_rows(connection: Connection, bounds: Mapping[str, int]) -> dict[str, int]:
+def _kept_rows(connection: Connection) -> dict[str, TableFingerprint]:
+    """Every column of the rows the downgrade archives (what people made), per table."""
     return {
-        name: int(
-            connection.execute(
-                text(f"SELECT count(*) FROM {_quote(name)} WHERE id > :bound"),
-                {"bound": bounds[name]},
-            ).scalar_one()
-        )
-        for name in LEGACY_TABLES
+        name: fingerprint_rows(connection, name, where=condition)
+        for name, condition in KEPT_ROWS.items()
+        if name in _KEPT_WHAT
     }
 
 
@@ -271,6 +347,56 @@ def _snapshot_differences(before: _Snapshot, after: _Snapshot) -> list[str]:
     return differences
 
 
+# --- why a step stopped -----------------------------------------------------------------------
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error, what it was raised from and what it was raised while handling, recursively
+    (a statement timeout is often the context of the error that stopped a step: the next
+    statement of the aborted transaction fails too)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def _stopped_by(error: BaseException) -> str:
+    for link in _chain(error):
+        origin = link.orig if isinstance(link, DBAPIError) else link
+        state = getattr(origin, "sqlstate", None)
+        if state == "57014" and "user request" not in str(origin):  # query_canceled
+            return STATEMENT_TIMEOUT
+        if state == "55P03":  # lock_not_available
+            return LOCK_TIMEOUT
+    return ERROR
+
+
+def _stopped(error: BaseException, settings: Settings) -> _Outcome:
+    """A step that raised: one line saying why, and that the rehearsal stopped there."""
+    kind = _stopped_by(error)
+    if kind == STATEMENT_TIMEOUT:
+        details = (
+            f"timed out: the database cancelled a statement that ran longer than "
+            f"PROMPT_TOOL_STATEMENT_TIMEOUT_MS ({settings.migration_statement_timeout_ms:,} ms); "
+            "the rehearsal stopped here: raise the setting for the rehearsal, or run it when the "
+            "database is less busy"
+        )
+    elif kind == LOCK_TIMEOUT:
+        details = (
+            f"timed out waiting for a lock: another transaction held one longer than "
+            f"PROMPT_TOOL_LOCK_TIMEOUT_MS ({settings.migration_lock_timeout_ms:,} ms); the "
+            "rehearsal stopped here: run it again when that transaction ends"
+        )
+    else:
+        details = f"{type(error).__name__}: {_one_line(error)} (the rehearsal stopped here)"
+    return _Outcome(False, details, stopped_by=kind)
+
+
 # --- the database the rehearsal runs on -----------------------------------------------------
 
 
@@ -286,14 +412,28 @@ class _Target:
     def db(self) -> Connectable:
         return self.connection if self.connection is not None else self.engine
 
-    def migrate(self, action: str, revision: str) -> str | None:
+    def upgrade(self) -> str | None:
         if self.connection is not None:
-            return schema.migrate_on(self.connection, action, revision)
-        run = schema.upgrade if action == "upgrade" else schema.downgrade
-        state = run(self.url, revision)
+            return schema.migrate_on(self.connection, "upgrade", schema.HEAD)
+        state = schema.upgrade(self.url)
         # No pooled connection keeps statements prepared against the schema before.
         self.engine.dispose()
         return state.current
+
+    def downgrade(self, revision: str, archive: Path | None = None) -> schema.SchemaState | None:
+        """Down to ``revision``: what people made goes to ``archive``, else is discarded (in
+        ``rollback``, where no archive can be taken, it is rolled back with the rest anyway).
+        The schema's state (``None`` in ``rollback``: the revision is read afterwards)."""
+        if self.connection is not None:
+            schema.migrate_on(
+                self.connection, "downgrade", revision, {DISCARD_OPTION: DISCARD_VALUE}
+            )
+            return None
+        state = schema.downgrade(
+            self.url, revision, archive=archive, discard_user_templates=archive is None
+        )
+        self.engine.dispose()
+        return state
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -338,6 +478,13 @@ def _ensure_templates(manager: TemplateManager, slugs: Sequence[str]) -> tuple[s
     return scope.value, made
 
 
+def _counts(found: Mapping[str, TableFingerprint], what: Mapping[str, str]) -> str:
+    shown = [
+        f"{entry.rows:,} {what.get(name, name)}" for name, entry in found.items() if entry.rows
+    ]
+    return ", ".join(shown) or "nothing"
+
+
 class _Journey:
     def __init__(
         self,
@@ -355,12 +502,21 @@ class _Journey:
         self.stopped = False
         self.head = report.head
         self.start: str | None = None
-        self.bounds: dict[str, int] = {}
-        self.before: dict[str, tuple[int, str]] = {}
+        # The legacy tables before the migration wrote any row into them.
+        self.baseline: dict[str, TableFingerprint] = {}
         self.snapshot: _Snapshot | None = None
-        self.before_downgrade: dict[str, tuple[int, str]] | None = None
-        self.templates_made = 0
+        self.before_downgrade: dict[str, TableFingerprint] = {}
+        self.kept_before: dict[str, TableFingerprint] = {}
+        self.archive_root: Path | None = None
+        self.archive: Path | None = None
+        self.round_tripped = False
         self.created: list[CreatedSession] = []
+
+    @property
+    def archiving(self) -> bool:
+        """In place and on a scratch copy the downgrade archives what people made; a rolled-back
+        rehearsal discards it (its rows are never committed, and are rolled back anyway)."""
+        return self.target.connection is None
 
     # --- bookkeeping ---
 
@@ -372,9 +528,7 @@ class _Journey:
             outcome = work()
         except (PromptToolError, SQLAlchemyError) as error:
             self.stopped = True
-            outcome = _Outcome(
-                False, f"{type(error).__name__}: {_one_line(error)} (the rehearsal stopped here)"
-            )
+            outcome = _stopped(error, self.settings)
         self.report.steps.append(
             RehearsalStep(
                 name,
@@ -382,6 +536,7 @@ class _Journey:
                 round(time.perf_counter() - started, 3),
                 outcome.details,
                 list(outcome.differences),
+                outcome.stopped_by,
             )
         )
 
@@ -389,30 +544,41 @@ class _Journey:
         # The rehearsal never touches a shared cache: its templates may be rolled back.
         return TemplateManager(self.target.db, settings=self.settings.with_(redis_url=None))
 
+    def _refresh_statistics(self) -> None:
+        """Inside the rehearsal (a savepoint in ``rollback``): the next step is planned for the
+        rows just written, not for the empty tables the upgrade made."""
+        with self.target.unit() as connection:
+            refresh_statistics(connection, _WRITTEN_TABLES)
+
     # --- steps ---
 
     def fingerprint(self) -> _Outcome:
         with self.target.reading() as connection:
             self.start = _revision(connection)
-            self.bounds = _highest_ids(connection)
-            self.before = _legacy_digests(connection, self.bounds)
+            self.baseline = _legacy_rows(connection)
+            whole = _legacy_digests(connection) if _at_head_columns(connection) else None
             if self.target.connection is not None:
                 self.snapshot = _snapshot(connection)
         self.report.start_revision = self.start
-        rows = ", ".join(f"{name} {rows}" for name, (rows, _) in self.before.items())
-        return _Outcome(True, f"at revision {self.start}; legacy rows: {rows}")
+        rows = ", ".join(f"{name} {entry.rows}" for name, entry in self.baseline.items())
+        aside = ""
+        if whole is not None:
+            written = {name: whole[name][0] - self.baseline[name].rows for name in whole}
+            aside = "; set aside, written by the new system: " + (
+                ", ".join(f"{name} {rows}" for name, rows in written.items() if rows) or "none"
+            )
+        return _Outcome(True, f"at revision {self.start}; legacy rows: {rows}{aside}")
 
-    def migrate(self, action: str, revision: str) -> _Outcome:
+    def upgrade(self) -> _Outcome:
         with self.target.reading() as connection:
             before = _revision(connection)
-        if action == "upgrade" and before == self.head and revision == schema.HEAD:
+        if before == self.head:
             return _Outcome(True, f"already at head {self.head}")
-        after = self.target.migrate(action, revision)
-        return _Outcome(True, f"{before} -> {after}")
+        return _Outcome(True, f"{before} -> {self.target.upgrade()}")
 
     def run_backfill(self) -> _Outcome:
         summary = backfill(self.target.db, BackfillOptions(), settings=self.settings)
-        self.templates_made += summary.templates_created
+        self._refresh_statistics()
         return _Outcome(True, summary.describe())
 
     def run_verify(self) -> _Outcome:
@@ -448,7 +614,6 @@ class _Journey:
             return _Outcome(True, "no project to create sessions in: skipped")
         manager = self._manager()
         scope, made = _ensure_templates(manager, slugs)
-        self.templates_made += made
         for number in range(self.sessions_to_create):
             slug = slugs[number % len(slugs)]
             self.created.append(
@@ -472,57 +637,81 @@ class _Journey:
 
     def downgrade(self) -> _Outcome:
         with self.target.reading() as connection:
-            self.before_downgrade = _legacy_digests(connection)
-        outcome = self.migrate("downgrade", "-1")
+            before = _revision(connection)
+            self.before_downgrade = _legacy_rows(connection)
+            if self.archiving:
+                self.kept_before = _kept_rows(connection)
+        if self.archiving:
+            self.archive_root = Path(tempfile.mkdtemp(prefix="prompt-tool-rehearsal-"))
+            self.archive = self.archive_root / "archive"
+        state = self.target.downgrade("-1", self.archive)
         if self.after_downgrade is not None:
             with self.target.unit() as connection:
                 self.after_downgrade(connection)
-        return outcome
+        with self.target.reading() as connection:
+            after = _revision(connection)
+        if state is None:
+            kept = "what people made discarded (rolled back with everything else anyway)"
+        else:
+            kept = (
+                f"what people made archived in {self.archive} "
+                f"({_counts(self.kept_before, _KEPT_WHAT)})"
+            )
+        removed = ""
+        if state is not None and state.removed:
+            removed = "; removed: " + ", ".join(
+                f"{name} {rows:,}" for name, rows in state.removed.items()
+            )
+        return _Outcome(True, f"{before} -> {after}; {kept}{removed}")
 
-    def _rows_added_differences(self, connection: Connection) -> list[str]:
-        added = _added_rows(connection, self.bounds)
-        expected = dict.fromkeys(LEGACY_TABLES, 0)
-        expected["orchestration_sessions"] = len(self.created)
-        expected["prompts"] = expected["prompt_versions"] = self.templates_made
-        differences = [
-            f"{name}: {added[name]} rows added by the rehearsal, expected {expected[name]}"
-            for name in LEGACY_TABLES
-            if added[name] != expected[name]
-        ]
+    def _against_baseline(self, connection: Connection) -> list[str]:
+        """Every legacy table against the baseline: exactly as it was, but for the sessions
+        the rehearsal created through templates (the only rows allowed to be new)."""
+        where = _LEGACY_ROWS if _at_head_columns(connection) else {}
+        differences = []
+        for name in LEGACY_TABLES:
+            saved = self.baseline[name]
+            compared = compare_table(connection, saved, where=where.get(name))
+            then = compared.then
+            assert then is not None  # the baseline records each table's highest id
+            if compared.changed:
+                differences.append(
+                    f"{name}: rows there at the start changed or vanished ({saved.rows} rows "
+                    f"then, {then.rows} of them now)"
+                )
+            if name != "orchestration_sessions" and compared.added:
+                differences.append(
+                    f"{name}: {compared.added} rows more than at the start (only sessions "
+                    "created through templates may be new)"
+                )
+        bound = self.baseline["orchestration_sessions"].max_id or 0
         new_ids = set(
-            connection.execute(
-                select(_SESSIONS.c.id).where(_SESSIONS.c.id > self.bounds["orchestration_sessions"])
-            ).scalars()
+            connection.execute(select(_SESSIONS.c.id).where(_SESSIONS.c.id > bound)).scalars()
         )
         created = {c.session_id for c in self.created}
         if new_ids != created:
             differences.append(
                 "orchestration_sessions: the new sessions are "
-                f"{sorted(new_ids)[:_MAX_SHOWN]}, expected {sorted(created)[:_MAX_SHOWN]}"
+                f"{sorted(new_ids)[:_MAX_SHOWN]}, expected those created through templates "
+                f"{sorted(created)[:_MAX_SHOWN]}"
             )
         return differences
 
-    def _old_rows_differences(self, connection: Connection) -> list[str]:
-        now = _legacy_digests(connection, self.bounds)
-        return [
-            f"{name}: rows that existed before the rehearsal differ ({self.before[name][0]} rows "
-            f"before, {now[name][0]} now)"
-            for name in LEGACY_TABLES
-            if now[name] != self.before[name]
-        ]
-
     def legacy_intact(self) -> _Outcome:
-        assert self.before_downgrade is not None
         with self.target.reading() as connection:
-            differences = self._old_rows_differences(connection)
-            after = _legacy_digests(connection)
-            differences += [
-                f"{name}: the downgrade changed it ({rows} rows before it, {after[name][0]} after)"
-                for name, (rows, digest) in self.before_downgrade.items()
-                if after[name] != (rows, digest)
-            ]
-            differences += self._rows_added_differences(connection)
-        return self._verdict(differences, "every legacy row as before; only the rehearsal's added")
+            differences = self._against_baseline(connection)
+            after = _legacy_rows(connection)
+        differences += [
+            f"{name}: the downgrade changed rows it had to keep ({kept.rows} rows before it, "
+            f"{after[name].rows} after)"
+            for name, kept in self.before_downgrade.items()
+            if (after[name].rows, after[name].sha256) != (kept.rows, kept.sha256)
+        ]
+        return self._verdict(
+            differences,
+            "every legacy table as at the start, row for row; the only new rows are the "
+            f"{len(self.created)} sessions created through templates",
+        )
 
     def new_sessions_intact(self) -> _Outcome:
         if not self.created:
@@ -560,14 +749,53 @@ class _Journey:
             differences, f"{len(rows)} new sessions hold their rendered text in the legacy columns"
         )
 
+    def restore_archive(self) -> _Outcome:
+        assert self.archive is not None
+        result = restore(self.target.db, self.archive)
+        inserted = ", ".join(
+            f"{t.inserted:,} {_KEPT_WHAT.get(t.table, t.table)}"
+            for t in result.tables
+            if t.inserted
+        )
+        return _Outcome(
+            True,
+            f"{result.inserted:,} rows back from the downgrade's archive: {inserted or 'none'}",
+        )
+
+    def restored_intact(self) -> _Outcome:
+        with self.target.reading() as connection:
+            now = _kept_rows(connection)
+        differences = [
+            f"{name}: {_KEPT_WHAT[name]} differ from before the downgrade ({then.rows} rows then, "
+            f"{now[name].rows} now)"
+            for name, then in self.kept_before.items()
+            if (now[name].rows, now[name].sha256) != (then.rows, then.sha256)
+        ]
+        self.round_tripped = not differences
+        return self._verdict(
+            differences,
+            "every column of what people made as before the downgrade: "
+            + _counts(self.kept_before, _KEPT_WHAT),
+        )
+
+    def return_to_start(self, start: str) -> _Outcome:
+        with self.target.reading() as connection:
+            before = _revision(connection)
+        # What people made is the rehearsal's own here (in place, anything else is refused
+        # before the rehearsal starts; a scratch database is a copy): discarded, as at the start.
+        state = self.target.downgrade(start)
+        after = None if state is None else state.current
+        return _Outcome(True, f"{before} -> {after}; the rehearsal's templates discarded")
+
     def legacy_intact_at_end(self) -> _Outcome:
         with self.target.reading() as connection:
-            differences = self._old_rows_differences(connection)
-            differences += self._rows_added_differences(connection)
+            differences = self._against_baseline(connection)
         sessions = self.new_sessions_intact()
         differences += list(sessions.differences)
         return self._verdict(
-            differences, "every legacy row as before; the new sessions hold their rendered text"
+            differences,
+            "every legacy table as at the start; the only new rows are the sessions created "
+            "through templates, holding their rendered text",
         )
 
     @staticmethod
@@ -580,22 +808,41 @@ class _Journey:
     # --- the whole ---
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._settle_archive()
+
+    def _run(self) -> None:
         self.step("fingerprint", self.fingerprint)
-        self.step("upgrade", lambda: self.migrate("upgrade", schema.HEAD))
+        self.step("upgrade", self.upgrade)
         self.step("backfill", self.run_backfill)
         self.step("verify", self.run_verify)
         self.step("create_sessions", self.create_sessions)
         self.step("downgrade", self.downgrade)
         self.step("legacy_intact", self.legacy_intact)
         self.step("new_sessions_intact", self.new_sessions_intact)
-        self.step("upgrade_again", lambda: self.migrate("upgrade", schema.HEAD))
+        self.step("upgrade_again", self.upgrade)
+        if self.archiving:
+            self.step("restore", self.restore_archive)
+            self.step("restored_intact", self.restored_intact)
         self.step("backfill_again", self.run_backfill)
         self.step("verify_again", self.run_verify)
         if self.target.connection is None:
             if self.start is not None and self.start != self.head:
                 start = self.start
-                self.step("return_to_start", lambda: self.migrate("downgrade", start))
+                self.step("return_to_start", lambda: self.return_to_start(start))
             self.step("legacy_intact_at_end", self.legacy_intact_at_end)
+
+    def _settle_archive(self) -> None:
+        """Delete the downgrade's archive once what it held is back, byte for byte; else keep
+        it, and say where: it may hold rows the database no longer has."""
+        if self.archive_root is None:
+            return
+        if self.round_tripped or self.archive is None or not self.archive.exists():
+            shutil.rmtree(self.archive_root, ignore_errors=True)
+        else:
+            self.report.archive = str(self.archive)
 
 
 # --- copying into a scratch database ----------------------------------------------------------
@@ -771,6 +1018,34 @@ def _refuse_in_place_data_loss(engine: Engine, url: str) -> None:
         )
 
 
+def _analyse_legacy_tables(engine: Engine, settings: Settings) -> bool:
+    """``ANALYZE`` the legacy tables, committed, bounded by the lock and statement timeouts;
+    False when it is not allowed or gives up (the database keeps the statistics it had)."""
+    with engine.begin() as connection:
+        set_local_timeouts(
+            connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
+        )
+        return refresh_statistics(connection, LEGACY_TABLES)
+
+
+def _refresh_statistics_first(engine: Engine, settings: Settings) -> RehearsalStep:
+    """Before the rehearsal starts (see the module): the planner sees the rows as they are now,
+    not what an earlier rolled-back rehearsal left in its statistics. Skipped, not failed, when
+    the tables cannot be analysed."""
+    started = time.perf_counter()
+    done = _analyse_legacy_tables(engine, settings)
+    return RehearsalStep(
+        "refresh_statistics",
+        True,
+        round(time.perf_counter() - started, 3),
+        "planner statistics of the legacy tables refreshed (ANALYZE): the rehearsal is planned "
+        "for the rows as they are now"
+        if done
+        else "skipped: the legacy tables could not be analysed (no privilege, or a lock held "
+        "elsewhere); the rehearsal runs on the statistics the database has",
+    )
+
+
 def _check_rehearsable(engine: Engine, url: str) -> None:
     check_connection(engine)
     with engine.connect() as connection:
@@ -837,13 +1112,14 @@ def rehearse(
     engine = make_engine(target_url)
     try:
         _check_rehearsable(engine, target_url)
+        if scratch is None and not rollback:
+            _refuse_in_place_data_loss(engine, target_url)
+        report.steps.append(_refresh_statistics_first(engine, settings))
         if rollback:
             _run_in_transaction(
                 engine, target_url, report, settings, sessions_to_create, after_downgrade
             )
         else:
-            if scratch is None:
-                _refuse_in_place_data_loss(engine, target_url)
             journey = _Journey(
                 _Target(target_url, engine, None),
                 report,
@@ -882,6 +1158,9 @@ def _run_in_transaction(
             transaction.rollback()
     before = journey.snapshot
     started = time.perf_counter()
+    # The rows are rolled back, the table sizes an ANALYZE inside measured are not (PostgreSQL
+    # writes them in place): measured again, so nothing is planned for rows that never were.
+    analysed = _analyse_legacy_tables(engine, settings)
     with engine.connect() as connection:
         after = _snapshot(connection)
     report.end_revision = after.revision
@@ -894,6 +1173,7 @@ def _run_in_transaction(
             not differences,
             round(time.perf_counter() - started, 3),
             "revision, tables, columns, row counts and legacy fingerprint as at the start"
+            + ("; the legacy tables' statistics measured again" if analysed else "")
             if not differences
             else "DIFFERENT after the rollback",
             differences,

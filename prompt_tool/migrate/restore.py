@@ -1,41 +1,53 @@
 """`orch-migrate restore --from DIR`: load an export back, checked first, all or nothing.
 
-Before anything is written, the manifest, every file's size and sha256 and every row count are
-checked, and the target database must be at the export's schema revision; a refused export
-leaves the database exactly as it was (not even a ledger row is written).
+Before anything is written, the export is checked: the manifest must list every table of its
+schema revision and the directory must hold nothing else, every file's size, sha256 and row count
+must match, and the target database must be at the export's revision. A refused export leaves the
+database exactly as it was (not even a ledger row is written).
 
-Then one transaction inserts the rows in foreign-key order, in batches, with their original ids
-(references stay valid). Why one transaction: a restore is all-or-nothing, so there is nothing to
-resume. A failed or interrupted restore leaves no trace, and running it again is safe anyway,
-because restore is idempotent: a row whose primary key is already there and identical is skipped,
-one that differs is counted and left alone (``overwrite``: replaced). Rows the target has and the
-export does not are never touched. On PostgreSQL the identity sequences are moved past the
-restored ids, so later inserts don't collide.
+Then one transaction compares every row of the export with the row of the same primary key in the
+database and inserts, in foreign-key order and in batches, the rows the database lacks, with their
+original ids (references stay valid); identical rows are skipped. A row that is there with other
+values was changed after the export was taken, and is never replaced or left behind silently:
+
+* by default (:attr:`DifferingRows.REFUSE`) any such row refuses the whole restore, naming the
+  rows, and nothing is written (:class:`DifferingRowsError`);
+* :attr:`DifferingRows.KEEP_CURRENT` restores the rest and leaves them as they are;
+* :attr:`DifferingRows.OVERWRITE` replaces them with the export's values.
+
+``dry_run`` compares only, in a read-only transaction, and reports what a restore would do. Rows
+the database has and the export does not are never touched. Why one transaction: a restore is
+all-or-nothing, so there is nothing to resume; a failed or interrupted restore leaves no trace
+but a failed run in the ledger, and running it again is safe anyway (idempotent). On PostgreSQL
+the identity sequences are moved past the restored ids, so later inserts don't collide.
 """
 
 from __future__ import annotations
 
+import enum
 import gzip
 import hashlib
 import io
 import json
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from prompt_tool.db.dialect import refresh_statistics
 from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.db.url import redact
-from prompt_tool.errors import InvalidInputError
+from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.migrate.archive import (
     ARCHIVED_TABLES,
     MANIFEST_NAME,
+    TABLES_AT_REVISION,
     ArchivedFile,
     DialectIO,
     ExportRevisionMismatchError,
@@ -51,7 +63,10 @@ from prompt_tool.migrate.archive import (
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
 
 __all__ = [
+    "DifferingRows",
+    "DifferingRowsError",
     "RestoreConflictError",
+    "RestoreOutcome",
     "RestoreResult",
     "RestoredTable",
     "restore",
@@ -70,16 +85,46 @@ class RestoreConflictError(InvalidInputError):
     """The target database refused a row (a unique key or a reference); nothing was written."""
 
 
+class DifferingRows(enum.StrEnum):
+    """What a restore does with rows the database holds with other values than the export (rows
+    changed after the export was taken)."""
+
+    REFUSE = "refuse"  # the default: restore nothing, name them (DifferingRowsError)
+    KEEP_CURRENT = "keep-current"  # restore the rest, leave them as they are
+    OVERWRITE = "overwrite"  # replace them with the export's values
+
+
+class RestoreOutcome(enum.StrEnum):
+    RESTORED = "restored"  # committed: the counts of inserted, overwritten and kept rows hold
+    DRY_RUN = "dry-run"  # compared only; nothing was written
+    REFUSED = "refused"  # rows differ and no choice was made; nothing was written
+
+
 @dataclass(frozen=True, slots=True)
 class RestoredTable:
     table: str
-    rows: int
+    primary_key: list[str]
+    rows: int  # rows of the table in the export
+    missing: int  # rows the database lacks: inserted when the outcome is ``restored``
+    identical: int  # rows already there with the same values: skipped
+    different: int  # rows there with other values (changed after the export was taken)
     inserted: int
-    identical: int
-    different: int
-    overwritten: int
+    overwritten: int  # differing rows replaced with the export's (``overwrite``)
+    kept: int  # differing rows left as they are (``keep-current``)
     # The primary keys of the first few rows that differ (each key as a list of its columns).
     different_keys: list[list[Any]] = field(default_factory=list)
+
+    def keys_text(self) -> str:
+        """The first differing keys as a person reads them: ``id 4, 9`` or
+        ``(session_id, role) (4, "system")``, with ``...`` when there are more."""
+        if len(self.primary_key) == 1:
+            label = self.primary_key[0]
+            keys = [_value_text(key[0]) for key in self.different_keys]
+        else:
+            label = f"({', '.join(self.primary_key)})"
+            keys = [f"({', '.join(map(_value_text, key))})" for key in self.different_keys]
+        more = ", ..." if self.different > len(self.different_keys) else ""
+        return f"{label} {', '.join(keys)}{more}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +132,68 @@ class RestoreResult:
     database: str
     source: str
     alembic_revision: str | None
-    overwrite: bool
+    differing: DifferingRows  # what was asked for rows that differ
+    outcome: RestoreOutcome
+    # Why the restore was refused (dry run: would be), in one line; None when it was not.
+    refusal: str | None
     tables: list[RestoredTable]
-    inserted: int
+    rows: int
+    missing: int
     identical: int
     different: int
+    inserted: int
     overwritten: int
-    # Rows that differ from the export and were left as they are (no ``overwrite``).
-    left_different: int
+    kept: int
     seconds: float
     run_id: int | None
+
+
+class DifferingRowsError(PromptToolError):
+    """Rows of the database differ from the export and neither keeping nor overwriting them was
+    asked for: the restore was refused and nothing was written. ``result`` says which rows."""
+
+    exit_code = 1  # a check failed: the operator decides, then runs it again
+
+    def __init__(self, result: RestoreResult) -> None:
+        super().__init__(result.refusal)
+        self.result = result
+
+
+def _value_text(value: Any) -> str:
+    return str(value) if isinstance(value, int) else json.dumps(value, ensure_ascii=False)
+
+
+def _joined(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _rows_text(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
+
+
+def _refusal(tables: Sequence[RestoredTable], *, dry_run: bool) -> str | None:
+    """The one line saying which rows differ and what to do, or None when none does."""
+    differing = [t for t in tables if t.different]
+    if not differing:
+        return None
+    first, *others = differing
+    where = _joined(
+        [f"{_rows_text(first.different)} in {first.table}"]
+        + [f"{t.different} in {t.table}" for t in others]
+    )
+    total = sum(t.different for t in differing)
+    example = first.keys_text() if not others else f"{first.table} {first.keys_text()}"
+    what = (
+        f"{where} {'differs' if total == 1 else 'differ'} from the export (changed after it was "
+        f"taken), e.g. {example}"
+    )
+    choices = (
+        "`--keep-current` restores the rest and leaves them, `--overwrite` replaces them with "
+        "the export's"
+    )
+    if dry_run:
+        return f"a restore would be refused: {what}; nothing was written (dry run); {choices}"
+    return f"{what}; nothing was written: `--dry-run` lists them; {choices}"
 
 
 # --- checking an export before anything is written ------------------------------------------
@@ -184,8 +281,9 @@ def _spec_of(entry: ArchivedFile) -> TableSpec:
 def verify_export(source: Path | str) -> Manifest:
     """Check an export directory without touching any database, and return its manifest.
 
-    Raises :class:`InvalidExportError` (exit code 2) for a missing or malformed manifest, a
-    missing file, a size, checksum or row count that does not match.
+    Raises :class:`InvalidExportError` (exit code 2) for a missing or malformed manifest, one
+    that does not list every table of its schema revision, a file in the directory that it does
+    not list, a missing file, a size, checksum or row count that does not match.
     """
     directory = Path(source)
     if not directory.is_dir():
@@ -202,12 +300,61 @@ def verify_export(source: Path | str) -> Manifest:
     tables = [entry.table for entry in manifest.files]
     if len(set(tables)) != len(tables):
         raise InvalidExportError(f"{manifest_path} lists a table twice; export again")
+    _check_tables(manifest_path, manifest.alembic_revision, tables)
     for entry in manifest.files:
         if Path(entry.file).name != entry.file or entry.file in {"", ".", "..", MANIFEST_NAME}:
             raise InvalidExportError(f"{manifest_path} names an unsafe file {entry.file!r}")
+    _check_nothing_else(directory, manifest)
+    for entry in manifest.files:
         _spec_of(entry)
         _check_file(directory, entry, manifest.compression == "gzip")
     return manifest
+
+
+def _check_tables(manifest_path: Path, revision: str | None, tables: list[str]) -> None:
+    """Every table of the export's revision is listed, and nothing more: a manifest that lost
+    an entry would restore part of the data and call it done."""
+    if revision is None:
+        raise InvalidExportError(
+            f"{manifest_path} names no schema revision (every export does): it was edited or is "
+            "not from prompt-tool; nothing was written: export again"
+        )
+    expected = TABLES_AT_REVISION.get(revision)
+    if expected is None:
+        raise InvalidExportError(
+            f"{manifest_path}: schema revision {revision!r} is not one this prompt-tool knows "
+            f"({', '.join(TABLES_AT_REVISION)}); restore with the prompt-tool version that "
+            "exported it"
+        )
+    missing = [name for name in expected if name not in tables]
+    if missing:
+        raise InvalidExportError(
+            f"{manifest_path} does not list table{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)}, which every export at schema revision {revision} holds (a "
+            "--project export too): the manifest was edited or the export is incomplete; "
+            "nothing was written: export again"
+        )
+    extra = [name for name in tables if name not in expected]
+    if extra:
+        raise InvalidExportError(
+            f"{manifest_path} lists {', '.join(extra)}, which no export at schema revision "
+            f"{revision} holds: the manifest was edited; nothing was written: export again"
+        )
+
+
+def _check_nothing_else(directory: Path, manifest: Manifest) -> None:
+    listed = {entry.file for entry in manifest.files} | {MANIFEST_NAME}
+    unlisted = sorted(path.name for path in directory.iterdir() if path.name not in listed)
+    if unlisted:
+        shown = _joined(
+            unlisted if len(unlisted) <= 5 else [*unlisted[:4], f"{len(unlisted) - 4} more"]
+        )
+        raise InvalidExportError(
+            f"{directory} holds {shown}, which {MANIFEST_NAME} does not list: an export holds "
+            "only its manifest and the files it lists (a manifest that lost an entry would "
+            "restore part of the data); nothing was written: move what you added out of the "
+            "directory, or export again"
+        )
 
 
 def _check_revision(database: str, current: str | None, exported: str | None) -> None:
@@ -281,74 +428,131 @@ def _parse(line: bytes, width: int, where: str) -> list[Any]:
     return row
 
 
-def _restore_table(
-    connection: Connection,
-    dialect: DialectIO,
-    directory: Path,
-    entry: ArchivedFile,
-    spec: TableSpec,
-    compressed: bool,
-    overwrite: bool,
-    progress: ProgressCallback | None,
-) -> RestoredTable:
-    bind = dialect.binder(spec)
-    normal = normalizer(spec)
-    key_positions = spec.key_positions
-    names = [f"c{i}" for i in range(len(spec.columns))]
-    insert = text(dialect.insert_sql(spec))
-    update = text(update_sql(spec))
-    rows_seen = inserted = identical = different = overwritten = 0
-    different_keys: list[list[Any]] = []
-    if progress is not None:
-        progress(spec.name, 0, entry.rows)
-    with _open(directory / entry.file, compressed) as file:
-        for lines in _batches(file):
-            rows = [_parse(line, len(names), entry.file) for line in lines]
-            keys = [tuple(row[p] for p in key_positions) for row in rows]
-            existing = {
-                tuple(row[p] for p in key_positions): normal(row)
-                for row in dialect.fetch_rows(connection, spec, keys)
-            }
-            new: list[dict[str, Any]] = []
-            changed: list[dict[str, Any]] = []
-            for key, row in zip(keys, rows, strict=True):
-                current = existing.get(key)
-                if current is None:
-                    new.append(dict(zip(names, bind(row), strict=True)))
-                elif current == normal(row):
-                    identical += 1
-                else:
-                    different += 1
-                    if len(different_keys) < _DIFFERENT_KEYS_SHOWN:
-                        different_keys.append(list(key))
-                    if overwrite:
-                        changed.append(dict(zip(names, bind(row), strict=True)))
-            try:
-                if new:
-                    connection.execute(insert, new)
-                if changed:
-                    connection.execute(update, changed)
-            except IntegrityError as error:
-                reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-                raise RestoreConflictError(
-                    f"the target refused a row of {spec.name} ({reason}): it holds a row that "
-                    "clashes on a unique key, or the export references a row it lacks; nothing "
-                    "was written"
-                ) from None
-            inserted += len(new)
-            overwritten += len(changed)
-            rows_seen += len(rows)
-            if progress is not None:
-                progress(spec.name, rows_seen, entry.rows)
-    return RestoredTable(
-        table=spec.name,
-        rows=rows_seen,
-        inserted=inserted,
-        identical=identical,
-        different=different,
-        overwritten=overwritten,
-        different_keys=different_keys,
-    )
+@dataclass(slots=True)
+class _Tally:
+    """What the comparison of one table found."""
+
+    spec: TableSpec
+    rows: int = 0
+    missing: int = 0
+    identical: int = 0
+    different: int = 0
+    different_keys: list[list[Any]] = field(default_factory=list)
+
+    def result(self, outcome: RestoreOutcome, differing: DifferingRows) -> RestoredTable:
+        # A restore is all or nothing: once committed, every missing row was inserted and every
+        # differing row overwritten or kept as asked; otherwise nothing was.
+        done = outcome is RestoreOutcome.RESTORED
+        return RestoredTable(
+            table=self.spec.name,
+            primary_key=list(self.spec.primary_key),
+            rows=self.rows,
+            missing=self.missing,
+            identical=self.identical,
+            different=self.different,
+            inserted=self.missing if done else 0,
+            overwritten=self.different if done and differing is DifferingRows.OVERWRITE else 0,
+            kept=self.different if done and differing is DifferingRows.KEEP_CURRENT else 0,
+            different_keys=self.different_keys,
+        )
+
+
+class _RefusedError(Exception):
+    """Rows differ and nothing may be written: raised inside the transaction to roll it back."""
+
+    def __init__(self, tallies: list[_Tally]) -> None:
+        super().__init__("rows differ from the export")
+        self.tallies = tallies
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One pass over the export inside one transaction: every row compared with the database's,
+    and written unless ``write`` is off (a dry run, or a refusal that has become certain: the
+    transaction is rolled back then, so writing on would be wasted)."""
+
+    connection: Connection
+    dialect: DialectIO
+    directory: Path
+    compressed: bool
+    differing: DifferingRows
+    write: bool
+    progress: ProgressCallback | None
+
+    def tables(self, manifest: Manifest, specs: dict[str, TableSpec]) -> list[_Tally]:
+        entries = {entry.table: entry for entry in manifest.files}
+        # ARCHIVED_TABLES order: parents first.
+        return [self._table(entries[name], spec) for name, spec in specs.items()]
+
+    def _table(self, entry: ArchivedFile, spec: TableSpec) -> _Tally:
+        bind = self.dialect.binder(spec)
+        normal = normalizer(spec)
+        key_positions = spec.key_positions
+        names = [f"c{i}" for i in range(len(spec.columns))]
+        insert = text(self.dialect.insert_sql(spec))
+        update = text(update_sql(spec))
+        overwrite = self.differing is DifferingRows.OVERWRITE
+        tally = _Tally(spec)
+        if self.progress is not None:
+            self.progress(spec.name, 0, entry.rows)
+        with _open(self.directory / entry.file, self.compressed) as file:
+            for lines in _batches(file):
+                rows = [_parse(line, len(names), entry.file) for line in lines]
+                keys = [tuple(row[p] for p in key_positions) for row in rows]
+                existing = {
+                    tuple(row[p] for p in key_positions): normal(row)
+                    for row in self.dialect.fetch_rows(self.connection, spec, keys)
+                }
+                new: list[list[Any]] = []
+                changed: list[list[Any]] = []
+                for key, row in zip(keys, rows, strict=True):
+                    current = existing.get(key)
+                    if current is None:
+                        new.append(row)
+                    elif current == normal(row):
+                        tally.identical += 1
+                    else:
+                        tally.different += 1
+                        if len(tally.different_keys) < _DIFFERENT_KEYS_SHOWN:
+                            tally.different_keys.append(list(key))
+                        if overwrite:
+                            changed.append(row)
+                tally.missing += len(new)
+                tally.rows += len(rows)
+                if tally.different and self.differing is DifferingRows.REFUSE:
+                    self.write = False
+                if self.write and (new or changed):
+                    self._write(
+                        spec,
+                        insert,
+                        update,
+                        [dict(zip(names, bind(row), strict=True)) for row in new],
+                        [dict(zip(names, bind(row), strict=True)) for row in changed],
+                    )
+                if self.progress is not None:
+                    self.progress(spec.name, tally.rows, entry.rows)
+        return tally
+
+    def _write(
+        self,
+        spec: TableSpec,
+        insert: Any,
+        update: Any,
+        new: list[dict[str, Any]],
+        changed: list[dict[str, Any]],
+    ) -> None:
+        try:
+            if new:
+                self.connection.execute(insert, new)
+            if changed:
+                self.connection.execute(update, changed)
+        except IntegrityError as error:
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            raise RestoreConflictError(
+                f"the target refused a row of {spec.name} ({reason}): it holds a row that "
+                "clashes on a unique key, or the export references a row it lacks; nothing "
+                "was written"
+            ) from None
 
 
 def _restore(
@@ -356,109 +560,188 @@ def _restore(
     directory: Path,
     manifest: Manifest,
     specs: dict[str, TableSpec],
-    overwrite: bool,
+    differing: DifferingRows,
     progress: ProgressCallback | None,
-) -> list[RestoredTable]:
-    entries = {entry.table: entry for entry in manifest.files}
-    compressed = manifest.compression == "gzip"
-    results = []
-    # One transaction (a savepoint inside the caller's): all or nothing.
+    run_params: dict[str, Any] | None,
+) -> tuple[list[_Tally], int | None]:
+    """Compare and write in one transaction (a savepoint inside the caller's): all or nothing.
+
+    The run is recorded in the same transaction, so the ledger says a restore happened exactly
+    when its rows are there; a refusal rolls both back. Raises :class:`_RefusedError`.
+    """
     with begin(db) as connection:
         dialect = dialect_io(connection)
         with dialect.restoring(connection):
-            for name, spec in specs.items():  # ARCHIVED_TABLES order: parents first
-                results.append(
-                    _restore_table(
-                        connection,
-                        dialect,
-                        directory,
-                        entries[name],
-                        spec,
-                        compressed,
-                        overwrite,
-                        progress,
-                    )
-                )
+            run_id = (
+                None
+                if run_params is None
+                else start_run(connection, RunKind.RESTORE, params=run_params)
+            )
+            writing = _Pass(
+                connection,
+                dialect,
+                directory,
+                manifest.compression == "gzip",
+                differing,
+                write=True,
+                progress=progress,
+            )
+            tallies = writing.tables(manifest, specs)
+            if differing is DifferingRows.REFUSE and any(t.different for t in tallies):
+                raise _RefusedError(tallies)
             for spec in specs.values():
                 dialect.advance_identity(connection, spec)
-            written = [table.table for table in results if table.inserted or table.overwritten]
+            overwrite = differing is DifferingRows.OVERWRITE
+            written = [t.spec.name for t in tallies if t.missing or (overwrite and t.different)]
             if written:
                 # Whatever runs next (verify, the read shim) would otherwise be planned for empty
                 # tables until autovacuum gets there: verify of 50,000 restored sessions ran for
                 # over ten minutes instead of two seconds.
                 refresh_statistics(connection, written)
-    return results
+    return tallies, run_id
+
+
+@contextmanager
+def _read_only(db: Connectable) -> Iterator[tuple[Connection, DialectIO]]:
+    """A dry run's transaction: on an Engine, a read-only snapshot of its own (PostgreSQL itself
+    refuses any write in it); on the caller's Connection, a savepoint rolled back at the end."""
+    if isinstance(db, Engine):
+        with db.connect() as connection:
+            dialect = dialect_io(connection)
+            with dialect.snapshot(connection):
+                yield connection, dialect
+        return
+    savepoint = db.begin_nested()
+    try:
+        dialect = dialect_io(db)
+        with dialect.restoring(db):
+            yield db, dialect
+    finally:
+        savepoint.rollback()
+
+
+def _compare(
+    db: Connectable,
+    directory: Path,
+    manifest: Manifest,
+    specs: dict[str, TableSpec],
+    differing: DifferingRows,
+    progress: ProgressCallback | None,
+) -> list[_Tally]:
+    with _read_only(db) as (connection, dialect):
+        comparing = _Pass(
+            connection,
+            dialect,
+            directory,
+            manifest.compression == "gzip",
+            differing,
+            write=False,
+            progress=progress,
+        )
+        return comparing.tables(manifest, specs)
 
 
 def restore(
     db: Connectable,
     source: Path | str,
     *,
-    overwrite: bool = False,
+    differing: DifferingRows | str = DifferingRows.REFUSE,
+    dry_run: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Restore the export in the directory ``source`` into ``db``'s database.
 
     ``db`` is an Engine (the restore is its own transaction) or a Connection (a savepoint in the
     caller's transaction). ``progress(table, rows_done, rows_in_table)`` is called per batch.
-    Rows that differ from the export are counted and left alone unless ``overwrite``.
+    ``differing`` says what to do with rows the database holds with other values than the
+    export (see :class:`DifferingRows`); by default they refuse the restore. ``dry_run``
+    compares only and writes nothing (not even a ledger row): the result says what a restore
+    would insert, which rows are identical and which differ, and ``refusal`` whether it would be
+    refused.
 
-    Raises :class:`InvalidExportError` for an incomplete or damaged export,
-    :class:`ExportRevisionMismatchError` when the database is not at the export's revision, and
-    :class:`RestoreConflictError` when the database refuses a row; in every case nothing is
-    written.
+    Raises :class:`InvalidExportError` for an incomplete, damaged or edited export,
+    :class:`ExportRevisionMismatchError` when the database is not at the export's revision,
+    :class:`DifferingRowsError` (exit code 1) when rows differ and ``differing`` is
+    ``refuse``, and :class:`RestoreConflictError` when the database refuses a row; in every case
+    nothing is written (the last leaves a failed run in the ledger).
     """
     started = time.perf_counter()
+    differing = DifferingRows(differing)
     directory = Path(source).absolute()
     manifest = verify_export(directory)
     database = redact(db.engine.url)
     state = database_state(db)
     _check_revision(database, state.revision, manifest.alembic_revision)
     specs = _target_specs(db, manifest)
-    run_id = (
-        start_run(
-            db,
-            RunKind.RESTORE,
-            params={
-                "source": str(directory),
-                "overwrite": overwrite,
-                "alembic_revision": manifest.alembic_revision,
-                "projects": manifest.projects,
-            },
+
+    def result(
+        tallies: list[_Tally], outcome: RestoreOutcome, run_id: int | None = None
+    ) -> RestoreResult:
+        tables = [tally.result(outcome, differing) for tally in tallies]
+        refusal = (
+            _refusal(tables, dry_run=outcome is RestoreOutcome.DRY_RUN)
+            if differing is DifferingRows.REFUSE
+            else None
         )
+        return RestoreResult(
+            database=database,
+            source=str(directory),
+            alembic_revision=manifest.alembic_revision,
+            differing=differing,
+            outcome=outcome,
+            refusal=refusal,
+            tables=tables,
+            rows=sum(t.rows for t in tables),
+            missing=sum(t.missing for t in tables),
+            identical=sum(t.identical for t in tables),
+            different=sum(t.different for t in tables),
+            inserted=sum(t.inserted for t in tables),
+            overwritten=sum(t.overwritten for t in tables),
+            kept=sum(t.kept for t in tables),
+            seconds=round(time.perf_counter() - started, 3),
+            run_id=run_id,
+        )
+
+    if dry_run:
+        tallies = _compare(db, directory, manifest, specs, differing, progress)
+        return result(tallies, RestoreOutcome.DRY_RUN)
+    run_params = (
+        {
+            "source": str(directory),
+            "differing": differing.value,
+            "alembic_revision": manifest.alembic_revision,
+            "projects": manifest.projects,
+        }
         if state.has_run_ledger
         else None
     )
     try:
-        tables = _restore(db, directory, manifest, specs, overwrite, progress)
+        tallies, run_id = _restore(db, directory, manifest, specs, differing, progress, run_params)
+    except _RefusedError as refused:
+        raise DifferingRowsError(result(refused.tallies, RestoreOutcome.REFUSED)) from None
     except BaseException as error:
-        if run_id is not None:
-            finish_run(db, run_id, RunStatus.FAILED, error=_one_line(error))
+        if run_params is not None:
+            _record_failure(db, run_params, error)
         raise
-    result = RestoreResult(
-        database=database,
-        source=str(directory),
-        alembic_revision=manifest.alembic_revision,
-        overwrite=overwrite,
-        tables=tables,
-        inserted=sum(t.inserted for t in tables),
-        identical=sum(t.identical for t in tables),
-        different=sum(t.different for t in tables),
-        overwritten=sum(t.overwritten for t in tables),
-        left_different=sum(t.different - t.overwritten for t in tables),
-        seconds=round(time.perf_counter() - started, 3),
-        run_id=run_id,
-    )
+    restored = result(tallies, RestoreOutcome.RESTORED, run_id)
     if run_id is not None:
-        finish_run(db, run_id, RunStatus.COMPLETED, summary=_summary(result))
-    return result
+        finish_run(db, run_id, RunStatus.COMPLETED, summary=_summary(restored))
+    return restored
+
+
+def _record_failure(db: Connectable, params: dict[str, Any], error: BaseException) -> None:
+    """The failed attempt on record, once its transaction is rolled back; a database that cannot
+    take even that does not hide the error that stopped the restore."""
+    with suppress(SQLAlchemyError):
+        run_id = start_run(db, RunKind.RESTORE, params=params)
+        finish_run(db, run_id, RunStatus.FAILED, error=_one_line(error))
 
 
 def _summary(result: RestoreResult) -> dict[str, Any]:
     return {
         "source": result.source,
         "alembic_revision": result.alembic_revision,
-        "overwrite": result.overwrite,
+        "differing": result.differing.value,
         "tables": {
             t.table: {
                 "rows": t.rows,
@@ -466,6 +749,7 @@ def _summary(result: RestoreResult) -> dict[str, Any]:
                 "identical": t.identical,
                 "different": t.different,
                 "overwritten": t.overwritten,
+                "kept": t.kept,
                 "different_keys": t.different_keys,
             }
             for t in result.tables

@@ -48,7 +48,14 @@ from prompt_tool.migrate.archive import (
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.export import export
 from prompt_tool.migrate.fingerprint import fingerprint_legacy_tables
-from prompt_tool.migrate.restore import RestoreConflictError, restore, verify_export
+from prompt_tool.migrate.restore import (
+    DifferingRows,
+    DifferingRowsError,
+    RestoreConflictError,
+    RestoreOutcome,
+    restore,
+    verify_export,
+)
 
 runner = CliRunner()
 LONG_TEXT = "long step input " + "y" * 100_000
@@ -595,7 +602,7 @@ def test_a_restore_the_target_refuses_writes_nothing(
 # --- differing rows -------------------------------------------------------------------------
 
 
-def test_a_different_row_is_reported_and_left_alone_unless_overwrite(
+def test_a_row_changed_after_the_export_is_never_overwritten_or_left_silently(
     source_url: str, target_url: str, tmp_path: Path
 ) -> None:
     _export(source_url, tmp_path / "export")
@@ -612,14 +619,20 @@ def test_a_different_row_is_reported_and_left_alone_unless_overwrite(
         engine.dispose()
     edited = _all_text(target_url)
 
-    left = _restore(target_url, tmp_path / "export")
-    assert (left.different, left.left_different, left.inserted) == (1, 1, 0)
-    sessions = next(t for t in left.tables if t.table == "orchestration_sessions")
+    with pytest.raises(DifferingRowsError) as refused:
+        _restore(target_url, tmp_path / "export")
+    assert refused.value.result.outcome is RestoreOutcome.REFUSED
+    assert (refused.value.result.different, refused.value.result.inserted) == (1, 0)
+    assert _all_text(target_url) == edited
+
+    kept = _restore(target_url, tmp_path / "export", differing=DifferingRows.KEEP_CURRENT)
+    assert (kept.different, kept.kept, kept.overwritten, kept.inserted) == (1, 1, 0, 0)
+    sessions = next(t for t in kept.tables if t.table == "orchestration_sessions")
     assert sessions.different_keys == [[session_id]]
     assert _all_text(target_url) == edited
 
-    replaced = _restore(target_url, tmp_path / "export", overwrite=True)
-    assert (replaced.different, replaced.overwritten, replaced.left_different) == (1, 1, 0)
+    replaced = _restore(target_url, tmp_path / "export", differing=DifferingRows.OVERWRITE)
+    assert (replaced.different, replaced.overwritten, replaced.kept) == (1, 1, 0)
     assert _all_text(target_url) == _all_text(source_url)
 
     again = _restore(target_url, tmp_path / "export")
@@ -796,7 +809,9 @@ def test_a_postgresql_export_restores_into_sqlite(
         if table == "ab_assignments":  # SQLite has no NaN: it stores NULL for it
             continue
         assert _typed_rows(sqlite_target, table) == _typed_rows(postgres, table), table
-    assert _restore(sqlite_target, tmp_path / "export").different == 1  # that NaN
+    compared = _restore(sqlite_target, tmp_path / "export", dry_run=True)
+    assert compared.different == 1  # that NaN
+    assert compared.refusal is not None and "ab_assignments" in compared.refusal
 
 
 def test_a_legacy_database_at_0001_exports_its_tables_and_restores(
@@ -1067,7 +1082,7 @@ def test_cli_export_then_restore_as_json(source_url: str, target_url: str, tmp_p
     assert "identical" in table_view.stdout
 
 
-def test_cli_exit_codes_refused_is_2_and_left_different_is_1(
+def test_cli_exit_codes_refused_export_is_2_and_differing_rows_1(
     source_url: str, target_url: str, tmp_path: Path
 ) -> None:
     app = _cli()
@@ -1084,9 +1099,9 @@ def test_cli_exit_codes_refused_is_2_and_left_different_is_1(
             connection.execute(text("UPDATE projects SET name = 'renamed'"))
     finally:
         engine.dispose()
-    left = runner.invoke(app, ["restore", "--from", str(directory), "--db", target_url])
-    assert left.exit_code == 1
-    assert "--overwrite" in left.output
+    differing = runner.invoke(app, ["restore", "--from", str(directory), "--db", target_url])
+    assert differing.exit_code == 1
+    assert "--overwrite" in differing.output and "--keep-current" in differing.output
 
     _edit_a_byte(directory)
     damaged = runner.invoke(app, ["restore", "--from", str(directory), "--db", target_url])

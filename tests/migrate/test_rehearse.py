@@ -5,6 +5,8 @@ table, when a downgrade loses or changes legacy data."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from prompt_tool.migrate import fingerprint_legacy_tables, load_legacy_sample
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.rehearse import RehearsalRefusedError, RehearsalReport, rehearse
 from prompt_tool.migrate.verify import verify
+from prompt_tool.settings import get_settings
 from prompt_tool.templates.permissions import grant_role
 
 app = new_app("test host for rehearse")
@@ -29,7 +32,9 @@ app.command("rehearse")(rehearse_command)
 app.command("other")(lambda: None)  # a second command keeps `rehearse` a subcommand
 runner = CliRunner()
 
+# --rollback: the downgrade discards what people made (rolled back anyway, never committed).
 JOURNEY = [
+    "refresh_statistics",
     "fingerprint",
     "upgrade",
     "backfill",
@@ -41,6 +46,13 @@ JOURNEY = [
     "upgrade_again",
     "backfill_again",
     "verify_again",
+]
+# In place and on a scratch copy: the downgrade archives it, and it is restored and compared.
+ARCHIVED_JOURNEY = [
+    *JOURNEY[: JOURNEY.index("upgrade_again") + 1],
+    "restore",
+    "restored_intact",
+    *JOURNEY[JOURNEY.index("upgrade_again") + 1 :],
 ]
 
 
@@ -136,7 +148,7 @@ def test_a_rehearsal_in_place_from_0001_passes_and_ends_where_it_started(legacy_
 
     assert report.passed, report.failures()
     assert [s.name for s in report.steps] == [
-        *JOURNEY,
+        *ARCHIVED_JOURNEY,
         "return_to_start",
         "legacy_intact_at_end",
     ]
@@ -144,10 +156,70 @@ def test_a_rehearsal_in_place_from_0001_passes_and_ends_where_it_started(legacy_
     assert all(s.duration_s >= 0 and s.details for s in report.steps)
     assert len(report.sessions_created) == 3
     after = _legacy_rows(legacy_url)
+    # Exactly as before the migration, row for row; the only new rows are the three sessions
+    # created through templates (they dual-wrote their legacy text).
     for name, rows in before.items():
-        assert after[name][: len(rows)] == rows, name
-    assert len(after["orchestration_sessions"]) == len(before["orchestration_sessions"]) + 3
-    assert len(after["projects"]) == len(before["projects"])
+        if name == "orchestration_sessions":
+            assert after[name][: len(rows)] == rows
+            assert [int(row[0]) for row in after[name][len(rows) :]] == report.sessions_created
+        else:
+            assert after[name] == rows, name
+    assert report.archive is None
+
+
+def test_what_people_made_round_trips_through_the_downgrades_archive(
+    legacy_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archives: list[Path] = []
+    real_downgrade = schema.downgrade
+
+    def downgrade(url: str, revision: str = "-1", **options: Any) -> schema.SchemaState:
+        if options.get("archive") is not None:
+            archives.append(Path(options["archive"]))
+        return real_downgrade(url, revision, **options)
+
+    monkeypatch.setattr(schema, "downgrade", downgrade)
+
+    report = rehearse(legacy_url)
+
+    assert report.passed, report.failures()
+    steps = {s.name: s for s in report.steps}
+    assert "what people made archived in" in steps["downgrade"].details
+    assert "3 templates" in steps["downgrade"].details
+    # Templates, versions, audit events and the sessions' links came back, every column.
+    restored = steps["restored_intact"].details
+    for what in ("3 templates", "3 versions", "audit events", "9 sessions' links"):
+        assert what in restored, restored
+    assert "rows back from the downgrade's archive" in steps["restore"].details
+    # One archive (return_to_start discards the rehearsal's own templates), deleted once it
+    # round-tripped.
+    assert len(archives) == 1 and not archives[0].parent.exists()
+
+
+def test_a_restore_that_does_not_bring_back_what_people_made_fails_and_keeps_the_archive(
+    legacy_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prompt_tool.migrate import rehearse as rehearse_module
+
+    real_restore = rehearse_module.restore
+
+    def sloppy_restore(db: Any, source: Any, **options: Any) -> Any:
+        result = real_restore(db, source, **options)
+        with db.begin() as connection:
+            connection.execute(text("UPDATE template_events SET note = 'edited afterwards'"))
+        return result
+
+    monkeypatch.setattr(rehearse_module, "restore", sloppy_restore)
+
+    report = rehearse(legacy_url)
+
+    assert not report.passed
+    failed = _failed(report)
+    assert list(failed) == ["restored_intact"]
+    assert all(d.startswith("template_events:") for d in failed["restored_intact"])
+    assert report.archive is not None
+    assert (Path(report.archive) / "manifest.json").is_file()
+    shutil.rmtree(Path(report.archive).parent)
 
 
 def test_rollback_leaves_the_database_exactly_as_it_was(legacy_url: str) -> None:
@@ -198,7 +270,11 @@ def test_scratch_rehearses_a_copy_and_only_reads_the_source(
     report = rehearse(migrated_url, scratch=scratch_url)
 
     assert report.passed, report.failures()
-    assert report.steps[0].name == "copy_to_scratch"
+    assert [s.name for s in report.steps] == [
+        "copy_to_scratch",
+        *ARCHIVED_JOURNEY,
+        "legacy_intact_at_end",
+    ]
     assert "legacy fingerprint as the source's" in report.steps[0].details
     assert report.source is not None and report.database != report.source
     assert _state(migrated_url) == before
@@ -289,13 +365,42 @@ def test_a_legacy_text_changed_after_the_downgrade_fails_the_rehearsal_naming_th
     assert {d.split(":", 1)[0] for d in differences} == {"prompts"}
 
 
+def test_a_template_left_behind_by_the_downgrade_fails_the_rehearsal_naming_the_tables(
+    legacy_url: str,
+) -> None:
+    """Only the sessions created through templates may be new after the downgrade: a prompt and
+    its version left behind (an imported template, say) are differences, not the rehearsal's."""
+
+    def leave_a_template(connection: Connection) -> None:
+        prompt_id = connection.execute(
+            text(
+                "INSERT INTO prompts (project_id, name, content, category, is_template) "
+                "VALUES (NULL, 'imported/system/abc', 'left behind', 'imported', TRUE) RETURNING id"
+            )
+        ).scalar_one()
+        connection.execute(
+            text(
+                "INSERT INTO prompt_versions (prompt_id, version, content, created_by) "
+                "VALUES (:id, 1, 'left behind', 'backfill')"
+            ),
+            {"id": prompt_id},
+        )
+
+    report = rehearse(legacy_url, rollback=True, after_downgrade=leave_a_template)
+
+    assert not report.passed
+    differences = _failed(report)["legacy_intact"]
+    assert {d.split(":", 1)[0] for d in differences} == {"prompts", "prompt_versions"}
+    assert any("1 rows more than at the start" in d for d in differences)
+
+
 def test_a_downgrade_that_deletes_a_session_is_caught_and_the_command_exits_1(
     legacy_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_downgrade = schema.downgrade
 
-    def losing_downgrade(url: str, revision: str = "-1") -> schema.SchemaState:
-        state = real_downgrade(url, revision)
+    def losing_downgrade(url: str, revision: str = "-1", **options: Any) -> schema.SchemaState:
+        state = real_downgrade(url, revision, **options)
         engine = make_engine(url)
         with engine.begin() as connection:
             _delete_session_one(connection)
@@ -317,8 +422,10 @@ def test_a_downgrade_that_deletes_a_session_is_caught_in_a_rolled_back_rehearsal
 ) -> None:
     real_migrate_on = schema.migrate_on
 
-    def losing_migrate_on(connection: Connection, action: str, revision: str) -> str | None:
-        reached = real_migrate_on(connection, action, revision)
+    def losing_migrate_on(
+        connection: Connection, action: str, revision: str, options: Any = None
+    ) -> str | None:
+        reached = real_migrate_on(connection, action, revision, options)
         if action == "downgrade":
             _delete_session_one(connection)
         return reached
@@ -345,7 +452,15 @@ def test_the_command_prints_every_step_or_the_same_report_as_json(legacy_url: st
     data = json.loads(as_json.stdout)
     assert data["passed"] is True and data["rollback"] is True
     assert [step["name"] for step in data["steps"]] == [*JOURNEY, "rolled_back_exactly"]
-    assert set(data["steps"][0]) == {"name", "ok", "duration_s", "details", "differences"}
+    assert set(data["steps"][0]) == {
+        "name",
+        "ok",
+        "duration_s",
+        "details",
+        "differences",
+        "stopped_by",
+    }
+    assert data["archive"] is None
 
 
 def test_a_refusal_is_one_line_and_exit_2(migrated_url: str) -> None:
@@ -354,3 +469,150 @@ def test_a_refusal_is_one_line_and_exit_2(migrated_url: str) -> None:
     assert result.exit_code == 2
     assert "would drop the rows of" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# --- repeated rehearsals, timeouts -----------------------------------------------------------
+
+
+@pytest.fixture
+def rehearsal_url(empty_db_url: str) -> str:
+    """A legacy deployment at 0001 with 300 sessions."""
+    schema.upgrade(empty_db_url, "0001")
+    load_legacy_sample(empty_db_url, sessions=300, projects=3, seed=21)
+    return empty_db_url
+
+
+def test_ten_rolled_back_rehearsals_in_a_row_pass_as_the_first_does(rehearsal_url: str) -> None:
+    before = _state(rehearsal_url)
+    durations = []
+
+    for attempt in range(10):
+        report = rehearse(rehearsal_url, rollback=True)
+        assert report.passed, (attempt, report.failures())
+        durations.append(report.elapsed_s)
+
+    assert _state(rehearsal_url) == before
+    # Nothing accumulates from one rehearsal to the next that makes the later ones slower
+    # (generous: a loaded machine may stall one run).
+    assert max(durations[5:]) < 5 * max(durations[0], 1.0), durations
+
+
+def _planner_rows(url: str) -> dict[str, float]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                str(name): float(rows)
+                for name, rows in connection.execute(
+                    text(
+                        "SELECT relname, reltuples FROM pg_class WHERE relkind = 'r' "
+                        "AND relname IN ('projects', 'prompts', 'prompt_versions', "
+                        "'orchestration_sessions')"
+                    )
+                )
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgresql"], indirect=True)
+def test_a_rolled_back_rehearsal_leaves_the_planner_the_rows_as_they_are(
+    rehearsal_url: str,
+) -> None:
+    """PostgreSQL keeps the table sizes an ANALYZE inside a transaction measured even when the
+    transaction rolls back: the rehearsal measures the legacy tables before it starts and again
+    after its rollback, so the next one (and everything else) is planned for the real rows, not
+    for the thousands of imported templates that never were."""
+    rows = {name: len(table_rows) for name, table_rows in _legacy_rows(rehearsal_url).items()}
+
+    for _ in range(2):
+        report = rehearse(rehearsal_url, rollback=True)
+        assert report.passed, report.failures()
+        assert report.steps[0].details.startswith("planner statistics")
+
+    planned = _planner_rows(rehearsal_url)
+    for name in ("projects", "prompts", "prompt_versions", "orchestration_sessions"):
+        assert planned[name] == rows[name], (name, planned[name], rows[name])
+
+
+@pytest.fixture
+def tiny_statement_timeout(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PROMPT_TOOL_STATEMENT_TIMEOUT_MS=1, as an operator would set it (read once, so the
+    settings are read again for this test and afterwards)."""
+    monkeypatch.setenv("PROMPT_TOOL_STATEMENT_TIMEOUT_MS", "1")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.delenv("PROMPT_TOOL_STATEMENT_TIMEOUT_MS")
+    get_settings.cache_clear()
+
+
+def _sleep(connection: Connection) -> None:
+    """A statement longer than the timeout, whichever step the rehearsal reached."""
+    connection.execute(text("SELECT pg_sleep(0.2)"))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgresql"], indirect=True)
+def test_a_statement_timeout_in_the_rehearsal_is_reported_as_a_timeout(
+    rehearsal_url: str, tiny_statement_timeout: None
+) -> None:
+    before = _state(rehearsal_url)
+
+    report = rehearse(rehearsal_url, rollback=True, after_downgrade=_sleep)
+
+    assert not report.passed
+    failed = report.failures()
+    assert len(failed) == 1, failed
+    step = failed[0]
+    assert step.stopped_by == "statement_timeout"
+    assert step.details.startswith("timed out:")
+    assert "PROMPT_TOOL_STATEMENT_TIMEOUT_MS (1 ms)" in step.details
+    assert step.differences == []
+    # The rehearsal stopped there; nothing it did is left.
+    assert report.steps[-1].name == "rolled_back_exactly" and report.steps[-1].ok
+    assert _state(rehearsal_url) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgresql"], indirect=True)
+def test_the_command_reports_a_timeout_in_one_line_never_as_differences(
+    rehearsal_url: str, tiny_statement_timeout: None
+) -> None:
+    result = runner.invoke(app, ["rehearse", "--rollback", "--db", rehearsal_url])
+
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "timed out" in result.stderr
+    assert "PROMPT_TOOL_STATEMENT_TIMEOUT_MS" in result.stderr
+    assert "differences" not in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgresql"], indirect=True)
+def test_a_statement_failing_after_a_timeout_still_reports_the_timeout(
+    rehearsal_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What happened in verify on 200,000 sessions: the statement timed out, and the next
+    statement of the aborted transaction (the run's ledger row) failed with
+    InFailedSqlTransaction. The step is reported as the timeout it was."""
+    monkeypatch.setenv("PROMPT_TOOL_STATEMENT_TIMEOUT_MS", "2000")
+    get_settings.cache_clear()
+
+    def time_out_then_carry_on(connection: Connection) -> None:
+        try:
+            connection.execute(text("SELECT pg_sleep(5)"))
+        finally:
+            connection.execute(text("SELECT 1"))  # in the aborted transaction: fails too
+
+    try:
+        report = rehearse(rehearsal_url, rollback=True, after_downgrade=time_out_then_carry_on)
+    finally:
+        monkeypatch.delenv("PROMPT_TOOL_STATEMENT_TIMEOUT_MS")
+        get_settings.cache_clear()
+
+    assert [s.name for s in report.failures()] == ["downgrade"]
+    step = report.failures()[0]
+    assert step.stopped_by == "statement_timeout", step.details
+    assert "PROMPT_TOOL_STATEMENT_TIMEOUT_MS (2,000 ms)" in step.details
