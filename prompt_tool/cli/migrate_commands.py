@@ -51,7 +51,8 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], Non
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=0, rate="")  # a number from the start: the columns format it
+        # A number from the start: the columns format it before the first update.
+        task = bar.add_task(label, total=0, rate="")
 
         def update(done: int, total: int) -> None:
             elapsed = bar.tasks[task].elapsed or 0
