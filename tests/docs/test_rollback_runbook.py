@@ -52,9 +52,7 @@ def test_the_runbook_covers_every_step_of_a_rollback() -> None:
     for needed in ("flag set", "verify", "--archive", "fingerprint", "db downgrade", "restore"):
         assert any(needed in c for c in commands), needed
     downgrade = next(c for c in commands if c.startswith("orch-migrate db downgrade"))
-    assert commands.index(downgrade) > commands.index(
-        "orch-migrate flag set --project acme legacy"
-    )
+    assert commands.index(downgrade) > commands.index("orch-migrate flag set --project acme legacy")
 
 
 @pytest.fixture
