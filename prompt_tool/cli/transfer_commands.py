@@ -251,9 +251,11 @@ def restore_command(
 ) -> None:
     """Restore an export: checked first, all or nothing, idempotent.
 
-    Rows missing from the database are inserted, identical ones skipped. Rows the database
-    holds with other values (changed after the export) refuse the restore, exit 1, nothing
-    written, unless you choose --keep-current or --overwrite; --dry-run lists them first.
+    Rows missing from the database are inserted, identical rows skipped.
+
+    Rows changed after the export refuse the restore (exit 1, nothing written).
+
+    For those choose --keep-current or --overwrite; --dry-run lists them first.
     """
     if keep_current and overwrite:
         raise InvalidInputError(

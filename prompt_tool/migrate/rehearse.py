@@ -303,6 +303,22 @@ def _legacy_rows(connection: Connection) -> dict[str, TableFingerprint]:
     }
 
 
+def _whole(fingerprints: Mapping[str, TableFingerprint]) -> dict[str, tuple[int, str]]:
+    return {name: (entry.rows, entry.sha256) for name, entry in fingerprints.items()}
+
+
+def _rows_written_by_the_new_system(connection: Connection) -> dict[str, int]:
+    """At head: per legacy table, the rows the baseline sets aside."""
+    return {
+        name: int(
+            connection.execute(
+                text(f"SELECT count(*) FROM {_quote(name)} WHERE NOT ({condition})")
+            ).scalar_one()
+        )
+        for name, condition in _LEGACY_ROWS.items()
+    }
+
+
 def _kept_rows(connection: Connection) -> dict[str, TableFingerprint]:
     """Every column of the rows the downgrade archives (what people made), per table."""
     return {
@@ -312,17 +328,21 @@ def _kept_rows(connection: Connection) -> dict[str, TableFingerprint]:
     }
 
 
-def _snapshot(connection: Connection) -> _Snapshot:
+def _snapshot(
+    connection: Connection, legacy: dict[str, tuple[int, str]] | None = None
+) -> _Snapshot:
+    """``legacy``: the whole legacy tables' digests, when already read in this transaction."""
     inspector = inspect(connection)
     names = sorted(inspector.get_table_names())
+    rows = {
+        name: int(connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one())
+        for name in names
+    }
     return _Snapshot(
         revision=_revision(connection),
         columns={name: sorted(c["name"] for c in inspector.get_columns(name)) for name in names},
-        rows={
-            name: int(connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one())
-            for name in names
-        },
-        legacy=_legacy_digests(connection),
+        rows=rows,
+        legacy=_legacy_digests(connection) if legacy is None else legacy,
     )
 
 
@@ -556,14 +576,16 @@ class _Journey:
         with self.target.reading() as connection:
             self.start = _revision(connection)
             self.baseline = _legacy_rows(connection)
-            whole = _legacy_digests(connection) if _at_head_columns(connection) else None
+            at_head = _at_head_columns(connection)
             if self.target.connection is not None:
-                self.snapshot = _snapshot(connection)
+                # At 0001 the baseline is every legacy row: the same digests, not read twice.
+                whole = None if at_head else _whole(self.baseline)
+                self.snapshot = _snapshot(connection, whole)
+            written = _rows_written_by_the_new_system(connection) if at_head else {}
         self.report.start_revision = self.start
         rows = ", ".join(f"{name} {entry.rows}" for name, entry in self.baseline.items())
         aside = ""
-        if whole is not None:
-            written = {name: whole[name][0] - self.baseline[name].rows for name in whole}
+        if at_head:
             aside = "; set aside, written by the new system: " + (
                 ", ".join(f"{name} {rows}" for name, rows in written.items() if rows) or "none"
             )
@@ -654,7 +676,7 @@ class _Journey:
             kept = "what people made discarded (rolled back with everything else anyway)"
         else:
             kept = (
-                f"what people made archived in {self.archive} "
+                "what people made archived in a temporary directory "
                 f"({_counts(self.kept_before, _KEPT_WHAT)})"
             )
         removed = ""
@@ -664,14 +686,19 @@ class _Journey:
             )
         return _Outcome(True, f"{before} -> {after}; {kept}{removed}")
 
-    def _against_baseline(self, connection: Connection) -> list[str]:
+    def _against_baseline(
+        self, connection: Connection
+    ) -> tuple[list[str], dict[str, TableFingerprint]]:
         """Every legacy table against the baseline: exactly as it was, but for the sessions
-        the rehearsal created through templates (the only rows allowed to be new)."""
+        the rehearsal created through templates (the only rows allowed to be new). Returns the
+        differences and the legacy rows now (as :func:`_legacy_rows`, from the same pass)."""
         where = _LEGACY_ROWS if _at_head_columns(connection) else {}
         differences = []
+        now: dict[str, TableFingerprint] = {}
         for name in LEGACY_TABLES:
             saved = self.baseline[name]
             compared = compare_table(connection, saved, where=where.get(name))
+            now[name] = compared.now
             then = compared.then
             assert then is not None  # the baseline records each table's highest id
             if compared.changed:
@@ -695,12 +722,11 @@ class _Journey:
                 f"{sorted(new_ids)[:_MAX_SHOWN]}, expected those created through templates "
                 f"{sorted(created)[:_MAX_SHOWN]}"
             )
-        return differences
+        return differences, now
 
     def legacy_intact(self) -> _Outcome:
         with self.target.reading() as connection:
-            differences = self._against_baseline(connection)
-            after = _legacy_rows(connection)
+            differences, after = self._against_baseline(connection)
         differences += [
             f"{name}: the downgrade changed rows it had to keep ({kept.rows} rows before it, "
             f"{after[name].rows} after)"
@@ -789,7 +815,7 @@ class _Journey:
 
     def legacy_intact_at_end(self) -> _Outcome:
         with self.target.reading() as connection:
-            differences = self._against_baseline(connection)
+            differences, _ = self._against_baseline(connection)
         sessions = self.new_sessions_intact()
         differences += list(sessions.differences)
         return self._verdict(

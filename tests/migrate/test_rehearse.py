@@ -184,7 +184,7 @@ def test_what_people_made_round_trips_through_the_downgrades_archive(
 
     assert report.passed, report.failures()
     steps = {s.name: s for s in report.steps}
-    assert "what people made archived in" in steps["downgrade"].details
+    assert "what people made archived in a temporary directory" in steps["downgrade"].details
     assert "3 templates" in steps["downgrade"].details
     # Templates, versions, audit events and the sessions' links came back, every column.
     restored = steps["restored_intact"].details
