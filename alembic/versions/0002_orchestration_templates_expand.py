@@ -32,12 +32,13 @@ from prompt_tool.db.online_ddl import (
     drop_check,
     drop_column,
     drop_index_in_transaction,
+    lock_in_order,
     migration_argument,
     refusals_for_alembic,
     single_transaction,
     validate_constraint,
 )
-from prompt_tool.db.revisions import EXPAND_INDEXES, EXPAND_TABLES
+from prompt_tool.db.revisions import EXPAND_INDEXES, EXPAND_TABLES, LEGACY_TABLES
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.retract import (
     ARCHIVE_OPTION,
@@ -342,6 +343,8 @@ def downgrade() -> None:
     # indexes, the columns, the revision): complete, or rolled back whole.
     if not op.get_context().as_sql:
         _take_back_rows()
+    # Children before parents, as writers lock them: the new tables, then the legacy ones.
+    lock_in_order([*EXPAND_TABLES, *reversed(LEGACY_TABLES)])
     for table in EXPAND_TABLES:
         op.drop_table(table, if_exists=True)
     for name, table, *_ in reversed(EXPAND_INDEXES):

@@ -408,3 +408,81 @@ def test_a_refusal_reaches_plain_alembic_as_one_line_too(
     assert "-x archive=DIR" in result.stderr
     assert _revision(url) == "0002"
     assert issubclass(UserDataWouldBeLostError, MigrationRefusedError)
+
+
+@pytest.mark.parametrize("holder", ["table lock", "old snapshot"])
+def test_an_upgrade_held_up_by_a_lock_leaves_a_consistent_schema_and_runs_again(
+    at_0001: tuple[str, Any], engine_for: Any, dialect: str, short_lock_timeout: Any, holder: str
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("table locks held by another session are a PostgreSQL matter")
+    url, before = at_0001
+    holding = engine_for(url).connect()
+    if holder == "table lock":  # the transactional part's ALTER TABLE gives up: nothing applied
+        holding.execute(text("SELECT count(*) FROM prompts"))
+    else:  # a snapshot the concurrent index builds wait for: the transactional part is applied
+        holding.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holding.execute(text("SELECT count(*) FROM orchestration_sessions"))
+
+    with pytest.raises(SchemaError, match="gave up waiting for a table lock"):
+        schema.upgrade(url)
+
+    assert _revision(url) == "0001"
+    check = schema.check(url)
+    if holder == "table lock":
+        assert check.consistent, check.drift
+    else:
+        assert not check.consistent and "db upgrade" in check.drift[0]
+    holding.rollback()
+    holding.close()
+    assert schema.upgrade(url).current == "0002"
+    assert schema.check(url).consistent
+    assert changed_tables(before, _fingerprint(url)) == []
+
+
+def test_readers_and_writers_never_wait_past_lock_timeout_during_a_downgrade(
+    at_0001: tuple[str, Any], engine_for: Any, dialect: str, short_lock_timeout: Any
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("concurrent sessions waiting on locks are a PostgreSQL matter")
+    url, _ = at_0001
+    schema.upgrade(url)
+    backfill(engine_for(url))
+    done = threading.Event()
+    waits: list[float] = []
+    failures: list[BaseException] = []
+
+    def application() -> None:
+        engine = engine_for(url)
+        while not done.is_set():
+            started = time.perf_counter()
+            try:
+                with engine.begin() as connection:
+                    connection.execute(
+                        text("SELECT system_prompt FROM orchestration_sessions WHERE id = 1")
+                    )
+                    connection.execute(
+                        text(
+                            "INSERT INTO orchestration_sessions (project_id, name, system_prompt)"
+                            " VALUES (1, 'during the downgrade', 'hello')"
+                        )
+                    )
+            except BaseException as error:
+                failures.append(error)
+                return
+            waits.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=application) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        schema.downgrade(url)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+
+    assert not failures, failures
+    assert len(waits) > 10
+    lock_timeout_s = get_settings().migration_lock_timeout_ms / 1000
+    assert max(waits) < lock_timeout_s, f"an application transaction waited {max(waits):.3f} s"
