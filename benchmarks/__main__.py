@@ -101,8 +101,9 @@ def markdown(report: dict[str, Any], measurements: Sequence[Measurement]) -> str
         lines.append(
             f"Downgrade: {taken['elapsed_s']:.1f} s ({downgrade.ratio('the backfill'):.2f}x the "
             f"backfill's speed); {taken['batches']:,} batches, the longest "
-            f"{taken['longest_batch_ms']:.0f} ms; the last transaction (schema + people's work) "
-            f"{taken['last_transaction_ms']:.0f} ms: the longest lock hold."
+            f"{taken['longest_batch_ms']:.0f} ms; the last transaction (people's work, schema) "
+            f"{taken['last_transaction_ms']:.0f} ms, of which its ACCESS EXCLUSIVE locks "
+            f"{taken.get('exclusive_lock_ms', 0):.0f} ms."
         )
     memory = report.get("memory")
     if memory:

@@ -430,9 +430,7 @@ def _run(
             peak_rss_mib=downgraded["peak_rss_mib"],
             extra={
                 "downgrade": downgraded,
-                "longest_lock_hold_ms": max(
-                    downgraded["longest_batch_ms"], downgraded["last_transaction_ms"]
-                ),
+                "longest_exclusive_lock_ms": downgraded["exclusive_lock_ms"],
             },
         ),
         *reads,

@@ -77,6 +77,7 @@ def _downgrade(url: str, archive: str) -> dict[str, Any]:
         "batches": state.batches,
         "longest_batch_ms": state.longest_batch_ms,
         "last_transaction_ms": state.last_transaction_ms,
+        "exclusive_lock_ms": state.exclusive_lock_ms,
     }
 
 

@@ -18,6 +18,7 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -311,7 +312,7 @@ def upgrade() -> None:
             create_index_concurrently(name, table, columns, unique=unique, where=where)
 
 
-def _take_back_rows() -> None:
+def _take_back_rows() -> Retraction:
     """Archive (or discard, as told) what people made, then remove the derivable rows in
     batches; refused before anything changes when people's work would go unasked."""
     retraction = Retraction()
@@ -333,16 +334,18 @@ def _take_back_rows() -> None:
     with refusals_for_alembic():
         require_nothing_new(op.get_bind(), retraction)
     remove_kept_rows(op.get_bind(), retraction)
-    config = op.get_context().config
-    if config is not None:
-        config.attributes["retraction"] = retraction
+    return retraction
 
 
 def downgrade() -> None:
     # Everything from here on is one transaction (the rows of people's work, the tables, the
     # indexes, the columns, the revision): complete, or rolled back whole.
-    if not op.get_context().as_sql:
-        _take_back_rows()
+    retraction = None if op.get_context().as_sql else _take_back_rows()
+    if retraction is not None:
+        retraction.exclusive_started = time.perf_counter()
+        config = op.get_context().config
+        if config is not None:
+            config.attributes["retraction"] = retraction
     # Children before parents, as writers lock them: the new tables, then the legacy ones.
     lock_in_order([*EXPAND_TABLES, *reversed(LEGACY_TABLES)])
     for table in EXPAND_TABLES:

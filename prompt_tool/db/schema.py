@@ -73,6 +73,7 @@ class SchemaState:
     batches: int = 0
     longest_batch_ms: float = 0.0
     last_transaction_ms: float = 0.0
+    exclusive_lock_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,7 @@ def _run(
         last_transaction_ms=round(
             (committed - (retraction.last_transaction_started or committed)) * 1e3, 1
         ),
+        exclusive_lock_ms=round((committed - (retraction.exclusive_started or committed)) * 1e3, 1),
     )
 
 

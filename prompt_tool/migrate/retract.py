@@ -133,8 +133,10 @@ class Retraction:
     removed: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     longest_batch_ms: float = 0.0
-    # When the last transaction (people's work, the schema, the revision) began, perf_counter.
+    # When the last transaction (people's work, the schema, the revision) began, and when it
+    # took its ACCESS EXCLUSIVE locks (held to the commit), by time.perf_counter().
     last_transaction_started: float | None = None
+    exclusive_started: float | None = None
 
     def add(self, table: str, rows: int) -> None:
         self.removed[table] = self.removed.get(table, 0) + rows
