@@ -46,6 +46,12 @@ def _describe(state: schema.SchemaState) -> str:
     if state.removed:
         removed = ", ".join(f"{table} {rows:,}" for table, rows in state.removed.items())
         lines.append(f"rows the new system had written, removed: {removed}")
+    if state.dropped:
+        dropped = ", ".join(f"{table} {rows:,}" for table, rows in state.dropped.items())
+        lines.append(
+            f"this deployment's own state, dropped with its tables (not archived): {dropped}; "
+            "after a re-upgrade, grant roles and set flags again"
+        )
     if state.archive is not None:
         lines.append(
             f"what people made is archived in {state.archive}: after `db upgrade`, "
@@ -168,7 +174,7 @@ def _render_fingerprint(result: fingerprints.LegacyFingerprint) -> Table:
         "Legacy tables",
         columns,
         [
-            (t.table, f"{t.rows:,}", "" if t.max_id is None else t.max_id, t.sha256[:16])
+            (t.table, f"{t.rows:,}", "" if t.max_id is None else f"{t.max_id:,}", t.sha256[:16])
             + ((_compared(result, t.table),) if against else ())
             for t in result.tables
         ],

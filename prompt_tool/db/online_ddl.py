@@ -11,7 +11,7 @@ to plain DDL.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 from alembic import op
 from sqlalchemy import Column, inspect, text
@@ -139,7 +139,10 @@ def _short_transaction() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        connection.exec_driver_sql("ROLLBACK")
+        # Best effort: after a Ctrl-C the connection may be unusable, and the server rolls the
+        # batch back anyway when it goes; the original error is the one to report.
+        with suppress(Exception):
+            connection.exec_driver_sql("ROLLBACK")
         raise
     connection.exec_driver_sql("COMMIT")
 

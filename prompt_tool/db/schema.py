@@ -8,7 +8,7 @@ scripts as ``prompt_tool/_alembic``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ class SchemaState:
     archive: str | None = None
     discarded: bool = False
     removed: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
     # How long locks were held: the longest of the short batches, and the last transaction.
     batches: int = 0
     longest_batch_ms: float = 0.0
@@ -177,6 +178,20 @@ def _refuse_undoing_a_partial_upgrade(url: str, connection: Connection, before: 
         )
 
 
+def _interruptible(step: Callable[[], object]) -> None:
+    """Run ``step``; a Ctrl-C stays a Ctrl-C even when cleaning up after it failed too (an
+    interrupted statement leaves the connection unusable, and Alembic's cleanup then raises)."""
+    try:
+        step()
+    except BaseException as error:
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            cause = cause.__context__
+        raise
+
+
 def _run(
     url: str,
     action: str,
@@ -203,7 +218,7 @@ def _run(
         config = alembic_config(connection)
         config.attributes.update(options or {})
         try:
-            getattr(command, action)(config, revision)
+            _interruptible(lambda: getattr(command, action)(config, revision))
         except PromptToolError:
             raise
         except CommandError as error:
@@ -227,6 +242,7 @@ def _run(
         archive=retraction.archive,
         discarded=retraction.discarded,
         removed={table: rows for table, rows in retraction.removed.items() if rows},
+        dropped=dict(retraction.dropped),
         batches=retraction.batches,
         longest_batch_ms=round(retraction.longest_batch_ms, 1),
         last_transaction_ms=round(

@@ -101,18 +101,29 @@ KEPT_ROWS: Final[Mapping[str, str | None]] = {
     "template_labels": None,
     "template_events": None,
 }
-# What a person reads in a refusal, per table.
-_WHAT: Final[Mapping[str, str]] = {
-    "prompts": "templates",
-    "prompt_versions": "template versions",
-    "template_labels": "labels",
-    "template_events": "audit events",
-    "ab_tests": "A/B tests of templates",
-    "ab_test_variants": "A/B variants",
-    "ab_assignments": "A/B assignments",
-    "session_prompt_refs": "links of sessions created through templates",
-    "orchestration_steps": "orchestrator step records",
+# What a person reads in a refusal, per table: one, many.
+_WHAT: Final[Mapping[str, tuple[str, str]]] = {
+    "prompts": ("template", "templates"),
+    "prompt_versions": ("template version", "template versions"),
+    "template_labels": ("label", "labels"),
+    "template_events": ("audit event", "audit events"),
+    "ab_tests": ("A/B test of templates", "A/B tests of templates"),
+    "ab_test_variants": ("A/B variant", "A/B variants"),
+    "ab_assignments": ("A/B assignment", "A/B assignments"),
+    "session_prompt_refs": (
+        "link of a session created through templates",
+        "links of sessions created through templates",
+    ),
+    "orchestration_steps": ("orchestrator step record", "orchestrator step records"),
 }
+# The deployment's own state, not archived: dropped with its tables, and said so.
+_STATE_TABLES: Final = (
+    "template_permissions",
+    "feature_flag_states",
+    "feature_flag_events",
+    "migration_runs",
+    "migration_batches",
+)
 
 
 class UserDataWouldBeLostError(MigrationRefusedError):
@@ -131,6 +142,8 @@ class Retraction:
     archived: dict[str, int] = field(default_factory=dict)
     discarded: bool = False
     removed: dict[str, int] = field(default_factory=dict)
+    # Rows of the deployment's own state (grants, flags, the ledger), dropped with their tables.
+    dropped: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     longest_batch_ms: float = 0.0
     # When the last transaction (people's work, the schema, the revision) began, and when it
@@ -143,7 +156,9 @@ class Retraction:
 
 
 def _describe(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{rows:,} {_WHAT[table]}" for table, rows in counts.items() if rows)
+    return ", ".join(
+        f"{rows:,} {_WHAT[table][0 if rows == 1 else 1]}" for table, rows in counts.items() if rows
+    )
 
 
 def count_kept_rows(connection: Connection) -> dict[str, int]:
@@ -350,3 +365,7 @@ def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
     )
     for table, statement in statements:
         stats.add(table, connection.execute(text(statement)).rowcount)
+    for table in _STATE_TABLES:
+        rows = int(connection.execute(text(f"SELECT count(*) FROM {table}")).one()[0])
+        if rows:
+            stats.dropped[table] = rows

@@ -222,6 +222,7 @@ def test_peoples_work_is_archived_and_restored_exactly_after_a_reupgrade(
     state = schema.downgrade(url, archive=tmp_path / "archive")
 
     assert state.archive is not None and state.current == "0001"
+    assert state.dropped["template_permissions"] == 1  # the grant: said, not archived
     after = _fingerprint(url)
     # Every legacy row is as before the upgrade; the one new row is the session a person created
     # through templates, whose legacy text was written with it.
