@@ -33,6 +33,40 @@ def test_wheel_ships_the_schema_history(wheel: Path) -> None:
     assert "prompt_tool/_alembic/env.py" in names
     assert "prompt_tool/_alembic/versions/0001_legacy_schema.py" in names
     assert "prompt_tool/_alembic/versions/0002_orchestration_templates_expand.py" in names
+    assert "prompt_tool/_alembic/alembic.ini" in names
+
+
+@pytest.mark.slow
+def test_wheel_is_typed_and_describes_itself(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
+    assert "prompt_tool/py.typed" in names
+    (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = archive.read(metadata_name).decode()
+    assert "Author: prompt-tool maintainers" in metadata
+    assert "Project-URL: Source," in metadata
+    assert "Classifier: Typing :: Typed" in metadata
+    assert "Classifier: Programming Language :: Python :: 3.11" in metadata
+    # 0.x dependencies may break in any minor release: each is capped.
+    for requirement in ("openfeature-sdk", "typer", "openfeature-provider-flagd"):
+        prefix = f"Requires-Dist: {requirement}"
+        (line,) = [line for line in metadata.splitlines() if line.startswith(prefix)]
+        assert "<0." in line, line
+
+
+def test_min_deps_constraints_pin_every_runtime_dependency_at_its_lower_bound() -> None:
+    printed = subprocess.run(
+        [str(REPO / "scripts" / "test"), "--min-deps-constraints"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    pins = dict(line.split("==") for line in printed)
+    assert pins["typer"] == "0.16" and pins["openfeature-sdk"] == "0.10"
+    assert pins["psycopg"] == "3.2.3" and pins["alembic"] == "1.18"
+    assert {"sqlalchemy", "jinja2", "rich", "pyyaml", "redis", "openfeature-provider-flagd"} <= set(
+        pins
+    )
 
 
 @pytest.mark.slow
@@ -106,3 +140,32 @@ def test_installed_wheel_upgrades_a_database_outside_any_checkout(
         check=True,
     )
     assert "at 0002" in current.stdout
+
+    # The plain alembic CLI, with the ini the wheel ships beside the scripts.
+    ini = subprocess.run(
+        [str(scratch / "bin" / "orch-migrate"), "db", "alembic-ini"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert ini.startswith(str(scratch)) and ini.endswith("prompt_tool/_alembic/alembic.ini"), ini
+    plain = subprocess.run(
+        [
+            str(scratch_python),
+            "-m",
+            "alembic",
+            "-c",
+            ini,
+            "-x",
+            f"db=sqlite:///{workdir / 'plain.db'}",
+            "upgrade",
+            "head",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert "Running upgrade 0001 -> 0002" in plain.stderr

@@ -7,7 +7,10 @@ import dataclasses
 import functools
 import getpass
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from enum import Enum
@@ -15,10 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from prompt_tool import __version__
 from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.settings import get_settings
 
@@ -49,6 +55,36 @@ DbOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 stdout = Console(soft_wrap=True)
+# Piped output is laid out this wide (tables are only as wide as their contents).
+_PIPED_WIDTH = 200
+# In other columns, a word longer than this may be folded over lines where space is short.
+_FOLD_BEYOND = 14
+# Columns that name something (matched on the header): never wrapped, folded or cut short.
+_IDENTIFYING_COLUMNS = frozenset(
+    {
+        "id",
+        "name",
+        "slug",
+        "project",
+        "session",
+        "template",
+        "table",
+        "file",
+        "variant",
+        "control",
+        "test",
+        "user",
+        "owner",
+        "who",
+        "granted by",
+        "by",
+        "role",
+        "revision",
+        "down",
+        "step",
+        "key",
+    }
+)
 stderr = Console(stderr=True, soft_wrap=True)
 
 # SQLite and PostgreSQL say "no such table" / "undefined table" when the schema is behind.
@@ -111,13 +147,45 @@ def parse_variables(pairs: list[str] | None, vars_file: Path | None) -> dict[str
     return variables
 
 
-def new_app(help_text: str) -> typer.Typer:
-    return _App(
+def _show_version(ctx: typer.Context, value: bool) -> None:
+    if value:
+        # The name new_app was given, else the one the tool was started by (its console script).
+        program = ctx.find_root().command.name or Path(sys.argv[0]).name
+        sys.stdout.write(f"{program} {__version__}\n")
+        raise typer.Exit()
+
+
+VersionFlag = Annotated[
+    bool,
+    typer.Option(
+        "--version",
+        is_eager=True,
+        expose_value=False,
+        callback=_show_version,
+        help="Show the version and exit.",
+    ),
+]
+
+
+def _group_options(version: VersionFlag = False) -> None:
+    pass
+
+
+def new_app(help_text: str, *, program: str | None = None, completion: bool = False) -> typer.Typer:
+    """A tool, or a group of its commands, each with ``--version`` (``orch-migrate 0.1.0``).
+
+    ``program`` names the tool where the command line does not (``python -m prompt_tool``);
+    ``completion`` (the tools, not their groups) adds shell completion (``--show-completion``).
+    """
+    app = _App(
+        name=program,
         help=help_text,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        add_completion=False,
+        add_completion=completion,
     )
+    app.callback()(_group_options)
+    return app
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -142,20 +210,69 @@ def emit(data: Any, *, as_json: bool, render: Callable[[Any], Any]) -> None:
     if as_json:
         sys.stdout.write(json.dumps(_to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
         return
-    stdout.print(render(data))
+    _output_console().print(render(data))
+
+
+def _output_console() -> Console:
+    """Piped or redirected (a CI log), Rich would lay tables out in 80 columns; give them room.
+
+    A terminal keeps its own width, and so does an explicit ``COLUMNS``.
+    """
+    if stdout.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return stdout
+    return Console(soft_wrap=True, width=max(stdout.width, _PIPED_WIDTH))
+
+
+class _WholeTable(Table):
+    """A table given at least the room its columns' minimum widths need.
+
+    Squeezed below that, Rich shrinks every column, even those with a minimum width, and a
+    column shrunk to nothing vanishes with its values; past a narrow terminal, they stay.
+    """
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # Default box and padding: a border left of every column and one at the right edge, a
+        # space either side of every value.
+        needed = sum((column.min_width or 0) + 3 for column in self.columns) + 1
+        if needed > options.max_width:
+            options = options.update_width(needed)
+        yield from super().__rich_console__(console, options)
+
+
+def _is_identifying(index: int, column: str) -> bool:
+    return index == 0 or column.lower() in _IDENTIFYING_COLUMNS
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    result = Table(title=title, title_justify="left")
-    for column in columns:
-        result.add_column(column)
-    for row in rows:
-        result.add_row(*("" if cell is None else str(cell) for cell in row))
+    """A table whose identifying columns (names, slugs, ids, the first column) are never cut.
+
+    They never wrap and are as wide as their widest value, even if the table then runs past a
+    narrow terminal; other columns wrap, and fold a very long word, rather than end in an
+    ellipsis.
+    """
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    result = _WholeTable(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        if _is_identifying(index, column):
+            widest = max((cell_len(row[index]) for row in cells if index < len(row)), default=0)
+            result.add_column(
+                column, no_wrap=True, overflow="fold", min_width=max(widest, cell_len(column))
+            )
+        else:
+            # Wrapped at spaces where it has to, and never narrower than its longest word (up to
+            # _FOLD_BEYOND: only longer words fold), so no column shrinks to nothing or splits a
+            # number; a table that then cannot fit runs past the terminal rather than lose data.
+            words = [column, *(row[index] for row in cells if index < len(row))]
+            longest = max(cell_len(word) for text in words for word in [*text.split(), ""])
+            result.add_column(column, overflow="fold", min_width=min(longest, _FOLD_BEYOND) or None)
+    for row in cells:
+        result.add_row(*row)
     return result
 
 
 def fail(message: str, exit_code: int) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # Escaped: a message may name an extra (`prompt-tool[redis]`), which Rich reads as a tag.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise SystemExit(exit_code)
 
 
@@ -201,18 +318,46 @@ def errors_mapped(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run(app: typer.Typer) -> None:
-    """Run ``app``; errors raised outside a command (option parsing) are mapped here too."""
+    """Run ``app``; errors raised outside a command (option parsing) are mapped here too.
+
+    Ctrl-C (SIGINT) and SIGTERM take the same path: either raises KeyboardInterrupt where the
+    command is, so what it holds is released and its ledger row marked interrupted on the way
+    out, and further signals are ignored until then; one line on stderr, exit 130 or 143
+    (128 + the signal's number, as a shell reports a process the signal ended).
+    """
+    received: list[int] = []
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        for stop in stop_signals:  # once: a second Ctrl-C must not cut the cleanup short
+            signal.signal(stop, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {stop: signal.getsignal(stop) for stop in stop_signals} if in_main_thread else {}
+    for stop in previous:
+        signal.signal(stop, interrupt)
     try:
-        app()
-    except PromptToolError as error:
-        fail(str(error), error.exit_code)
-    except SQLAlchemyError as error:
-        if get_settings().debug:
-            raise
-        fail(_database_message(error), 2)
-    except KeyboardInterrupt:
-        fail("interrupted; nothing half-written is left behind, run the command again", 130)
-    except OSError as error:
-        if get_settings().debug:
-            raise
-        fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 2)
+        try:
+            app()
+        except PromptToolError as error:
+            fail(str(error), error.exit_code)
+        except SQLAlchemyError as error:
+            if get_settings().debug:
+                raise
+            fail(_database_message(error), 2)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing half-written is left behind, run the command again", 130)
+        except OSError as error:
+            if get_settings().debug:
+                raise
+            fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 2)
+    except SystemExit as exit_:
+        if received and exit_.code not in (0, None):
+            raise SystemExit(128 + received[0]) from None
+        raise
+    finally:
+        for stop, handler in previous.items():
+            if handler is not None:
+                signal.signal(stop, handler)

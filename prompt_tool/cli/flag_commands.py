@@ -31,6 +31,7 @@ from prompt_tool.cli._runtime import (
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
+from prompt_tool.flags.config import require_flagd_file
 from prompt_tool.migrate.status import readiness_guard
 
 __all__ = ["flag_app"]
@@ -211,6 +212,8 @@ def flag_get(
 ) -> None:
     """A project's effective variant and where it comes from (override, default, kill switch,
     or the flagd file when PROMPT_TOOL_FLAG_PROVIDER=flagd-file)."""
+    # One-shot: a flagd file that is not there must fail, not answer "legacy" and exit 0.
+    require_flagd_file()
     emit(flags.get_variant(resolve_url(db), project), as_json=as_json, render=_render_status)
 
 
@@ -265,6 +268,7 @@ def _render_listing(listing: flags.VariantListing) -> Any:
 def flag_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Every project's effective variant as readers get it, and where it comes from (override,
     default, or the flagd file when PROMPT_TOOL_FLAG_PROVIDER=flagd-file)."""
+    require_flagd_file()
     emit(flags.list_variants(resolve_url(db)), as_json=as_json, render=_render_listing)
 
 

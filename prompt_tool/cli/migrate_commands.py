@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -11,10 +12,10 @@ import typer
 from rich.progress import (
     BarColumn,
     Progress,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, stderr, table
@@ -27,7 +28,7 @@ from prompt_tool.migrate.backfill import (
 )
 from prompt_tool.migrate.verify import VerifyOptions, VerifyReport, verify
 
-__all__ = ["backfill_command", "progress_bar", "verify_command"]
+__all__ = ["backfill_command", "progress_bar", "rate_and_eta", "verify_command"]
 
 ProjectsOption = Annotated[
     list[str] | None,
@@ -35,9 +36,28 @@ ProjectsOption = Annotated[
 ]
 
 
+def rate_and_eta(done: int, total: int | None, elapsed: float) -> tuple[str, str]:
+    """The rate (per second since the command started) and the time left, as text: known from
+    the first update, not after Rich has gathered enough samples of its own."""
+    if done <= 0 or elapsed <= 0:
+        return "", ""
+    per_second = done / elapsed
+    if total is None:
+        return f"{per_second:,.0f}/s", ""
+    left = max(0.0, (total - done) / per_second)
+    minutes, seconds = divmod(round(left), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    return f"{per_second:,.0f}/s", f"ETA {eta}"
+
+
 @contextmanager
 def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A Rich progress bar with rate and ETA on a terminal; silent otherwise (or with --json)."""
+    """A Rich progress bar with rate and ETA on a terminal; silent otherwise (or with --json).
+
+    The bar appears at the first update, which brings the total: never an unknown ``/?`` or an
+    empty ``0/0``.
+    """
     if not enabled or not sys.stderr.isatty():
         yield lambda done, total: None
         return
@@ -48,16 +68,17 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], Non
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} sessions"),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[eta]}"),
     )
+    started = time.monotonic()
     with Progress(*columns, console=stderr, transient=True) as bar:
-        # A number from the start: the columns format it before the first update.
-        task = bar.add_task(label, total=0, rate="")
+        tasks: list[TaskID] = []
 
         def update(done: int, total: int) -> None:
-            elapsed = bar.tasks[task].elapsed or 0
-            rate = f"{done / elapsed:,.0f}/s" if elapsed else ""
-            bar.update(task, completed=done, total=total, rate=rate)
+            rate, eta = rate_and_eta(done, total, time.monotonic() - started)
+            if not tasks:
+                tasks.append(bar.add_task(label, total=total, completed=done, rate=rate, eta=eta))
+            bar.update(tasks[0], completed=done, total=total, rate=rate, eta=eta)
 
         yield update
 

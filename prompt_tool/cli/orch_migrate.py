@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, new_app, run, table
 from prompt_tool.cli.flag_commands import flag_app
@@ -18,8 +20,13 @@ from prompt_tool.db.url import resolve_url
 from prompt_tool.migrate import fingerprint as fingerprints
 from prompt_tool.migrate import sample
 
-app = new_app("Move prompt-tool deployments to orchestration templates, safely and reversibly.")
-db_app = new_app("The schema history: upgrade, downgrade, stamp, current, history, check.")
+app = new_app(
+    "Move prompt-tool deployments to orchestration templates, safely and reversibly.",
+    completion=True,
+)
+db_app = new_app(
+    "The schema history: upgrade, downgrade, stamp, current, history, heads, show, check."
+)
 app.add_typer(db_app, name="db")
 app.add_typer(flag_app, name="flag")
 app.command("export")(export_command)
@@ -34,6 +41,22 @@ RevisionArgument = Annotated[
 ]
 # `db downgrade -1` as Alembic users type it: a relative revision is an argument, not an option.
 _REVISION_FORMS = {"ignore_unknown_options": True}
+SqlOption = Annotated[
+    bool,
+    typer.Option(
+        "--sql",
+        help="Print the SQL instead of running it (Alembic's offline mode), for the dialect of "
+        "--db; nothing connects. The revision is a range FROM:TO (e.g. 0001:0002).",
+    ),
+]
+
+
+def _print_sql(sql: str, revisions: str, as_json: bool) -> None:
+    """The offline script, verbatim (never through Rich: markup would eat [brackets])."""
+    if as_json:
+        emit({"revisions": revisions, "sql": sql}, as_json=True, render=str)
+        return
+    sys.stdout.write(sql if sql.endswith("\n") else sql + "\n")
 
 
 def _describe(state: schema.SchemaState) -> str:
@@ -64,9 +87,16 @@ def _describe(state: schema.SchemaState) -> str:
 
 @db_app.command("upgrade", context_settings=_REVISION_FORMS)
 def db_upgrade(
-    revision: RevisionArgument = schema.HEAD, db: DbOption = None, as_json: JsonOption = False
+    revision: RevisionArgument = schema.HEAD,
+    sql: SqlOption = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Upgrade the schema (default: to head). Online-safe on PostgreSQL."""
+    """Upgrade the schema (default: to head). Online-safe on PostgreSQL. With --sql, print the
+    SQL for a DBA to review instead (FROM:TO; a bare TO starts from an empty database)."""
+    if sql:
+        _print_sql(schema.upgrade_sql(resolve_url(db, create=True), revision), revision, as_json)
+        return
     emit(schema.upgrade(resolve_url(db, create=True), revision), as_json=as_json, render=_describe)
 
 
@@ -96,11 +126,28 @@ def db_downgrade(
             help="Allow going below 0001 (base), which drops every legacy table and its rows.",
         ),
     ] = False,
+    sql: SqlOption = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Step the schema back (default: one revision). Legacy rows stay byte for byte as they were
-    before the upgrade; what the new system wrote is taken back out."""
+    before the upgrade; what the new system wrote is taken back out. With --sql FROM:TO, print
+    the schema steps as SQL instead (no archive, no rows taken back: see the script's note)."""
+    if sql:
+        if archive is not None or discard_user_templates:
+            fail(
+                "--sql prints the schema steps only; --archive and --discard-user-templates "
+                "need the online downgrade (run `orch-migrate export DIR` before the script)",
+                2,
+            )
+        _print_sql(
+            schema.downgrade_sql(
+                resolve_url(db, create=True), revision, drop_legacy_tables=drop_legacy_tables
+            ),
+            revision,
+            as_json,
+        )
+        return
     emit(
         schema.downgrade(
             resolve_url(db),
@@ -158,6 +205,52 @@ def db_history(as_json: JsonOption = False) -> None:
             ],
         ),
     )
+
+
+@db_app.command("heads")
+def db_heads(as_json: JsonOption = False) -> None:
+    """Show the head revision(s) of the schema history."""
+    emit(
+        schema.heads(),
+        as_json=as_json,
+        render=lambda revisions: "\n".join(
+            f"{r.revision} (head): {r.description}" for r in revisions
+        ),
+    )
+
+
+@db_app.command("show")
+def db_show(
+    revision: Annotated[str, typer.Argument(help="A revision id (or a unique prefix), or head.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one revision: what it does, what it revises, and its script."""
+    emit(
+        schema.show(revision),
+        as_json=as_json,
+        render=lambda r: Text(
+            "\n".join(
+                [
+                    f"Rev: {r.revision}{' (head)' if r.is_head else ''}",
+                    f"Parent: {r.down_revision or '<base>'}",
+                    f"Path: {r.path}",
+                    "",
+                    *(f"    {line}".rstrip() for line in r.doc.splitlines()),
+                ]
+            )
+        ),
+    )
+
+
+@db_app.command("alembic-ini")
+def db_alembic_ini(as_json: JsonOption = False) -> None:
+    """Print the path of an alembic.ini for the plain `alembic` CLI, e.g.
+    alembic -c "$(orch-migrate db alembic-ini)" upgrade head."""
+    path = str(schema.alembic_ini())
+    if as_json:
+        emit({"alembic_ini": path}, as_json=True, render=str)
+        return
+    sys.stdout.write(path + "\n")
 
 
 def _compared(result: fingerprints.LegacyFingerprint, name: str) -> str:
@@ -222,12 +315,19 @@ def sample_data(
     sessions: Annotated[int, typer.Option(min=0, help="How many sessions to create.")] = 200,
     projects: Annotated[int, typer.Option(min=1, help="Spread over this many projects.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same data.")] = 7,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Add the sample even to a database that already holds data."),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Load a realistic legacy data set: for demos, rehearsals and trying things on scratch."""
+    """Load a realistic legacy data set into an empty database: for demos, rehearsals and trying
+    things on scratch (refused, exit 2, where data already is, unless --force)."""
     emit(
-        sample.load_legacy_sample(resolve_url(db), sessions=sessions, projects=projects, seed=seed),
+        sample.load_legacy_sample(
+            resolve_url(db), sessions=sessions, projects=projects, seed=seed, force=force
+        ),
         as_json=as_json,
         render=lambda loaded: (
             f"loaded {loaded.projects} projects, {loaded.prompts} prompts, "

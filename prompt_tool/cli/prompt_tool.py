@@ -21,6 +21,7 @@ from prompt_tool.cli._runtime import (
     new_app,
     parse_variables,
     run,
+    stderr,
     table,
 )
 from prompt_tool.cli.ab_commands import ab_app
@@ -38,7 +39,11 @@ from prompt_tool.templates import (
     TemplateSummary,
 )
 
-app = new_app("Prompts, orchestration templates and sessions, kept in a database.")
+app = new_app(
+    "Prompts, orchestration templates and sessions, kept in a database.",
+    program="prompt-tool",
+    completion=True,
+)
 projects_app = new_app("Projects: every project template and session belongs to one.")
 templates_app = new_app("Orchestration templates: versioned, sandboxed, resolved by scope.")
 roles_app = new_app("Template permissions: viewer, editor, admin per project; global admins.")
@@ -187,18 +192,35 @@ def templates_list(
     as_json: JsonOption = False,
 ) -> None:
     """List the templates you may see, with their labels and latest version."""
-    emit(
-        _manager(db).list_templates(
-            actor=acting_user(as_user),
-            project=project,
-            scope=scope,
-            category=category,
-            tag=tag,
-            search=search,
-        ),
-        as_json=as_json,
-        render=_render_summaries,
-    )
+    manager, actor = _manager(db), acting_user(as_user)
+    filters: dict[str, Any] = {
+        "project": project,
+        "scope": scope,
+        "category": category,
+        "tag": tag,
+        "search": search,
+    }
+    visible = manager.list_templates(actor=actor, **filters)
+    emit(visible, as_json=as_json, render=_render_summaries)
+    _hint_when_roleless(manager, actor, len(visible), filters)
+
+
+def _hint_when_roleless(
+    manager: TemplateManager, actor: str, shown: int, filters: dict[str, Any]
+) -> None:
+    """One line on stderr when ``actor`` has no role at all and templates are hidden from them:
+    an empty table alone reads as "there are none"."""
+    if any(grant.user == actor for grant in manager.roles()):
+        return
+    hidden = len(manager.list_templates(**filters)) - shown
+    if hidden > 0:
+        stderr.print(
+            f"note: {actor} has no template role, so {hidden} "
+            f"{'template is' if hidden == 1 else 'templates are'} hidden; an admin can grant "
+            f"one: prompt-tool roles grant {actor} viewer --project {filters['project'] or 'SLUG'}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _render_detail(detail: TemplateDetail) -> str:

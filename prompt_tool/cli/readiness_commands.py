@@ -14,12 +14,14 @@ timeout is reported as one, never as a difference), and the steps that found dif
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
 from rich.console import Group
 from rich.text import Text
 
+from prompt_tool.ab_testing import LegacyABTest
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
@@ -36,6 +38,32 @@ __all__ = ["rehearse_command", "status_command"]
 
 def _run(run: LastRun | None) -> str:
     return "-" if run is None else run.describe()
+
+
+def _legacy_ab_notice(tests: Sequence[LegacyABTest]) -> list[str]:
+    """The legacy A/B tests in a few lines: the same test in many projects (as a sample data
+    set or a rollout makes them) is one line naming the projects, and what to do is said once."""
+    if not tests:
+        return []
+    groups: dict[tuple[str, str, str, int], list[LegacyABTest]] = {}
+    for test in tests:  # already in project order
+        groups.setdefault((test.name, test.status, test.prompt_name, test.variants), []).append(
+            test
+        )
+    lines = []
+    for (name, test_status, prompt_name, variants), same in groups.items():
+        where = ", ".join(f"{test.project} (test {test.id})" for test in same)
+        noun = "project" if len(same) == 1 else f"{len(same)} projects"
+        lines.append(
+            f"legacy A/B test {name!r} ({test_status}) of orchestration prompt {prompt_name!r} "
+            f"({variants} variants) in {noun}: {where}"
+        )
+    lines.append(
+        "`prompt-tool ab` cannot run legacy A/B tests of orchestration prompts: recreate "
+        + ("it" if len(tests) == 1 else "each")
+        + " on the imported template its prompt became with `prompt-tool ab create`"
+    )
+    return lines
 
 
 def _render_status(report: StatusReport) -> Any:
@@ -68,7 +96,7 @@ def _render_status(report: StatusReport) -> Any:
         )
         for p in report.projects
     ]
-    lines += [Text(test.describe(), style="yellow") for test in report.legacy_ab_tests]
+    lines += [Text(line, style="yellow") for line in _legacy_ab_notice(report.legacy_ab_tests)]
     return Group(
         Text(f"{report.database} at revision {at}{behind}"),
         table(

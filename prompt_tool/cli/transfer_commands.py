@@ -10,6 +10,7 @@ Registered by the main app with ``app.command("export")(export_command)`` and
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
+from prompt_tool.cli.migrate_commands import rate_and_eta
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
@@ -67,16 +69,22 @@ def _progress_bar() -> Iterator[ProgressCallback | None]:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
         console=Console(stderr=True),
         transient=True,
     )
     tasks: dict[str, TaskID] = {}
+    started: dict[str, float] = {}
 
     def update(table_name: str, done: int, total: int | None) -> None:
+        # Rate and ETA from each table's start, known from its first rows on.
+        began = started.setdefault(table_name, time.monotonic())
+        rate, eta = rate_and_eta(done, total, time.monotonic() - began)
         if table_name not in tasks:
-            tasks[table_name] = bar.add_task(table_name, total=total)
-        bar.update(tasks[table_name], completed=done, total=total)
+            tasks[table_name] = bar.add_task(table_name, total=total, rate=rate, eta=eta)
+        bar.update(tasks[table_name], completed=done, total=total, rate=rate, eta=eta)
 
     with bar:
         yield update

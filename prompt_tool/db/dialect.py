@@ -289,3 +289,23 @@ def has_added_checks(connection: Connection) -> bool:
     """Whether CHECK constraints are added to existing tables here (SQLite cannot without a
     table rebuild, so the migrations add them on PostgreSQL only)."""
     return connection.dialect.name == "postgresql"
+
+
+def backend_pid(connection: Connection) -> int | None:
+    """The server process serving ``connection`` (PostgreSQL's ``pg_backend_pid()``); None on
+    SQLite, which runs in the calling process."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def backends_alive(connection: Connection, pids: Collection[int]) -> set[int] | None:
+    """Which of ``pids`` (from :func:`backend_pid`) are still connected; None on SQLite."""
+    if connection.dialect.name != "postgresql":
+        return None
+    if not pids:
+        return set()
+    rows = connection.execute(
+        text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": list(pids)}
+    )
+    return {int(row[0]) for row in rows}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
@@ -79,6 +80,14 @@ def check_connection(engine: Engine) -> None:
             connection.execute(text("SELECT 1"))
     except OperationalError as error:
         reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database or ""
+            where = str(Path(database).resolve()) if database else "an in-memory database"
+            raise DatabaseUnavailableError(
+                f"cannot open the SQLite database {where}: {reason}; check that the path given "
+                "with --db or PROMPT_TOOL_DATABASE_URL is right, that its directory exists, and "
+                "that the file is a SQLite database you may read and write"
+            ) from None
         raise DatabaseUnavailableError(
             f"cannot connect to {redact(engine.url)}: {reason}; check the URL given with --db "
             "or PROMPT_TOOL_DATABASE_URL and that the server is running"

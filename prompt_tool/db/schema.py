@@ -7,6 +7,7 @@ scripts as ``prompt_tool/_alembic``).
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,17 +32,23 @@ from prompt_tool.errors import DatabaseUnavailableError, PromptToolError, Schema
 __all__ = [
     "HEAD",
     "Revision",
+    "RevisionDetail",
     "SchemaCheck",
     "SchemaState",
     "alembic_config",
+    "alembic_ini",
     "check",
     "current",
     "downgrade",
+    "downgrade_sql",
+    "heads",
     "history",
     "migrate_on",
     "script_location",
+    "show",
     "stamp",
     "upgrade",
+    "upgrade_sql",
 ]
 
 HEAD = "head"
@@ -54,6 +61,19 @@ class Revision:
     down_revision: str | None
     description: str
     is_head: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionDetail:
+    """`db show REV`: one revision, with its whole docstring and where its script is."""
+
+    revision: str
+    down_revision: str | None
+    is_head: bool
+    is_base: bool
+    description: str
+    doc: str
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +122,15 @@ def script_location() -> Path:
     )
 
 
+def alembic_ini() -> Path:
+    """An ini for the plain ``alembic`` CLI, beside the scripts (in the wheel and a checkout):
+    ``alembic -c "$(orch-migrate db alembic-ini)" upgrade head``."""
+    ini = script_location() / "alembic.ini"
+    if not ini.is_file():
+        raise SchemaError(f"no alembic.ini beside the migration scripts in {ini.parent}")
+    return ini
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(script_location()))
@@ -131,6 +160,106 @@ def history() -> list[Revision]:
         for script in scripts.walk_revisions()
     ]
     return list(reversed(revisions))
+
+
+def heads() -> list[Revision]:
+    """The head revision(s): one, unless the history branched."""
+    return [revision for revision in history() if revision.is_head]
+
+
+def show(revision: str) -> RevisionDetail:
+    """One revision: an id (or a unique prefix of one), ``head`` or ``base``."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    try:
+        number = scripts.as_revision_number(revision)
+        script = scripts.get_revision(number) if isinstance(number, str) else None
+    except CommandError as error:
+        raise SchemaError(
+            f"no revision {revision!r} ({error}); `orch-migrate db history` lists them"
+        ) from None
+    if script is None:  # "base": before the first revision
+        raise SchemaError(
+            f"{revision!r} is before the first revision, not a revision; "
+            "`orch-migrate db history` lists them"
+        )
+    return RevisionDetail(
+        revision=script.revision,
+        down_revision=script.down_revision if isinstance(script.down_revision, str) else None,
+        is_head=script.is_head,
+        is_base=script.is_base,
+        description=script.doc.splitlines()[0] if script.doc else "",
+        doc=(script.module.__doc__ or script.doc or "").strip(),
+        path=str(Path(script.path).resolve()),
+    )
+
+
+# What `db downgrade --sql` cannot do: printed at the top of its script.
+_OFFLINE_DOWNGRADE_NOTE = (
+    "-- Offline downgrade script: the schema steps only. The online `orch-migrate db downgrade`\n"
+    "-- also archives what people made (--archive) and takes the rows the new system wrote back\n"
+    "-- out of the legacy tables before these statements; this script does neither, so run it\n"
+    "-- only on a database with no such rows (or after `orch-migrate export`).\n"
+)
+
+
+def _offline(
+    url: str, action: str, revisions: str, options: Mapping[str, Any] | None = None
+) -> str:
+    """The SQL ``action`` to ``revisions`` would run, as text; nothing connects."""
+    parsed = normalize_url(url)
+    if action == "downgrade" and ":" not in revisions:
+        raise SchemaError(
+            f"downgrade --sql needs a range FROM:TO, not {revisions!r} (offline there is no "
+            "database to take the current revision from): e.g. `db downgrade --sql 0002:0001`"
+        )
+    start, _, end = revisions.rpartition(":")
+    if any(part.startswith(("-", "+")) for part in (start, end)):
+        raise SchemaError(
+            f"--sql needs revision ids (or head/base), not relative steps: {revisions!r}; "
+            "e.g. `db upgrade --sql 0001:0002`, `db downgrade --sql 0002:0001`"
+        )
+    buffer = io.StringIO()
+    config = Config(output_buffer=buffer)
+    config.set_main_option("script_location", str(script_location()))
+    # ConfigParser interpolates %; a URL-encoded password would otherwise break it.
+    config.set_main_option(
+        "sqlalchemy.url", parsed.render_as_string(hide_password=False).replace("%", "%%")
+    )
+    config.attributes["configure_logger"] = False
+    config.attributes.update(options or {})
+    try:
+        getattr(command, action)(config, revisions, sql=True)
+    except PromptToolError:
+        raise
+    except CommandError as error:
+        raise SchemaError(
+            f"{action} --sql {revisions!r} failed: {error}; `orch-migrate db history` lists the "
+            "revisions"
+        ) from None
+    sql = buffer.getvalue()
+    return _OFFLINE_DOWNGRADE_NOTE + sql if action == "downgrade" else sql
+
+
+def upgrade_sql(url: str, revisions: str = HEAD) -> str:
+    """`db upgrade --sql`: the upgrade as SQL for ``url``'s dialect, ``[FROM:]TO`` (no FROM:
+    from an empty database). Nothing connects to the database."""
+    return _offline(url, "upgrade", revisions)
+
+
+def downgrade_sql(url: str, revisions: str, *, drop_legacy_tables: bool = False) -> str:
+    """`db downgrade --sql FROM:TO`: the downgrade's schema steps as SQL; see the note it
+    starts with. Going below 0001 is refused unless ``drop_legacy_tables``. Nothing connects
+    to the database."""
+    target = revisions.rpartition(":")[2]
+    if target == "base" and not drop_legacy_tables:
+        # Alembic lets every step through offline; this one is refused here, as online.
+        raise SchemaError(
+            f"refused: {revisions!r} goes below 0001, whose script drops the legacy tables "
+            "(projects, prompts, every orchestration session); if you really mean it, add "
+            "--i-understand-this-drops-legacy-tables"
+        )
+    options = {"i-understand-this-drops-legacy-tables": "yes"} if drop_legacy_tables else {}
+    return _offline(url, "downgrade", revisions, options)
 
 
 def _current_on(connection: Connection) -> str | None:

@@ -23,6 +23,12 @@ def resolve_url(explicit: str | None = None, *, create: bool = False) -> str:
     ``db stamp`` make a database): SQLite would otherwise create an empty file for any command
     given a mistyped path, and the command would fail on the empty file instead.
     """
+    if explicit is not None and not explicit.strip():
+        raise ConfigurationError(
+            "--db is empty; give a database URL (sqlite:///path.db or "
+            "postgresql://user@host:5432/dbname), or leave --db out to use "
+            "PROMPT_TOOL_DATABASE_URL, else sqlite:///prompt_tool.db"
+        )
     url = explicit or get_settings().database_url
     if not create:
         # A URL that does not parse is left to normalize_url, which says what it accepts.
@@ -47,8 +53,13 @@ def require_existing_sqlite_file(url: URL) -> None:
 def normalize_url(raw: str) -> URL:
     """Parse ``raw`` and pin the driver: ``postgresql://`` always means psycopg 3.
 
+    ``postgres://`` (what Heroku, Render, Fly.io, Supabase... hand out) means the same.
     Raises :class:`ConfigurationError` for anything that is not a SQLite or PostgreSQL URL.
     """
+    if not raw.strip():
+        raise ConfigurationError(
+            "the database URL is empty; use sqlite:///path.db or postgresql://user@host:5432/dbname"
+        )
     try:
         url = make_url(raw)
     except ArgumentError:
@@ -57,6 +68,9 @@ def normalize_url(raw: str) -> URL:
             "postgresql://user@host:5432/dbname"
         ) from None
     backend = url.get_backend_name()
+    if backend == "postgres":  # the alias SQLAlchemy dropped in 1.4; hosted platforms use it
+        url = url.set(drivername="postgresql+psycopg")
+        backend = "postgresql"
     if backend not in _SUPPORTED:
         raise ConfigurationError(
             f"unsupported database {backend!r} in {redact(url)}; "
@@ -68,6 +82,9 @@ def normalize_url(raw: str) -> URL:
 
 
 def redact(url: URL | str) -> str:
-    """The URL as it may be printed: the password hidden."""
+    """The URL as it may be printed: the password hidden, and the driver left out
+    (postgresql://, as users type it), whether given the user's URL or an engine's."""
     parsed = url if isinstance(url, URL) else make_url(url)
+    if parsed.get_backend_name() in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql")
     return parsed.render_as_string(hide_password=True)

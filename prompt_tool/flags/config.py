@@ -52,6 +52,7 @@ __all__ = [
     "flagd_file_provider",
     "location_of",
     "replacement_provider",
+    "require_flagd_file",
     "reset_provider",
     "use_provider",
 ]
@@ -106,6 +107,24 @@ def flag_provider_config(env: Mapping[str, str] | None = None) -> FlagProviderCo
             f"{PROVIDER_ENV}=flagd-file needs {FLAGD_FILE_ENV}=PATH to a flagd JSON flag file"
         )
     return FlagProviderConfig(kind, Path(path) if path else None)
+
+
+def require_flagd_file(env: Mapping[str, str] | None = None) -> FlagProviderConfig:
+    """:func:`flag_provider_config`, refusing a configured flagd file that is not there.
+
+    For one-shot commands (the CLI): a service reads ``legacy`` until the file appears, but a
+    command that answered from a file that does not exist would answer wrongly and exit 0.
+    """
+    config = flag_provider_config(env)
+    if config.kind is ProviderKind.FLAGD_FILE and config.flagd_file is not None:
+        path = config.flagd_file
+        if not path.is_file():
+            what = "is a directory, not" if path.is_dir() else "does not exist; expected"
+            raise ConfigurationError(
+                f"{FLAGD_FILE_ENV}={path}: {path.absolute()} {what} a flagd JSON flag file; "
+                f"fix the path, or unset {PROVIDER_ENV} to read the flag from the database"
+            )
+    return config
 
 
 # The file behind each provider made by flagd_file_provider, so that where the flag lives can be
@@ -202,8 +221,9 @@ def _use(provider: FeatureProvider, wait_s: float, chosen_by: str) -> None:
         problem = bind_and_wait(guarded, DOMAIN, wait_s)
     if problem is not None:
         logger.warning(
-            "flag provider %s is not ready (%s); reads answer legacy until it is",
+            "flag provider %s over %s is not ready (%s); reads answer legacy until it is",
             guarded.get_metadata().name,
+            _process.location.description,
             problem,
         )
 

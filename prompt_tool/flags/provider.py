@@ -268,7 +268,9 @@ class GuardedProvider(AbstractProvider):
         if not self.initialized.wait(timeout_s):
             return f"not ready after {timeout_s:g}s"
         if self.init_error is not None:
-            return f"{type(self.init_error).__name__}: {self.init_error}"
+            reason = str(self.init_error).strip()
+            kind = type(self.init_error).__name__
+            return f"{kind}: {reason}" if reason else kind
         return None
 
     def shutdown(self) -> None:

@@ -44,6 +44,7 @@ from prompt_tool.core import content_hash, literal_template
 from prompt_tool.db.dialect import (
     BulkInsert,
     acquire_advisory_lock,
+    backend_pid,
     comma_joined,
     comma_joined_array,
     is_retryable,
@@ -71,7 +72,7 @@ from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.migrate import backfill_plan
 from prompt_tool.migrate.adoption import adopt_orphaned_imports
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, outcome_of, start_run
 from prompt_tool.settings import Settings, get_settings
 from prompt_tool.templates import TemplateManager
 
@@ -698,8 +699,12 @@ def _complete_planned(
 @contextmanager
 def _project_locks(
     engine: Connectable, project_ids: Sequence[int], slugs: dict[int, str], wait: bool
-) -> Iterator[None]:
-    """Hold every selected project's advisory lock for the whole run (sorted: no deadlocks)."""
+) -> Iterator[int | None]:
+    """Hold every selected project's advisory lock for the whole run (sorted: no deadlocks).
+
+    Yields the server backend of the connection holding them (None on SQLite): it lives exactly
+    as long as the run, so the ledger records it to tell a dead run from a live one.
+    """
     with connect(engine) as holder:
         taken: list[int] = []
         try:
@@ -710,8 +715,9 @@ def _project_locks(
                         "it to finish, or pass --wait to queue behind it"
                     )
                 taken.append(project_id)
+            holder_pid = backend_pid(holder)
             _commit_own(engine, holder)
-            yield
+            yield holder_pid
         finally:
             for project_id in taken:
                 release_advisory_lock(holder, _lock_key(project_id))
@@ -727,30 +733,41 @@ def _commit_own(db: Connectable, connection: Connection) -> None:
 def _resume_point(connection: Connection, scope_key: str) -> tuple[int | None, int | None]:
     """The last checkpoint of an interrupted run of the same scope, and that run's id.
 
-    We hold the scope's locks, so a run of this scope still marked running is a dead one.
+    The latest run of the scope is resumed when it was interrupted (Ctrl-C, SIGTERM) or is
+    still marked running: we hold the scope's locks, so such a run is a dead one (SIGKILL, a
+    crash), and it is marked interrupted now. Once resumed it is no longer the latest run of the
+    scope, so it is resumed once. A run that resumed another and was interrupted before its first
+    checkpoint carries on from where that one had got to.
     """
-    run = connection.execute(
-        select(MigrationRun.id)
+    latest = connection.execute(
+        select(MigrationRun.id, MigrationRun.status, MigrationRun.params)
         .where(
             MigrationRun.kind == RunKind.BACKFILL.value,
-            MigrationRun.status == RunStatus.RUNNING.value,
             MigrationRun.params["scope"].as_string() == scope_key,
         )
         .order_by(MigrationRun.id.desc())
         .limit(1)
-    ).scalar()
-    if run is None:
+    ).first()
+    if latest is None or latest.status not in (
+        RunStatus.RUNNING.value,
+        RunStatus.INTERRUPTED.value,
+    ):
         return None, None
+    run = int(latest.id)
     last = connection.execute(
         select(func.max(MigrationBatch.key_hi)).where(
             MigrationBatch.run_id == run, MigrationBatch.status == BATCH_DONE
         )
     ).scalar()
-    connection.execute(
-        update(MigrationRun)
-        .where(MigrationRun.id == run)
-        .values(status="interrupted", finished_at=func.now())
-    )
+    earlier = (latest.params or {}).get("resumed_after")
+    if last is None and isinstance(earlier, int):
+        last = earlier
+    if latest.status == RunStatus.RUNNING.value:
+        connection.execute(
+            update(MigrationRun)
+            .where(MigrationRun.id == run)
+            .values(status=RunStatus.INTERRUPTED.value, finished_at=func.now())
+        )
     return last, run
 
 
@@ -770,7 +787,7 @@ def backfill(
     scoped = bool(options.projects)
     project_ids = list(projects)
     scope_key = ",".join(sorted(projects.values())) if scoped else "*"
-    with _project_locks(engine, project_ids, projects, options.wait):
+    with _project_locks(engine, project_ids, projects, options.wait) as holder_pid:
         with begin(engine) as connection:
             upper = connection.execute(
                 select(func.coalesce(func.max(_SESSIONS.c.id), 0)).where(
@@ -804,8 +821,10 @@ def backfill(
                     "batch_size": options.batch_size,
                     "limit": options.limit,
                     "workers": options.workers,
+                    "resumed_after": resumed_after,
                 },
                 key_upper_bound=upper,
+                backend_pid=holder_pid,
             )
         summary = BackfillSummary(
             run_id, options.dry_run, sorted(projects.values()), upper, resumed_after
@@ -834,8 +853,18 @@ def backfill(
                 dry_run_seen=set(adopted),
             )
         except BaseException as error:
-            if run_id is not None and not isinstance(error, KeyboardInterrupt):
-                finish_run(engine, run_id, RunStatus.FAILED, error=str(error)[:2000])
+            if run_id is not None:
+                outcome = outcome_of(error)
+                summary.elapsed_s = time.monotonic() - started
+                finish_run(
+                    engine,
+                    run_id,
+                    outcome,
+                    summary=_summary_dict(summary),
+                    error=(
+                        "interrupted" if outcome is RunStatus.INTERRUPTED else str(error)[:2000]
+                    ),
+                )
             raise
         if summary.references_created + summary.references_relinked > _ANALYZE_AFTER:
             # Readers and verify would otherwise plan for the empty tables the expand step

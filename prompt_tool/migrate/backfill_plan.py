@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select
+from sqlalchemy import Connection, and_, func, insert, or_, select
 
 import prompt_tool.migrate.backfill as backfill_module
 from prompt_tool.db.engine import Connectable, begin, connect, make_engine
@@ -53,7 +54,11 @@ __all__ = [
 ]
 
 PENDING = "pending"
+# Ctrl-C on a terminal reaches the whole foreground process group, workers included: a worker
+# ignores it from its first statement (before the imports, where it would print a traceback), so
+# the parent alone decides, and stops its workers with SIGTERM.
 _WORKER = (
+    "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
     "import sys\nfrom prompt_tool.migrate.backfill_plan import worker_main\nsys.exit(worker_main())"
 )
 _SESSIONS = OrchestrationSession.__table__
@@ -213,12 +218,82 @@ def _start_worker(
         "statement_timeout_ms": settings.migration_statement_timeout_ms,
     }
     process = subprocess.Popen(  # noqa: S603 - this interpreter running our own worker
-        [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE
+        [sys.executable, "-c", _WORKER],
+        stdin=subprocess.PIPE,
     )
     assert process.stdin is not None
     process.stdin.write(json.dumps(config).encode())
     process.stdin.close()
     return process
+
+
+def _planned_sessions(
+    connection: Connection, run_id: int, project_ids: Sequence[int], scoped: bool
+) -> int:
+    """How many sessions the run's pending batches hold: the total to show progress against."""
+    batches = MigrationBatch.__table__
+    return int(
+        connection.execute(
+            select(func.count())
+            .select_from(
+                _SESSIONS.join(
+                    batches,
+                    and_(_SESSIONS.c.id > batches.c.key_lo, _SESSIONS.c.id <= batches.c.key_hi),
+                )
+            )
+            .where(
+                batches.c.run_id == run_id,
+                batches.c.status == PENDING,
+                backfill_module._session_filter(project_ids, scoped),
+            )
+        ).scalar_one()
+    )
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    """Wait for a worker; one that does not stop within seconds of SIGTERM is killed."""
+    try:
+        child.wait(timeout=None if child.returncode is not None else 30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _done_so_far(engine: Connectable, run_id: int) -> tuple[int, int]:
+    """(sessions, batches) the run's workers have done so far, from its ledger."""
+    with connect(engine) as connection:
+        sessions, batches = connection.execute(
+            select(func.coalesce(func.sum(MigrationBatch.rows_seen), 0), func.count()).where(
+                MigrationBatch.run_id == run_id,
+                MigrationBatch.status == backfill_module.BATCH_DONE,
+            )
+        ).one()
+    return int(sessions), int(batches)
+
+
+class _Stopped(BaseException):
+    """SIGTERM reached a worker: its parent stops the run (or someone stopped the worker)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the worker is already stopping
+    raise _Stopped
+
+
+def worker_main() -> int:
+    """A worker process: configured over stdin by the process that planned the run.
+
+    Ctrl-C on a terminal reaches every process of the foreground group, workers included: a
+    worker ignores it and lets the process that planned the run decide, which stops its workers
+    with SIGTERM. On SIGTERM a worker rolls its open batch back (the batch stays pending for the
+    next run) and exits 143 without a word; the parent says what happened, once.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _worker(json.loads(sys.stdin.read()))
+    except _Stopped:
+        return 128 + signal.SIGTERM
 
 
 def _totals(engine: Connectable, run_id: int, summary: backfill_module.BackfillSummary) -> None:
@@ -269,6 +344,7 @@ def walk_planned(
     with begin(engine) as connection:
         if carried:
             _carry(connection, run_id, carried)
+            total = _planned_sessions(connection, run_id, project_ids, scoped)
         else:
             _plan(
                 connection,
@@ -281,29 +357,32 @@ def walk_planned(
                 scoped,
             )
     summary.workers = effective_workers(engine, options.workers)
-    children = [
-        _start_worker(engine, run_id, options, settings) for _ in range(summary.workers - 1)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
 
     def report() -> None:
-        if progress is not None:
-            progress(
-                backfill_module.BackfillProgress(
-                    summary.sessions_scanned, total, summary.batches, time.monotonic() - started
-                )
-            )
+        if progress is None:
+            return
+        done, batches = summary.sessions_scanned, summary.batches
+        if children:  # the whole run's progress, every worker's batches
+            done, batches = _done_so_far(engine, run_id)
+        progress(backfill_module.BackfillProgress(done, total, batches, time.monotonic() - started))
 
     try:
+        for _ in range(summary.workers - 1):
+            children.append(_start_worker(engine, run_id, options, settings))
         _claim_loop(
             engine, run_id, options, settings, summary, project_ids, scoped, matcher, report
         )
+        while any(child.poll() is None for child in children):  # the last batches
+            time.sleep(0.2)
+            report()
     except BaseException:
         for child in children:
             child.terminate()  # its open transaction rolls back; its batch stays pending
         raise
     finally:
         for child in children:
-            child.wait()
+            _reap(child)
     failed = [child.returncode for child in children if child.returncode != 0]
     if failed:
         raise BackfillWorkerError(
@@ -315,9 +394,7 @@ def walk_planned(
     report()
 
 
-def worker_main() -> int:
-    """A worker process: configured over stdin by the process that planned the run."""
-    config = json.loads(sys.stdin.read())
+def _worker(config: dict[str, Any]) -> int:
     settings = get_settings().with_(
         migration_lock_timeout_ms=config["lock_timeout_ms"],
         migration_statement_timeout_ms=config["statement_timeout_ms"],

@@ -47,7 +47,7 @@ from prompt_tool.migrate.archive import (
     dialect_io,
     existing_table_specs,
 )
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, outcome_of, start_run
 
 __all__ = ["ExportResult", "ExportedTable", "export"]
 
@@ -253,6 +253,7 @@ def _write_table(
     output: _LinesFile,
     jobs: int,
     progress: ProgressCallback | None,
+    total: int | None = None,
 ) -> None:
     """Stream one table into ``output``: in one go, or in key ranges read in parallel."""
     ranges = dialect.split(connection, spec, where, jobs)
@@ -268,7 +269,7 @@ def _write_table(
             for data, rows in blocks:
                 output.write_encoded(data, rows)
                 if progress is not None:
-                    progress(spec.name, output.rows, None)
+                    progress(spec.name, output.rows, total)
     finally:
         if readers is not None:
             readers.close()
@@ -424,9 +425,13 @@ def _write_tables(
             staging / (f"{spec.name}.jsonl" + (".gz" if compress else "")), compress
         )
         try:
+            total = None
             if progress is not None:
-                progress(spec.name, 0, None)
-            _write_table(connection, dialect, spec, conditions[spec.name], output, jobs, progress)
+                total = _count_rows(connection, spec, conditions[spec.name])
+                progress(spec.name, 0, total)
+            _write_table(
+                connection, dialect, spec, conditions[spec.name], output, jobs, progress, total
+            )
         finally:
             output.close()
         files.append(
@@ -442,6 +447,14 @@ def _write_tables(
             )
         )
     return revision, files
+
+
+def _count_rows(connection: Connection, spec: TableSpec, where: str | None) -> int:
+    """The rows the export of a table will hold, for its progress: counted in the export's
+    snapshot, so the total is exact (one scan, far cheaper than writing the rows out)."""
+    name = '"' + spec.name.replace('"', '""') + '"'  # a model's table name, never a file's
+    condition = f" WHERE {where}" if where else ""
+    return int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}{condition}").scalar_one())
 
 
 def _write_manifest(staging: Path, manifest: Manifest) -> None:
@@ -465,9 +478,10 @@ def export(
 
     ``projects`` (slugs; None or empty: everything) limits it to those projects' data plus what
     it references. ``compress`` gzips every file. ``jobs`` parallel readers for a big PostgreSQL
-    table (default: one per core, at most 4). ``progress(table, rows_done, None)`` is called as
-    rows are written; whatever it (or anything else) raises midway, no complete-looking
-    directory is left behind and an existing ``target`` is untouched. ``rows`` (instead of
+    table (default: one per core, at most 4). ``progress(table, rows_done, rows_in_table)`` is
+    called as rows are written (each table's rows counted first, only for a progress);
+    whatever it (or anything else) raises midway, no complete-looking directory is left behind
+    and an existing ``target`` is untouched. ``rows`` (instead of
     ``projects``) is the SQL condition each table's rows must meet (a table it does not name is
     exported whole); ``record_run=False`` writes nothing to the database, not even the ledger
     (the downgrade's archive, taken while the downgrade holds its transaction open).
@@ -507,7 +521,7 @@ def export(
         result = _export(engine, target, scope, compress, jobs, progress, started)
     except BaseException as error:
         if run_id is not None:
-            finish_run(engine, run_id, RunStatus.FAILED, error=_one_line(error))
+            finish_run(engine, run_id, outcome_of(error), error=_one_line(error))
         raise
     result = replace(result, run_id=run_id)
     if run_id is not None:

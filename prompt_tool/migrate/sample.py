@@ -14,20 +14,28 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, func, insert, inspect, select
 
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import (
     ABTest,
     ABTestVariant,
+    Base,
     OrchestrationSession,
     Project,
     Prompt,
     PromptVersion,
 )
 from prompt_tool.db.url import redact
+from prompt_tool.errors import InvalidInputError
 
-__all__ = ["TRICKY_TEXTS", "LoadedSample", "legacy_text_pool", "load_legacy_sample"]
+__all__ = [
+    "TRICKY_TEXTS",
+    "LoadedSample",
+    "legacy_text_pool",
+    "load_legacy_sample",
+    "tables_with_rows",
+]
 
 TRICKY_TEXTS: tuple[str, ...] = (
     "",
@@ -169,16 +177,37 @@ def _load(connection: Connection, rng: random.Random, sessions: int, projects: i
         connection.execute(insert(OrchestrationSession), chunk)
 
 
-def load_legacy_sample(url: str, *, sessions: int, projects: int, seed: int = 7) -> LoadedSample:
+def tables_with_rows(connection: Connection) -> list[str]:
+    """prompt-tool's tables (legacy and new) that hold at least one row, in schema order."""
+    present = set(inspect(connection).get_table_names())
+    return [
+        table.name
+        for table in Base.metadata.sorted_tables
+        if table.name in present
+        and connection.execute(select(1).select_from(table).limit(1)).first() is not None
+    ]
+
+
+def load_legacy_sample(
+    url: str, *, sessions: int, projects: int, seed: int = 7, force: bool = False
+) -> LoadedSample:
     """Add ``projects`` projects with their prompts, A/B tests and ``sessions`` sessions.
 
     Works at revision 0001 and later: it writes only legacy columns. The same seed gives the same
-    rows on an empty database.
+    rows on an empty database. A database that already holds data (projects, prompts, sessions,
+    templates, grants, flags, at any revision) is refused with :class:`InvalidInputError` and
+    nothing written, unless ``force``: sample data must never land in a real deployment.
     """
     rng = random.Random(seed)  # noqa: S311 - reproducible sample data, not secrets
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
+            if not force and (populated := tables_with_rows(connection)):
+                raise InvalidInputError(
+                    f"{redact(url)} already holds data ({', '.join(populated[:4])}"
+                    f"{', ...' if len(populated) > 4 else ''}); sample data goes into an empty "
+                    "database only, nothing written (pass --force to add it anyway)"
+                )
             _load(connection, rng, sessions, projects)
     finally:
         engine.dispose()

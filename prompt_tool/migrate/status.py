@@ -18,6 +18,7 @@ it writes, which is how ``orch-migrate flag set ... templates`` refuses a projec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +41,7 @@ from prompt_tool.db.models import (
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
 from prompt_tool.errors import PromptToolError, SchemaError
-from prompt_tool.migrate.runs import RunKind, RunStatus
+from prompt_tool.migrate.runs import RunKind, RunStatus, dead_runs
 
 __all__ = [
     "LastRun",
@@ -48,6 +49,7 @@ __all__ = [
     "ProjectStatus",
     "Readiness",
     "StatusReport",
+    "natural_key",
     "readiness",
     "readiness_guard",
     "status",
@@ -132,6 +134,15 @@ class _Counts:
     sessions: int = 0
     unmigrated: int = 0
     stale: int = 0
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key reading digit runs as numbers: project-2 before project-10."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in re.split(r"(\d+)", name)
+        if part
+    )
 
 
 def _head() -> str:
@@ -245,7 +256,9 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
         select(ledger)
         .where(ledger.c.kind.in_([kind.value for kind in _REPORTED_KINDS]))
         .order_by(ledger.c.id)
-    )
+    ).all()
+    # A run still marked running whose process (or server backend) is gone shows as abandoned.
+    dead = dead_runs(connection, runs)
     for run in runs:
         covered = _covered(run, slugs)
         for slug in latest if covered is None else covered & latest.keys():
@@ -255,7 +268,7 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
             latest[slug][run.kind] = LastRun(
                 id=run.id,
                 kind=run.kind,
-                status=run.status,
+                status=RunStatus.ABANDONED.value if run.id in dead else run.status,
                 all_projects=covered is None,
                 started_at=run.started_at,
                 finished_at=run.finished_at,
@@ -359,7 +372,7 @@ def _collect(
         revision = MigrationContext.configure(connection).get_current_revision()
         templates_schema = all(table in tables for table in _TEMPLATES_TABLES)
         by_id = projects_by_slug(connection, only)
-        slugs = dict(sorted(by_id.items(), key=lambda project: project[1]))
+        slugs = dict(sorted(by_id.items(), key=lambda project: natural_key(project[1])))
         if templates_schema:
             counts = _session_counts(connection, list(slugs))
             runs = _last_runs(connection, slugs)
@@ -401,9 +414,10 @@ def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
         head=_head(),
         templates_schema=templates_schema,
         projects=found,
-        legacy_ab_tests=[
-            test for test in legacy_orchestration_ab_tests(db) if test.project in selected
-        ],
+        legacy_ab_tests=sorted(
+            (test for test in legacy_orchestration_ab_tests(db) if test.project in selected),
+            key=lambda test: (natural_key(test.project), test.id),
+        ),
     )
 
 

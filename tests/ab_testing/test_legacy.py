@@ -21,7 +21,7 @@ from .conftest import CONTROL_AND_CANDIDATE, PLANNER
 def test_legacy_tests_of_orchestration_prompts_are_listed_and_nothing_else(
     head_db_url: str, db_engine: Engine, manager: TemplateManager
 ) -> None:
-    load_legacy_sample(head_db_url, sessions=5, projects=2)
+    load_legacy_sample(head_db_url, sessions=5, projects=2, force=True)
     # Neither a test of a plain prompt nor one of a template is a legacy orchestration test.
     with db_engine.begin() as connection:
         acme = connection.execute(select(Project.id).where(Project.slug == "acme")).scalar_one()

@@ -76,3 +76,28 @@ def test_malformed_settings_name_the_variable() -> None:
         Settings.from_env({"PROMPT_TOOL_LOCK_TIMEOUT_MS": "soon"})
     with pytest.raises(ConfigurationError, match="PROMPT_TOOL_TEMPLATES_ENABLED"):
         Settings.from_env({"PROMPT_TOOL_TEMPLATES_ENABLED": "maybe"})
+
+
+def test_postgres_scheme_from_hosted_platforms_means_postgresql_with_psycopg_3() -> None:
+    assert normalize_url("postgres://u:p@h:5432/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").get_backend_name() == "postgresql"
+    assert "p@" not in redact(normalize_url("postgres://u:p@h:5432/db"))
+
+
+def test_an_empty_url_is_refused_instead_of_falling_back_to_the_default() -> None:
+    with pytest.raises(ConfigurationError, match="--db is empty"):
+        resolve_url("")
+    with pytest.raises(ConfigurationError, match="--db is empty"):
+        resolve_url("  ", create=True)
+    with pytest.raises(ConfigurationError, match="URL is empty"):
+        normalize_url("")
+
+
+def test_an_empty_db_option_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(orch_migrate.app, ["db", "upgrade", "--db", ""])
+    assert result.exit_code == 2
+    assert "--db is empty" in result.output
+    assert not (tmp_path / "prompt_tool.db").exists()

@@ -119,7 +119,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("kill_at", [12, 25, 47])
+# Statements of the planning process: 13 is its first claim, right after the plan's commit (the
+# run's lock holder records its server backend first, for status to tell a dead run).
+@pytest.mark.parametrize("kill_at", [13, 26, 48])
 def test_a_run_killed_with_its_workers_ends_like_an_uninterrupted_one(
     legacy_url: str, legacy_engine: Engine, kill_at: int, tmp_path: Any
 ) -> None:
