@@ -25,6 +25,7 @@ from prompt_tool.ab_testing import LegacyABTest
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
+from prompt_tool.flags.config import require_flagd_file
 from prompt_tool.migrate.rehearse import (
     LOCK_TIMEOUT,
     STATEMENT_TIMEOUT,
@@ -129,6 +130,7 @@ def status_command(
 ) -> None:
     """Where the move stands per project (sessions migrated, flag, last runs) and whether each
     may be switched to templates."""
+    require_flagd_file()  # a configured flag file that is not there fails here, not silently
     engine = make_engine(resolve_url(db))
     try:
         report = status(engine, projects=project or ())

@@ -519,6 +519,15 @@ def export(
     )
     try:
         result = _export(engine, target, scope, compress, jobs, progress, started)
+    except OSError as error:
+        # Named by the directory the operator gave, not the staging directory beside it.
+        failure = InvalidInputError(
+            f"cannot write the export to {target}: {error.strerror or error}; nothing was left "
+            "there: free space or fix the permissions, then export again"
+        )
+        if run_id is not None:
+            finish_run(engine, run_id, RunStatus.FAILED, error=str(failure))
+        raise failure from None
     except BaseException as error:
         if run_id is not None:
             finish_run(engine, run_id, outcome_of(error), error=_one_line(error))
