@@ -305,16 +305,25 @@ def errors_mapped(function: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except PromptToolError as error:
-            fail(str(error), error.exit_code)
-        except SQLAlchemyError as error:
-            if get_settings().debug:
-                raise
-            fail(_database_message(error), 2)
-        except KeyboardInterrupt:
-            fail("interrupted; nothing half-written is left behind, run the command again", 130)
+        except (PromptToolError, SQLAlchemyError, KeyboardInterrupt) as error:
+            _exit_for(error)
+            raise
 
     return wrapper
+
+
+def _exit_for(error: BaseException) -> None:
+    """Exit with the one line and code of an error the user can act on; return (the caller
+    re-raises) for anything else, and for database and OS errors under PROMPT_TOOL_DEBUG."""
+    debug = get_settings().debug
+    if isinstance(error, PromptToolError):
+        fail(str(error), error.exit_code)
+    if isinstance(error, SQLAlchemyError) and not debug:
+        fail(_database_message(error), 2)
+    if isinstance(error, KeyboardInterrupt):
+        fail("interrupted; nothing half-written is left behind, run the command again", 130)
+    if isinstance(error, OSError) and not debug:
+        fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 2)
 
 
 def run(app: typer.Typer) -> None:
@@ -341,18 +350,9 @@ def run(app: typer.Typer) -> None:
     try:
         try:
             app()
-        except PromptToolError as error:
-            fail(str(error), error.exit_code)
-        except SQLAlchemyError as error:
-            if get_settings().debug:
-                raise
-            fail(_database_message(error), 2)
-        except KeyboardInterrupt:
-            fail("interrupted; nothing half-written is left behind, run the command again", 130)
-        except OSError as error:
-            if get_settings().debug:
-                raise
-            fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 2)
+        except (PromptToolError, SQLAlchemyError, KeyboardInterrupt, OSError) as error:
+            _exit_for(error)
+            raise
     except SystemExit as exit_:
         if received and exit_.code not in (0, None):
             raise SystemExit(128 + received[0]) from None

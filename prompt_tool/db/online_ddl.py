@@ -17,6 +17,7 @@ from alembic import op
 from sqlalchemy import Column, inspect, text
 from sqlalchemy.engine import Connection
 
+from prompt_tool.db.dialect import invalid_indexes
 from prompt_tool.errors import MigrationRefusedError, PromptToolError
 from prompt_tool.settings import get_settings
 
@@ -165,16 +166,9 @@ def batches_outside_transaction() -> Iterator[Callable[[], AbstractContextManage
 
 def _drop_invalid_leftover(name: str) -> None:
     """A ``CREATE INDEX CONCURRENTLY`` that was interrupted leaves an INVALID index behind."""
-    if op.get_context().as_sql or not _is_postgres():
+    if op.get_context().as_sql:
         return
-    invalid = op.get_bind().execute(
-        text(
-            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE c.relname = :name AND NOT i.indisvalid"
-        ),
-        {"name": name},
-    )
-    if invalid.first() is not None:
+    if name in invalid_indexes(op.get_bind()):  # always empty on SQLite
         op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
 

@@ -201,12 +201,22 @@ def write_archive(connection: Connection, directory: str) -> dict[str, int]:
     directory must be new or empty; if it cannot be written, the downgrade has changed nothing.
     """
     target = Path(directory)
+    if target.is_dir() and any(target.iterdir()):
+        raise InvalidInputError(
+            f"the archive directory {target} is not empty; nothing was changed: give a new "
+            "directory (an archive is never written over another)"
+        )
     try:
         result = export(connection.engine, target, rows=KEPT_ROWS, record_run=False)
-    except OSError as error:
+    except (OSError, InvalidInputError) as error:
+        # Export's own message leads with what failed and where; its advice is for export.
+        reason = (
+            f"cannot write the archive to {target}: {error.strerror or error}"
+            if isinstance(error, OSError)
+            else str(error).split("; ", 1)[0]
+        )
         raise InvalidInputError(
-            f"cannot write the downgrade's archive to {target}: {error.strerror or error}; "
-            "nothing was changed: give a directory you can write to"
+            f"{reason}; the downgrade changed nothing: give a directory you can write to"
         ) from None
     return {table.table: table.rows for table in result.tables if table.table in _WHAT}
 
