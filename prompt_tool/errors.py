@@ -12,10 +12,12 @@ __all__ = [
     "ConfigurationError",
     "DatabaseUnavailableError",
     "InvalidInputError",
+    "LockTimeoutError",
     "MigrationRefusedError",
     "NotFoundError",
     "PromptToolError",
     "SchemaError",
+    "UnknownRevisionError",
 ]
 
 
@@ -45,8 +47,23 @@ class DatabaseUnavailableError(PromptToolError):
     """The database could not be reached or refused the connection."""
 
 
+class LockTimeoutError(PromptToolError):
+    """Another session held a lock the step needed past every retry. What was committed before
+    stands, the step itself wrote nothing, and running the command again carries on.
+
+    Exit code 75 (``EX_TEMPFAIL``): nothing is wrong with the input; try again later.
+    """
+
+    exit_code = 75
+
+
 class SchemaError(PromptToolError):
     """The database schema is not what the command needs (not under Alembic, unknown revision)."""
+
+
+class UnknownRevisionError(SchemaError):
+    """The database is at a revision this prompt-tool does not know (a newer one upgraded it), or
+    records several at once: no command reads or writes a schema it cannot vouch for."""
 
 
 class MigrationRefusedError(SchemaError, CommandError):

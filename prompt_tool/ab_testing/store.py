@@ -52,6 +52,8 @@ from prompt_tool.db.models import (
     TemplateEvent,
 )
 from prompt_tool.db.projects import get_project
+from prompt_tool.db.revision_guard import require_known_revision
+from prompt_tool.db.revisions import EXPAND
 from prompt_tool.errors import InvalidInputError, NotFoundError
 from prompt_tool.templates import Action, TemplateAddress, find_template
 from prompt_tool.templates.permissions import check_template_access
@@ -92,6 +94,9 @@ _EVENT = {
 
 @contextmanager
 def unit_of_work(db: Connectable) -> Iterator[Session]:
+    """One transaction over A/B tests of templates: refused first on a schema this prompt-tool
+    does not know, or one before the templates tables (checked once per engine)."""
+    require_known_revision(db, "work with A/B tests of templates", needs=EXPAND)
     with session_scope(make_session_factory(db)) as session:
         yield session
 

@@ -270,6 +270,13 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     return result
 
 
+def note(message: str) -> None:
+    """One line on stderr beside a result: something the operator should know (printed
+    literally: it may quote stored text or SQL)."""
+    if message:
+        stderr.print(message, style="yellow", markup=False, highlight=False)
+
+
 def fail(message: str, exit_code: int) -> NoReturn:
     # Escaped: a message may name an extra (`prompt-tool[redis]`), which Rich reads as a tag.
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)

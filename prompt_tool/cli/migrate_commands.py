@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, stderr, table
+from prompt_tool.cli._runtime import note as print_note
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.migrate.backfill import (
@@ -28,12 +29,33 @@ from prompt_tool.migrate.backfill import (
 )
 from prompt_tool.migrate.verify import VerifyOptions, VerifyReport, verify
 
-__all__ = ["backfill_command", "progress_bar", "rate_and_eta", "verify_command"]
+__all__ = [
+    "ReadonlyOption",
+    "backfill_command",
+    "not_recorded_note",
+    "progress_bar",
+    "rate_and_eta",
+    "verify_command",
+]
 
 ProjectsOption = Annotated[
     list[str] | None,
     typer.Option("--project", "-p", metavar="SLUG", help="Only this project (repeatable)."),
 ]
+ReadonlyOption = Annotated[
+    bool,
+    typer.Option(
+        "--readonly",
+        help="Only read, in read-only transactions (a replica, a read-only user); the run is "
+        "not recorded in the ledger, so `status` will not show it.",
+    ),
+]
+
+
+def not_recorded_note(note: str | None) -> None:
+    """The one line on stderr saying a read-only command's run is not in the ledger."""
+    if note:
+        print_note(note)
 
 
 def rate_and_eta(done: int, total: int | None, elapsed: float) -> tuple[str, str]:
@@ -141,6 +163,7 @@ def _render_report(report: VerifyReport) -> Any:
         "unmigrated",
         "stale",
         "render errors",
+        "unreadable",
         "passed",
     ]
     rows = [
@@ -152,11 +175,21 @@ def _render_report(report: VerifyReport) -> Any:
             p.unmigrated,
             p.stale,
             p.render_errors,
+            p.unreadable,
             "yes" if p.passed(report.allow_unmigrated) else "NO",
         )
         for p in [*report.projects, report.totals()]
     ]
     result = table("Verify: templates path vs legacy text", columns, rows)
+    if report.unreadable:
+        unreadable = report.totals().unreadable
+        more = ", ..." if unreadable > len(report.unreadable) else ""
+        stderr.print(
+            f"{unreadable} legacy texts are not valid UTF-8 (left on the legacy path, never "
+            f"linked): {', '.join(report.unreadable)}{more}",
+            markup=False,
+            highlight=False,
+        )
     for mismatch in report.mismatches:
         stderr.print(
             f"[bold]{mismatch.kind}[/]: session {mismatch.session_id} {mismatch.role} "
@@ -173,11 +206,15 @@ def verify_command(
         int | None, typer.Option(min=1, help="Check a random sample of N sessions.")
     ] = None,
     allow_unmigrated: Annotated[
-        bool, typer.Option(help="Unmigrated or stale sessions do not fail the check.")
+        bool,
+        typer.Option(
+            help="Unmigrated, stale or unreadable (not UTF-8) sessions do not fail the check."
+        ),
     ] = False,
     show_diffs: Annotated[
         int, typer.Option(min=0, help="Diffs to print for the first mismatches.")
     ] = 3,
+    readonly: ReadonlyOption = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -188,6 +225,7 @@ def verify_command(
         sample=sample,
         allow_unmigrated=allow_unmigrated,
         show_diffs=show_diffs,
+        readonly=readonly,
     )
     engine = make_engine(resolve_url(db))
     try:
@@ -195,6 +233,7 @@ def verify_command(
             report = verify(engine, options, progress=update)
     finally:
         engine.dispose()
+    not_recorded_note(report.not_recorded)
     emit(report, as_json=as_json, render=_render_report)
     if not report.passed:
         fail("verify found differences; see the report above", 1)

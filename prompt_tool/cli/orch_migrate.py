@@ -179,15 +179,35 @@ def db_check(db: DbOption = None, as_json: JsonOption = False) -> None:
 
 
 @db_app.command("stamp")
-def db_stamp(revision: RevisionArgument, db: DbOption = None, as_json: JsonOption = False) -> None:
+def db_stamp(
+    revision: RevisionArgument,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge",
+            help="Empty alembic_version first: records REVISION over one this prompt-tool does "
+            "not know (a newer one upgraded the database) or over several. Only if you know the "
+            "schema matches REVISION.",
+        ),
+    ] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Record a revision without running it (adopt a database that has the legacy tables)."""
-    emit(schema.stamp(resolve_url(db, create=True), revision), as_json=as_json, render=_describe)
+    emit(
+        schema.stamp(resolve_url(db, create=True), revision, purge=purge),
+        as_json=as_json,
+        render=_describe,
+    )
 
 
 @db_app.command("current")
 def db_current(db: DbOption = None, as_json: JsonOption = False) -> None:
-    """Show the revision the database is at."""
-    emit(schema.current(resolve_url(db)), as_json=as_json, render=_describe)
+    """Show the revision the database is at; exit 1 if this prompt-tool does not know it."""
+    state = schema.current(resolve_url(db))
+    emit(state, as_json=as_json, render=_describe)
+    if state.problem is not None:
+        fail(state.problem, 1)
 
 
 @db_app.command("history")

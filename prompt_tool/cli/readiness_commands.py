@@ -70,6 +70,8 @@ def _legacy_ab_notice(tests: Sequence[LegacyABTest]) -> list[str]:
 def _render_status(report: StatusReport) -> Any:
     at = report.revision or "no revision"
     behind = "" if report.revision == report.head else f" (head is {report.head})"
+    if report.problem is not None:  # said on stderr, as the error line
+        return Text(f"{report.database} at revision {at}{behind}")
     rows = [
         (
             p.project,
@@ -98,6 +100,26 @@ def _render_status(report: StatusReport) -> Any:
         for p in report.projects
     ]
     lines += [Text(line, style="yellow") for line in _legacy_ab_notice(report.legacy_ab_tests)]
+    runs = []
+    if report.runs:
+        runs.append(
+            table(
+                "latest runs",
+                ["run", "kind", "scope", "state", "started", "by", "why"],
+                [
+                    (
+                        f"#{run.id}",
+                        run.kind,
+                        run.scope,
+                        run.state,
+                        f"{run.started_at:%Y-%m-%d %H:%M:%S}" if run.started_at else "-",
+                        run.started_by or "-",
+                        run.reason,
+                    )
+                    for run in report.runs
+                ],
+            )
+        )
     return Group(
         Text(f"{report.database} at revision {at}{behind}"),
         table(
@@ -117,6 +139,7 @@ def _render_status(report: StatusReport) -> Any:
             rows,
         ),
         *lines,
+        *runs,
     )
 
 
@@ -137,6 +160,8 @@ def status_command(
     finally:
         engine.dispose()
     emit(report, as_json=as_json, render=_render_status)
+    if report.problem is not None:
+        fail(report.problem, 1)
 
 
 def _render_rehearsal(report: RehearsalReport) -> Any:

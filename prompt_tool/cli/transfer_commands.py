@@ -29,8 +29,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
-from prompt_tool.cli.migrate_commands import rate_and_eta
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, note, table
+from prompt_tool.cli.migrate_commands import ReadonlyOption, not_recorded_note, rate_and_eta
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
@@ -44,6 +44,7 @@ from prompt_tool.migrate.restore import (
     RestoreResult,
     restore,
 )
+from prompt_tool.migrate.staging import Leftovers
 
 __all__ = ["export_command", "restore_command"]
 
@@ -133,6 +134,7 @@ def export_command(
             help="Parallel readers for big PostgreSQL tables (default: one per core, up to 4).",
         ),
     ] = None,
+    readonly: ReadonlyOption = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -148,9 +150,13 @@ def export_command(
                 force=force,
                 jobs=jobs,
                 progress=progress,
+                readonly=readonly,
             )
     finally:
         engine.dispose()
+    not_recorded_note(result.not_recorded)
+    if result.leftovers_removed:
+        note(Leftovers(result.leftovers_removed, result.leftover_bytes_removed).describe())
     emit(result, as_json=as_json, render=_render_export)
 
 

@@ -3,21 +3,36 @@ per-transaction timeouts, lock-timeout errors."""
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
-from sqlalchemy import Connection, any_, bindparam, cast, func, literal, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    any_,
+    bindparam,
+    cast,
+    event,
+    func,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import DateTime, String, Text, TypeEngine
+from sqlalchemy.types import Boolean, DateTime, String, Text, TypeEngine
+
+from prompt_tool.errors import DatabaseUnavailableError
 
 __all__ = [
     "BulkInsert",
+    "UnsupportedEncodingError",
     "acquire_advisory_lock",
     "comma_joined",
     "comma_joined_array",
@@ -27,13 +42,19 @@ __all__ = [
     "invalid_indexes",
     "is_lock_timeout",
     "is_retryable",
+    "lock_holders",
     "one_of",
     "one_of_ids",
+    "read_only",
     "register_sqlite_functions",
     "release_advisory_lock",
+    "require_utf8_database",
     "set_local_timeouts",
     "sha256_hex",
+    "stale_statistics",
+    "unreadable_text",
     "wall_clock",
+    "write_refusal",
 ]
 
 
@@ -73,18 +94,83 @@ def _sha256_postgresql(element: sha256_hex, compiler: Any, **kw: Any) -> str:
 
 @compiles(sha256_hex, "sqlite")
 def _sha256_sqlite(element: sha256_hex, compiler: Any, **kw: Any) -> str:
-    return f"pt_sha256_hex({compiler.process(element.clauses, **kw)})"
+    # The stored bytes, not decoded text: a text that is not valid UTF-8 (SQLite keeps whatever
+    # bytes it was given) gets the digest of its exact bytes instead of failing the statement;
+    # valid text digests as PostgreSQL's sha256(convert_to(text, 'UTF8')) does.
+    return f"pt_sha256_hex(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
 
 
-def _sha256_text(value: str | None) -> str | None:
+class unreadable_text(FunctionElement[bool]):  # noqa: N801 - reads like the SQL function it is
+    """SQL: whether a text column's stored bytes are not valid UTF-8 (false for NULL).
+
+    Such text (SQLite stores whatever bytes a raw driver gave it, encoded surrogates included)
+    cannot be read into Python; callers name and skip those rows and never change their bytes.
+    A PostgreSQL database prompt-tool connects to is never ``SQL_ASCII`` (see
+    :func:`require_utf8_database`): its text is always valid, and reaches Python as UTF-8.
+    """
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(unreadable_text, "postgresql")
+def _unreadable_text_postgresql(element: unreadable_text, compiler: Any, **kw: Any) -> str:
+    return "false"
+
+
+@compiles(unreadable_text, "sqlite")
+def _unreadable_text_sqlite(element: unreadable_text, compiler: Any, **kw: Any) -> str:
+    return f"pt_not_utf8(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
+
+
+def _sha256_text(value: bytes | str | None) -> str | None:
     if value is None:
         return None
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(value).hexdigest()
+
+
+def _not_utf8(value: bytes | str | None) -> int:
+    if not isinstance(value, bytes):
+        return 0
+    try:
+        value.decode("utf-8")  # strict: encoded surrogates (ED A0 80...) are refused too
+    except UnicodeDecodeError:
+        return 1
+    return 0
 
 
 def register_sqlite_functions(dbapi_connection: Any) -> None:
     """SQLite has no sha256(); give it the same function PostgreSQL computes."""
     dbapi_connection.create_function("pt_sha256_hex", 1, _sha256_text, deterministic=True)
+    dbapi_connection.create_function("pt_not_utf8", 1, _not_utf8, deterministic=True)
+
+
+class UnsupportedEncodingError(DatabaseUnavailableError):
+    """A PostgreSQL database whose encoding is not UTF8: refused at connect, nothing read."""
+
+
+def require_utf8_database(dbapi_connection: Any) -> None:
+    """Refuse, in one line, a PostgreSQL database whose encoding is ``SQL_ASCII``.
+
+    ``SQL_ASCII`` stores text as unchecked bytes: psycopg hands such text back as bytes, a text
+    may hold anything, and nothing prompt-tool reads, hashes or renders could be trusted with
+    it. Any other server encoding is converted to the client's UTF-8 by the server itself and
+    always holds valid text. Checked from the server's own report at connect (no query), before
+    SQLAlchemy's first query or any command reads.
+    """
+    encoding = dbapi_connection.info.parameter_status("server_encoding")
+    if encoding is None or encoding.upper() != "SQL_ASCII":
+        return
+    name = dbapi_connection.info.dbname
+    dbapi_connection.close()  # the pool never got it: it would be left open otherwise
+    raise UnsupportedEncodingError(
+        f'database "{name}" uses encoding {encoding}, which stores text as unchecked bytes; '
+        "prompt-tool needs a UTF8 database: create one (CREATE DATABASE ... ENCODING 'UTF8' "
+        "TEMPLATE template0), move the data into it (text that is not valid UTF-8 must be "
+        "fixed first) and point --db at it; nothing was read or written"
+    )
 
 
 def comma_joined_array(
@@ -246,11 +332,45 @@ def acquire_advisory_lock(connection: Connection, key: int, *, wait: bool) -> bo
     if connection.dialect.name != "postgresql":
         return True
     if wait:
+        # Queueing behind another run is what --wait asks for: no timeout cuts it short.
+        connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
         return True
     return bool(
         connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
     )
+
+
+def lock_holders(connection: Connection, tables: Sequence[str]) -> list[str]:
+    """Who else holds locks on ``tables`` that stop writes (SHARE and stronger: ``LOCK TABLE``,
+    ``CREATE INDEX``, DDL; PostgreSQL; empty on SQLite): one description per
+    backend (pid, lock modes, state, how long its transaction has been open, its query), for a
+    message that tells the operator which session to look at."""
+    if connection.dialect.name != "postgresql":
+        return []
+    rows = connection.execute(
+        text(
+            "SELECT a.pid, string_agg(DISTINCT l.mode, ', ') AS modes, a.state,"
+            " extract(epoch FROM clock_timestamp() - a.xact_start) AS open_s,"
+            " left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query"
+            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.granted AND l.pid <> pg_backend_pid() AND l.mode IN ('ShareLock',"
+            " 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+            " AND l.relation = ANY (SELECT c.oid FROM pg_class c"
+            "  WHERE c.relname = ANY (CAST(:tables AS text[]))"
+            "  AND c.relnamespace IN (SELECT n.oid FROM pg_namespace n"
+            "   WHERE n.nspname = ANY (current_schemas(false))))"
+            " GROUP BY a.pid, a.state, a.xact_start, a.query ORDER BY a.xact_start"
+        ),
+        {"tables": list(tables)},
+    )
+    return [
+        f"backend {row.pid}, {row.modes}, {row.state or 'state unknown'}"
+        + (f" in a transaction open {float(row.open_s):.0f} s" if row.open_s is not None else "")
+        + f": `{row.query}`"
+        for row in rows
+    ]
 
 
 def release_advisory_lock(connection: Connection, key: int) -> None:
@@ -269,6 +389,28 @@ def refresh_statistics(connection: Connection, tables: Sequence[str]) -> bool:
     except DBAPIError:
         return False
     return True
+
+
+def stale_statistics(connection: Connection, tables: Sequence[str]) -> list[str]:
+    """Those of ``tables`` the planner has no statistics for (never analysed) or whose rows
+    changed by more than a fifth since (a bulk load autovacuum has not caught up with):
+    PostgreSQL; SQLite plans without them."""
+    if connection.dialect.name != "postgresql":
+        return []
+    rows = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c"
+            " JOIN pg_stat_user_tables s ON s.relid = c.oid"
+            " WHERE c.relname = ANY (CAST(:tables AS text[]))"
+            " AND c.relnamespace IN (SELECT n.oid FROM pg_namespace n"
+            "  WHERE n.nspname = ANY (current_schemas(false)))"
+            " AND (c.reltuples < 0 OR (s.last_analyze IS NULL AND s.last_autoanalyze IS NULL)"
+            "  OR s.n_mod_since_analyze > 1000 + 0.2 * greatest(c.reltuples, 0))"
+            " ORDER BY c.relname"
+        ),
+        {"tables": list(tables)},
+    )
+    return [str(name) for name in rows.scalars()]
 
 
 def invalid_indexes(connection: Connection) -> set[str]:
@@ -309,3 +451,85 @@ def backends_alive(connection: Connection, pids: Collection[int]) -> set[int] | 
         text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": list(pids)}
     )
     return {int(row[0]) for row in rows}
+
+
+# A write the database refuses here, whatever it would write: the user lacks the privilege
+# (insufficient_privilege), or the transaction may not write (read_only_sql_transaction: a hot
+# standby, default_transaction_read_only, a READ ONLY transaction).
+_NO_PRIVILEGE = "42501"
+_READ_ONLY_TRANSACTION = "25006"
+
+
+def write_refusal(error: BaseException) -> str | None:
+    """Why a write failed, when it failed because this database may not be written here:
+    "no write privilege" (PostgreSQL 42501), "read-only transaction" (25006: a hot standby,
+    ``default_transaction_read_only``), "read-only database" (SQLite opened read-only or with
+    ``PRAGMA query_only``). None for any other error."""
+    state = _sqlstate(error)
+    if state == _NO_PRIVILEGE:
+        return "no write privilege"
+    if state == _READ_ONLY_TRANSACTION:
+        return "read-only transaction"
+    origin = error.orig if isinstance(error, DBAPIError) else error
+    name = str(getattr(origin, "sqlite_errorname", ""))
+    if name.startswith("SQLITE_READONLY") or "readonly database" in str(origin):
+        return "read-only database"
+    return None
+
+
+def database_user(connection: Connection) -> str:
+    """Who the database sees: PostgreSQL's ``current_user``; for SQLite, which has no users,
+    the operating-system user (whose file permissions apply)."""
+    if connection.dialect.name == "postgresql":
+        return str(connection.execute(text("SELECT current_user")).scalar_one())
+    return getpass.getuser()
+
+
+_QUERY_ONLY = "prompt_tool_query_only"
+
+
+def _pragma(dbapi_connection: Any, statement: str) -> None:
+    # On the driver's connection: through the Connection it would begin a transaction there.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
+def _query_only_on(connection: Connection) -> None:
+    pooled = connection.connection
+    if not pooled.info.get(_QUERY_ONLY):
+        _pragma(pooled, "PRAGMA query_only = ON")
+        pooled.info[_QUERY_ONLY] = True
+
+
+def _query_only_off(dbapi_connection: Any, record: Any) -> None:
+    if record.info.pop(_QUERY_ONLY, False):
+        _pragma(dbapi_connection, "PRAGMA query_only = OFF")
+
+
+@overload
+def read_only(db: Engine) -> Engine: ...
+@overload
+def read_only(db: Connection) -> Connection: ...
+@overload
+def read_only(db: Engine | Connection) -> Engine | Connection: ...
+def read_only(db: Engine | Connection) -> Engine | Connection:
+    """``db`` for a command that only reads: an Engine sharing ``db``'s connections whose every
+    transaction is read-only, so nothing can be written through it, even by mistake.
+
+    PostgreSQL: each transaction begins ``READ ONLY`` (what a hot standby allows). SQLite: each
+    connection runs with ``PRAGMA query_only`` until it goes back to the pool. Nothing to clean
+    up: disposing of ``db`` is enough. A Connection is returned as it is: it is in its caller's
+    transaction, which this cannot change.
+    """
+    if not isinstance(db, Engine):
+        return db
+    if db.dialect.name == "postgresql":
+        return db.execution_options(postgresql_readonly=True)
+    reading = db.execution_options()
+    event.listen(reading, "engine_connect", _query_only_on)
+    if not event.contains(db.pool, "checkin", _query_only_off):
+        event.listen(db.pool, "checkin", _query_only_off)
+    return reading

@@ -11,13 +11,14 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from prompt_tool.db.dialect import register_sqlite_functions
+from prompt_tool.db.dialect import register_sqlite_functions, require_utf8_database
 from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import DatabaseUnavailableError
 
 __all__ = [
     "Connectable",
     "begin",
+    "bounded_waits",
     "check_connection",
     "connect",
     "make_engine",
@@ -41,12 +42,20 @@ def _prepare_sqlite(dbapi_connection: Any, _record: Any) -> None:
     register_sqlite_functions(dbapi_connection)
 
 
+def _prepare_postgresql(dbapi_connection: Any, _record: Any) -> None:
+    require_utf8_database(dbapi_connection)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``: psycopg 3 for PostgreSQL, foreign keys on for SQLite."""
     parsed = normalize_url(url)
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _prepare_sqlite)
+    elif parsed.get_backend_name() == "postgresql":
+        # First, before SQLAlchemy's own first queries: a SQL_ASCII database is refused in one
+        # line instead of failing later, somewhere, on text psycopg hands back as bytes.
+        event.listen(engine, "connect", _prepare_postgresql, insert=True)
     return engine
 
 
@@ -92,6 +101,25 @@ def check_connection(engine: Engine) -> None:
             f"cannot connect to {redact(engine.url)}: {reason}; check the URL given with --db "
             "or PROMPT_TOOL_DATABASE_URL and that the server is running"
         ) from None
+
+
+def bounded_waits(db: Connectable, lock_timeout_ms: int, statement_timeout_ms: int) -> Connectable:
+    """``db`` with every transaction it begins bounded in its lock waits and statements
+    (PostgreSQL ``SET LOCAL lock_timeout`` / ``statement_timeout``; SQLite has one writer and
+    its busy timeout). A run's very first query then gives up on a lock held since before it
+    started, as its batches do, instead of waiting without a word. The engine is a copy sharing
+    the pool: the application's own connections are untouched. A caller's Connection is its
+    own transaction, with its own settings, and is returned as it is."""
+    if isinstance(db, Connection) or db.dialect.name != "postgresql":
+        return db
+    bounded = db.execution_options()
+
+    @event.listens_for(bounded, "begin")
+    def _bound(connection: Connection) -> None:
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
+
+    return bounded
 
 
 def make_session_factory(db: Connectable) -> sessionmaker[Session]:

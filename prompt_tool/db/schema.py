@@ -8,10 +8,12 @@ scripts as ``prompt_tool/_alembic``).
 from __future__ import annotations
 
 import io
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,17 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+import prompt_tool
 from prompt_tool.db.drift import drift, expand_objects_present
 from prompt_tool.db.engine import check_connection, make_engine, transactional_ddl
 from prompt_tool.db.revisions import BASELINE
 from prompt_tool.db.url import normalize_url, redact, require_existing_sqlite_file
-from prompt_tool.errors import DatabaseUnavailableError, PromptToolError, SchemaError
+from prompt_tool.errors import (
+    DatabaseUnavailableError,
+    PromptToolError,
+    SchemaError,
+    UnknownRevisionError,
+)
 
 __all__ = [
     "HEAD",
@@ -41,9 +49,13 @@ __all__ = [
     "current",
     "downgrade",
     "downgrade_sql",
+    "generation",
     "heads",
     "history",
+    "known_revisions",
     "migrate_on",
+    "recorded_revisions",
+    "revision_problem",
     "script_location",
     "show",
     "stamp",
@@ -95,6 +107,8 @@ class SchemaState:
     longest_batch_ms: float = 0.0
     last_transaction_ms: float = 0.0
     exclusive_lock_ms: float = 0.0
+    # Set when this prompt-tool does not know the revision recorded (or several are): what to do.
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +179,58 @@ def history() -> list[Revision]:
 def heads() -> list[Revision]:
     """The head revision(s): one, unless the history branched."""
     return [revision for revision in history() if revision.is_head]
+
+
+@cache
+def known_revisions() -> tuple[str, ...]:
+    """The revision ids this prompt-tool knows, oldest first (its scripts never change while it
+    runs)."""
+    return tuple(revision.revision for revision in history())
+
+
+def recorded_revisions(connection: Connection) -> tuple[str, ...]:
+    """What ``alembic_version`` holds, as it is: empty when the database is not under Alembic,
+    several ids when it records several."""
+    return tuple(MigrationContext.configure(connection).get_current_heads())
+
+
+def revision_problem(database: str, recorded: Sequence[str], *, stamp_to: str = "") -> str | None:
+    """What is wrong with ``recorded`` (the rows of ``alembic_version``) for this prompt-tool,
+    and what to do about it, in one line; ``None`` when it is one revision it knows, or none.
+    ``stamp_to``: the revision the advice names (default: any it knows)."""
+    known = known_revisions()
+    matches = stamp_to or f"one of the revisions it knows ({', '.join(known)})"
+    recover = (
+        f"if you know the schema matches {matches}, record it alone with "
+        f"`orch-migrate db stamp {stamp_to or 'REV'} --purge`"
+    )
+    if len(recorded) > 1:
+        return (
+            f"{database} records several revisions at once ({', '.join(sorted(recorded))}), "
+            f"which this prompt-tool ({prompt_tool.__version__}) cannot work on; {recover}"
+        )
+    if recorded and recorded[0] not in known:
+        return (
+            f"{database} is at revision {recorded[0]}, which this prompt-tool "
+            f"({prompt_tool.__version__}) does not know: a newer prompt-tool upgraded it; use "
+            f"that version, or, {recover}"
+        )
+    return None
+
+
+_generation = [0]
+_generation_lock = threading.Lock()
+
+
+def generation() -> int:
+    """How many schema commands (upgrade, downgrade, stamp) this process has run: a revision
+    checked at an older generation may have changed since."""
+    return _generation[0]
+
+
+def _changed() -> None:
+    with _generation_lock:
+        _generation[0] += 1
 
 
 def show(revision: str) -> RevisionDetail:
@@ -263,7 +329,16 @@ def downgrade_sql(url: str, revisions: str, *, drop_legacy_tables: bool = False)
 
 
 def _current_on(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    """The one revision recorded (``None``: none); several are joined by commas (see
+    :func:`revision_problem`)."""
+    recorded = recorded_revisions(connection)
+    return ",".join(sorted(recorded)) if recorded else None
+
+
+def _refuse_unknown(url: str, refusal: str, connection: Connection) -> None:
+    problem = revision_problem(redact(url), recorded_revisions(connection))
+    if problem is not None:
+        raise UnknownRevisionError(f"{refusal}: {problem}")
 
 
 def _require_existing_sqlite_file(url: str) -> None:
@@ -285,14 +360,17 @@ def current(url: str) -> SchemaState:
     """The revision ``url`` is at (``None``: not under Alembic)."""
     _require_existing_sqlite_file(url)
     with _connected(url) as connection:
-        revision = _current_on(connection)
-    return SchemaState(redact(url), revision, revision, _head())
+        recorded = recorded_revisions(connection)
+    revision = ",".join(sorted(recorded)) if recorded else None
+    problem = revision_problem(redact(url), recorded)
+    return SchemaState(redact(url), revision, revision, _head(), problem=problem)
 
 
 def check(url: str) -> SchemaCheck:
     """Compare the recorded revision with the objects the schema holds."""
     _require_existing_sqlite_file(url)
     with _connected(url) as connection:
+        _refuse_unknown(url, "db check cannot compare the schema with its revision", connection)
         revision = _current_on(connection)
         problems = drift(connection, revision)
     return SchemaCheck(redact(url), revision, _head(), problems)
@@ -330,6 +408,7 @@ def _run(
     options: Mapping[str, Any] | None = None,
 ) -> SchemaState:
     with _connected(url) as connection:
+        _refuse_unknown(url, f"db {action} refused, nothing was changed", connection)
         before = _current_on(connection)
         if before is None and not allow_unversioned:
             raise SchemaError(
@@ -357,6 +436,8 @@ def _run(
             ) from None
         except DBAPIError as error:
             _raise_database_error(url, action, error)
+        finally:
+            _changed()
         connection.commit()
         committed = time.perf_counter()
         after = _current_on(connection)
@@ -430,6 +511,8 @@ def migrate_on(
         raise
     except CommandError as error:
         raise SchemaError(f"{action} to {revision!r} failed: {error}") from None
+    finally:
+        _changed()
     return _current_on(connection)
 
 
@@ -465,18 +548,30 @@ def downgrade(
     return _run(url, "downgrade", revision, allow_unversioned=False, options=options)
 
 
-def stamp(url: str, revision: str) -> SchemaState:
-    """Record ``revision`` as current without running anything (adopting an existing database)."""
+def stamp(url: str, revision: str, *, purge: bool = False) -> SchemaState:
+    """Record ``revision`` as current without running anything (adopting an existing database).
+
+    ``purge`` empties ``alembic_version`` first: the only way to record a revision over one this
+    prompt-tool does not know (a newer one upgraded the database), or over several.
+    """
     _require_existing_sqlite_file(url)
     with _connected(url) as connection:
-        before = _current_on(connection)
+        recorded = recorded_revisions(connection)
+        before = ",".join(sorted(recorded)) if recorded else None
+        problem = revision_problem(redact(url), recorded, stamp_to=revision)
+        if problem is not None and not purge:
+            raise UnknownRevisionError(
+                f"stamp {revision!r} refused, nothing was changed: {problem}"
+            )
         connection.commit()
         try:
-            command.stamp(alembic_config(connection), revision)
+            command.stamp(alembic_config(connection), revision, purge=purge)
         except CommandError as error:
             raise SchemaError(
                 f"stamp {revision!r} failed: {error}; `orch-migrate db history` lists the revisions"
             ) from None
+        finally:
+            _changed()
         connection.commit()
         after = _current_on(connection)
     return SchemaState(redact(url), before, after, _head())

@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
 from prompt_tool.db.models import FeatureFlagEvent, FeatureFlagState, Project
 from prompt_tool.db.projects import get_project, list_projects
+from prompt_tool.db.revision_guard import require_known_revision
+from prompt_tool.db.revisions import EXPAND
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.flags.types import (
     BUILTIN_DEFAULT,
@@ -471,4 +473,5 @@ def write_change(
         guard=guard,
     )
     with connected(db) as engine:
+        require_known_revision(engine, "change the flag", needs=EXPAND)
         return _retrying_once(engine, work)

@@ -18,7 +18,8 @@ Values in a row, by column kind (the same whichever database wrote the file):
 * integer: a JSON number;
 * text: a JSON string, byte for byte (NULL is ``null``, the empty string ``""``); text that SQLite
   holds but that is not valid UTF-8 is carried as lone surrogates (``\\udcXX``) and written back
-  as the same bytes;
+  as the same bytes (a restore into PostgreSQL, which cannot hold them, refuses before writing
+  anything, naming table, key and column);
 * json: the column's stored *text* as a JSON string, never re-encoded, so key order and
   whitespace survive (PostgreSQL ``json`` keeps its text);
 * boolean: ``true`` / ``false``;
@@ -35,6 +36,7 @@ The dialect differences (snapshot, text decoding, streaming, identity sequences)
 from __future__ import annotations
 
 import enum
+import gzip
 import itertools
 import json
 import math
@@ -43,6 +45,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
@@ -96,6 +99,7 @@ __all__ = [
     "dialect_io",
     "existing_table_specs",
     "normalizer",
+    "undecodable_text",
     "update_sql",
 ]
 
@@ -412,6 +416,75 @@ def _sqlite_text(value: Any) -> Any:
     return value
 
 
+def _not_utf8(value: Any) -> bool:
+    """A text value of a file that stands for bytes that are not UTF-8 (lone surrogates)."""
+    if type(value) is not str or value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# A \uD800-\uDFFF escape: how a row spells a lone surrogate (and, in an ASCII-only row, half
+# of a pair). Rows without one hold no text that is not UTF-8, and are never parsed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SCAN_BYTES = 1 << 20
+
+
+def _lines_with_surrogates(path: Path, compressed: bool) -> Iterator[bytes]:
+    opened = gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115
+    with opened as file:
+        rest = b""
+        while chunk := file.read(_SCAN_BYTES):
+            data = rest + chunk
+            end = data.rfind(b"\n") + 1
+            data, rest = data[:end], data[end:]
+            if _SURROGATE_ESCAPE.search(data):
+                yield from (line for line in data.split(b"\n") if _SURROGATE_ESCAPE.search(line))
+        if rest and _SURROGATE_ESCAPE.search(rest):
+            yield rest
+
+
+def undecodable_text(directory: Path, manifest: Manifest, shown: int = 5) -> tuple[int, list[str]]:
+    """How many text values of the export stand for bytes that are not valid UTF-8 (SQLite text
+    written by a raw driver), and the first ``shown`` of them as "table key column".
+
+    Only lines holding a surrogate escape are parsed: an export without such text costs one
+    read. A database that stores only UTF-8 (PostgreSQL) cannot take these values as they are.
+    """
+    count = 0
+    names: list[str] = []
+    for entry in manifest.files:
+        spec = TableSpec.from_model(entry.table, entry.columns)
+        texts = [
+            i for i, kind in enumerate(spec.kinds) if kind in (ColumnKind.TEXT, ColumnKind.JSON)
+        ]
+        lines = _lines_with_surrogates(directory / entry.file, manifest.compression == "gzip")
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # not a row: the restore's own parsing refuses it
+            if not isinstance(row, list) or len(row) != len(spec.columns):
+                continue
+            for position in texts:
+                if not _not_utf8(row[position]):
+                    continue
+                count += 1
+                if len(names) < shown:
+                    names.append(f"{spec.name} {_key_text(spec, row)} {spec.columns[position]}")
+    return count, names
+
+
+def _key_text(spec: TableSpec, row: Sequence[Any]) -> str:
+    values = [row[position] for position in spec.key_positions]
+    if len(values) == 1:
+        return f"{spec.primary_key[0]} {values[0]}"
+    return f"({', '.join(spec.primary_key)}) ({', '.join(json.dumps(v) for v in values)})"
+
+
 def _normal_timestamp(value: Any) -> Any:
     if value is None:
         return None
@@ -523,6 +596,8 @@ class DialectIO(Protocol):
     """What export and restore need from a database, one implementation per dialect."""
 
     name: str
+    # Whether text that is not valid UTF-8 can be stored as the same bytes (restore checks).
+    stores_any_text_bytes: bool
 
     def snapshot(self, connection: Connection) -> AbstractContextManager[None]:
         """Every read on ``connection`` inside sees one consistent state of the database."""
@@ -608,6 +683,7 @@ class PostgresIO:
     """
 
     name = "postgresql"
+    stores_any_text_bytes = False  # only valid text (SQL_ASCII is refused at connect)
 
     def __init__(self, *, parallel_min_bytes: int) -> None:
         self.parallel_min_bytes = parallel_min_bytes
@@ -771,6 +847,7 @@ class SQLiteIO:
     """
 
     name = "sqlite"
+    stores_any_text_bytes = True
 
     @contextmanager
     def _text_as_stored(self, connection: Connection) -> Iterator[None]:

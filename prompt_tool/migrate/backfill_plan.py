@@ -300,6 +300,8 @@ def _totals(engine: Connectable, run_id: int, summary: backfill_module.BackfillS
     """The run's figures from its ledger: every worker's batches, not only ours."""
     summary.batches = 0
     summary.sessions_scanned = 0
+    summary.unreadable = 0
+    summary.unreadable_rows.clear()
     with connect(engine) as connection:
         rows = connection.execute(
             select(MigrationBatch.rows_seen, MigrationBatch.counts).where(
@@ -317,6 +319,9 @@ def _totals(engine: Connectable, run_id: int, summary: backfill_module.BackfillS
         summary.references_removed += int(counts.get("removed", 0))
         summary.references_unchanged += int(counts.get("unchanged", 0))
         summary.templates_created += int(counts.get("templates", 0))
+        backfill_module.note_unreadable(
+            summary, int(counts.get("unreadable", 0)), counts.get("unreadable_rows", [])
+        )
 
 
 def walk_planned(
@@ -385,11 +390,20 @@ def walk_planned(
             _reap(child)
     failed = [child.returncode for child in children if child.returncode != 0]
     if failed:
-        raise BackfillWorkerError(
-            f"{len(failed)} of {summary.workers} backfill workers failed (exit codes "
-            f"{', '.join(map(str, failed))}); run `orch-migrate backfill` again to finish: it "
-            "carries on with the batches they left"
+        # A worker that died (killed, out of memory) rolled its open batch back to pending:
+        # finish what it left here, so the run ends complete if everything else went well.
+        summary.workers_lost = failed
+        _claim_loop(
+            engine, run_id, options, settings, summary, project_ids, scoped, matcher, report
         )
+        with connect(engine) as connection:
+            left = len(pending_ranges(connection, run_id))
+        if left:
+            raise BackfillWorkerError(
+                f"{len(failed)} of {summary.workers} backfill workers failed (exit codes "
+                f"{', '.join(map(str, failed))}) and {left} batches are left; run "
+                "`orch-migrate backfill` again to finish: it carries on with them"
+            )
     _totals(engine, run_id, summary)
     report()
 

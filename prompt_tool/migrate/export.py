@@ -2,10 +2,11 @@
 
 The export is written under a temporary sibling name (``.NAME.incomplete-XXXX``) and renamed into
 place only when every file and then the manifest are written, so an interrupted export never
-leaves a directory that looks complete; an existing directory is replaced (``force``) only after
-the new export is complete and flushed to disk. Memory stays flat: rows are streamed from one
-consistent snapshot and written in 1 MiB blocks; on PostgreSQL a big table is read in parallel
-key ranges. The format is described in :mod:`prompt_tool.migrate.archive`.
+leaves a directory that looks complete (what a killed one leaves, the next export to the same
+place removes: :mod:`prompt_tool.migrate.staging`); an existing directory is replaced
+(``force``) only after the new export is complete and flushed to disk. Memory stays flat: rows
+are streamed from one consistent snapshot and written in 1 MiB blocks; on PostgreSQL a big table
+is read in parallel key ranges. The format is described in :mod:`prompt_tool.migrate.archive`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import os
 import queue
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +31,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine
 
 import prompt_tool
+from prompt_tool.db.dialect import read_only
 from prompt_tool.db.projects import projects_by_slug
+from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.url import redact
 from prompt_tool.errors import InvalidInputError, SchemaError
 from prompt_tool.migrate.archive import (
@@ -47,7 +49,15 @@ from prompt_tool.migrate.archive import (
     dialect_io,
     existing_table_specs,
 )
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, outcome_of, start_run
+from prompt_tool.migrate.runs import (
+    ReadRun,
+    RunKind,
+    RunStatus,
+    finish_run,
+    outcome_of,
+    start_read_run,
+)
+from prompt_tool.migrate.staging import remove_leftovers, staging_directory
 
 __all__ = ["ExportResult", "ExportedTable", "export"]
 
@@ -80,6 +90,11 @@ class ExportResult:
     bytes: int
     seconds: float
     run_id: int | None
+    # Why the run is not in the ledger though the database has one (the export is whole).
+    not_recorded: str | None = None
+    # Staging directories of killed exports to the same place, removed first (staging.py).
+    leftovers_removed: list[str] = field(default_factory=list)
+    leftover_bytes_removed: int = 0
 
     @property
     def row_counts(self) -> dict[str, int]:
@@ -473,6 +488,7 @@ def export(
     progress: ProgressCallback | None = None,
     rows: Mapping[str, str | None] | None = None,
     record_run: bool = True,
+    readonly: bool = False,
 ) -> ExportResult:
     """Export the data of ``engine``'s database to the directory ``target``.
 
@@ -485,12 +501,18 @@ def export(
     ``projects``) is the SQL condition each table's rows must meet (a table it does not name is
     exported whole); ``record_run=False`` writes nothing to the database, not even the ledger
     (the downgrade's archive, taken while the downgrade holds its transaction open).
+    ``readonly`` reads in read-only transactions only and records no run (a replica); a user
+    who may not write the ledger gets the export too, unrecorded: ``not_recorded`` says why.
 
     Raises :class:`InvalidInputError` when ``target`` is a non-empty directory and ``force`` is
     not set, :class:`NotFoundError` for an unknown project, :class:`SchemaError` when the
-    database is not under Alembic.
+    database is not under Alembic, :class:`UnknownRevisionError` when this prompt-tool does not
+    know its revision (an export of a schema it does not know could not be restored).
     """
+    require_known_revision(engine, "export")
     target = Path(target).absolute()
+    if readonly:
+        engine = read_only(engine)
     _check_target(target, force)
     jobs = min(_MAX_AUTO_JOBS, os.cpu_count() or 1) if jobs is None else jobs
     if jobs < 1:
@@ -507,16 +529,18 @@ def export(
     slugs = list(dict.fromkeys(projects)) if projects else None
     project_ids = _project_ids(engine, slugs)
     scope = _Scope(slugs, project_ids, rows)
-    run_id = (
-        start_run(
+    run = (
+        start_read_run(
             engine,
             RunKind.EXPORT,
+            readonly=readonly,
             project_id=project_ids[0] if project_ids and len(project_ids) == 1 else None,
             params={"directory": str(target), "projects": slugs, "gzip": compress},
         )
         if state.has_run_ledger and record_run
-        else None
+        else ReadRun(None)
     )
+    run_id = run.id
     try:
         result = _export(engine, target, scope, compress, jobs, progress, started)
     except OSError as error:
@@ -532,7 +556,7 @@ def export(
         if run_id is not None:
             finish_run(engine, run_id, outcome_of(error), error=_one_line(error))
         raise
-    result = replace(result, run_id=run_id)
+    result = replace(result, run_id=run_id, not_recorded=run.not_recorded)
     if run_id is not None:
         finish_run(engine, run_id, RunStatus.COMPLETED, summary=_summary(result))
     return result
@@ -556,9 +580,8 @@ def _export(
     progress: ProgressCallback | None,
     started: float,
 ) -> ExportResult:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incomplete-", dir=target.parent))
-    try:
+    leftovers = remove_leftovers(target)
+    with staging_directory(target) as staging:
         with engine.connect() as connection:
             dialect = dialect_io(connection)
             with dialect.snapshot(connection):
@@ -585,9 +608,6 @@ def _export(
         )
         _write_manifest(staging, manifest)  # last: only a complete export has one
         _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(
         database=redact(engine.url),
         directory=str(target),
@@ -600,6 +620,8 @@ def _export(
         bytes=sum(f.bytes for f in files),
         seconds=round(time.perf_counter() - started, 3),
         run_id=None,
+        leftovers_removed=leftovers.removed,
+        leftover_bytes_removed=leftovers.bytes,
     )
 
 

@@ -41,7 +41,8 @@ from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from prompt_tool.db.dialect import refresh_statistics
-from prompt_tool.db.engine import Connectable, begin, connect
+from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect
+from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.url import redact
 from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.migrate.archive import (
@@ -58,9 +59,12 @@ from prompt_tool.migrate.archive import (
     database_state,
     dialect_io,
     normalizer,
+    undecodable_text,
     update_sql,
 )
+from prompt_tool.migrate.lock_waits import lock_waits_told
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.settings import get_settings
 
 __all__ = [
     "DifferingRows",
@@ -69,6 +73,7 @@ __all__ = [
     "RestoreOutcome",
     "RestoreResult",
     "RestoredTable",
+    "UnstorableTextError",
     "restore",
     "verify_export",
 ]
@@ -79,6 +84,29 @@ _BATCH_ROWS = 500
 _BATCH_BYTES = 4 << 20
 # How many keys of differing rows a report names.
 _DIFFERENT_KEYS_SHOWN = 5
+
+
+class UnstorableTextError(InvalidInputError):
+    """The export holds text that is not valid UTF-8 and the target stores only UTF-8:
+    refused before anything was written."""
+
+
+def _check_storable(db: Connectable, directory: Path, manifest: Manifest, database: str) -> None:
+    """Refuse, before writing anything, an export whose non-UTF-8 text the target cannot hold
+    as the same bytes (PostgreSQL): a restore never changes a byte of what it carries."""
+    with connect(db) as connection:
+        if dialect_io(connection).stores_any_text_bytes:
+            return
+    count, names = undecodable_text(directory, manifest)
+    if not count:
+        return
+    more = ", ..." if count > len(names) else ""
+    raise UnstorableTextError(
+        f"the export holds {count} text value(s) that are not valid UTF-8 "
+        f"({', '.join(names)}{more}), which {database} cannot store as the same bytes; nothing "
+        "was written: restore it into a SQLite database, or fix those values at the source "
+        "and export again"
+    )
 
 
 class RestoreConflictError(InvalidInputError):
@@ -663,70 +691,83 @@ def restore(
     :class:`ExportRevisionMismatchError` when the database is not at the export's revision,
     :class:`DifferingRowsError` (exit code 1) when rows differ and ``differing`` is
     ``refuse``, and :class:`RestoreConflictError` when the database refuses a row; in every case
-    nothing is written (the last leaves a failed run in the ledger).
+    nothing is written (the last leaves a failed run in the ledger). A database at a revision
+    this prompt-tool does not know is refused first (:class:`UnknownRevisionError`).
     """
-    started = time.perf_counter()
-    differing = DifferingRows(differing)
-    directory = Path(source).absolute()
-    manifest = verify_export(directory)
-    database = redact(db.engine.url)
-    state = database_state(db)
-    _check_revision(database, state.revision, manifest.alembic_revision)
-    specs = _target_specs(db, manifest)
+    require_known_revision(db, "restore")
+    settings = get_settings()
+    db = bounded_waits(
+        db, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
+    )
+    # Every wait for a lock is bounded; one that runs out ends the restore in one line.
+    with lock_waits_told(
+        db, "restore", ARCHIVED_TABLES, stands="nothing was written (one transaction)"
+    ):
+        started = time.perf_counter()
+        differing = DifferingRows(differing)
+        directory = Path(source).absolute()
+        manifest = verify_export(directory)
+        database = redact(db.engine.url)
+        state = database_state(db)
+        _check_revision(database, state.revision, manifest.alembic_revision)
+        specs = _target_specs(db, manifest)
+        _check_storable(db, directory, manifest, database)
 
-    def result(
-        tallies: list[_Tally], outcome: RestoreOutcome, run_id: int | None = None
-    ) -> RestoreResult:
-        tables = [tally.result(outcome, differing) for tally in tallies]
-        refusal = (
-            _refusal(tables, dry_run=outcome is RestoreOutcome.DRY_RUN)
-            if differing is DifferingRows.REFUSE
+        def result(
+            tallies: list[_Tally], outcome: RestoreOutcome, run_id: int | None = None
+        ) -> RestoreResult:
+            tables = [tally.result(outcome, differing) for tally in tallies]
+            refusal = (
+                _refusal(tables, dry_run=outcome is RestoreOutcome.DRY_RUN)
+                if differing is DifferingRows.REFUSE
+                else None
+            )
+            return RestoreResult(
+                database=database,
+                source=str(directory),
+                alembic_revision=manifest.alembic_revision,
+                differing=differing,
+                outcome=outcome,
+                refusal=refusal,
+                tables=tables,
+                rows=sum(t.rows for t in tables),
+                missing=sum(t.missing for t in tables),
+                identical=sum(t.identical for t in tables),
+                different=sum(t.different for t in tables),
+                inserted=sum(t.inserted for t in tables),
+                overwritten=sum(t.overwritten for t in tables),
+                kept=sum(t.kept for t in tables),
+                seconds=round(time.perf_counter() - started, 3),
+                run_id=run_id,
+            )
+
+        if dry_run:
+            tallies = _compare(db, directory, manifest, specs, differing, progress)
+            return result(tallies, RestoreOutcome.DRY_RUN)
+        run_params = (
+            {
+                "source": str(directory),
+                "differing": differing.value,
+                "alembic_revision": manifest.alembic_revision,
+                "projects": manifest.projects,
+            }
+            if state.has_run_ledger
             else None
         )
-        return RestoreResult(
-            database=database,
-            source=str(directory),
-            alembic_revision=manifest.alembic_revision,
-            differing=differing,
-            outcome=outcome,
-            refusal=refusal,
-            tables=tables,
-            rows=sum(t.rows for t in tables),
-            missing=sum(t.missing for t in tables),
-            identical=sum(t.identical for t in tables),
-            different=sum(t.different for t in tables),
-            inserted=sum(t.inserted for t in tables),
-            overwritten=sum(t.overwritten for t in tables),
-            kept=sum(t.kept for t in tables),
-            seconds=round(time.perf_counter() - started, 3),
-            run_id=run_id,
-        )
-
-    if dry_run:
-        tallies = _compare(db, directory, manifest, specs, differing, progress)
-        return result(tallies, RestoreOutcome.DRY_RUN)
-    run_params = (
-        {
-            "source": str(directory),
-            "differing": differing.value,
-            "alembic_revision": manifest.alembic_revision,
-            "projects": manifest.projects,
-        }
-        if state.has_run_ledger
-        else None
-    )
-    try:
-        tallies, run_id = _restore(db, directory, manifest, specs, differing, progress, run_params)
-    except _RefusedError as refused:
-        raise DifferingRowsError(result(refused.tallies, RestoreOutcome.REFUSED)) from None
-    except BaseException as error:
-        if run_params is not None:
-            _record_failure(db, run_params, error)
-        raise
-    restored = result(tallies, RestoreOutcome.RESTORED, run_id)
-    if run_id is not None:
-        finish_run(db, run_id, RunStatus.COMPLETED, summary=_summary(restored))
-    return restored
+        try:
+            tallies, run_id = _restore(
+                db, directory, manifest, specs, differing, progress, run_params
+            )
+        except _RefusedError as refused:
+            raise DifferingRowsError(result(refused.tallies, RestoreOutcome.REFUSED)) from None
+        except BaseException as error:
+            if run_params is not None:
+                _record_failure(db, run_params, error)
+            raise
+        restored = result(tallies, RestoreOutcome.RESTORED, run_id)
+        if run_id is not None:
+            finish_run(db, run_id, RunStatus.COMPLETED, summary=_summary(restored))
+        return restored
 
 
 def _record_failure(db: Connectable, params: dict[str, Any], error: BaseException) -> None:

@@ -35,19 +35,21 @@ from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     MigrationRun,
     OrchestrationSession,
+    Project,
     PromptRole,
     SessionPromptRef,
 )
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
 from prompt_tool.errors import PromptToolError, SchemaError
-from prompt_tool.migrate.runs import RunKind, RunStatus, dead_runs
+from prompt_tool.migrate.runs import RunKind, RunStatus, dead_runs, life_of
 
 __all__ = [
     "LastRun",
     "NotReadyError",
     "ProjectStatus",
     "Readiness",
+    "RecentRun",
     "StatusReport",
     "natural_key",
     "readiness",
@@ -91,13 +93,33 @@ class LastRun:
     passed: bool | None = None
     sampled: bool = False
     error: str | None = None
+    # live / finished / interrupted / dead, and why (RunState, RunLife).
+    state: str = ""
+    reason: str = ""
 
     def describe(self) -> str:
         outcome = self.status
         if self.passed is not None and self.status == RunStatus.COMPLETED.value:
             outcome = "passed" if self.passed else "FAILED"
+        elif self.state and self.state != "finished":
+            outcome = self.state
         when = f" {self.started_at:%Y-%m-%d %H:%M}" if self.started_at else ""
         return f"#{self.id} {outcome}{when}"
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRun:
+    """One run of the ledger, as `status` lists the latest: where it is and why."""
+
+    id: int
+    kind: str
+    status: str  # as stored; abandoned for a run marked running whose process is gone
+    state: str  # live / finished / interrupted / dead
+    scope: str  # the projects it covered, or "all"
+    started_at: datetime | None
+    finished_at: datetime | None
+    started_by: str | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +149,11 @@ class StatusReport:
     # A/B tests of legacy orchestration prompts: `prompt-tool ab` cannot run them; each is to be
     # recreated on the template its prompt became.
     legacy_ab_tests: list[LegacyABTest] = field(default_factory=list)
+    # The latest runs of every kind (and every run still marked running), newest first.
+    runs: list[RecentRun] = field(default_factory=list)
+    # Set when this prompt-tool does not know the revision (or several are recorded): what to do;
+    # nothing else is read then.
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +284,7 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
         .where(ledger.c.kind.in_([kind.value for kind in _REPORTED_KINDS]))
         .order_by(ledger.c.id)
     ).all()
-    # A run still marked running whose process (or server backend) is gone shows as abandoned.
+    # A run still marked running whose process (or server backend) is gone shows as dead.
     dead = dead_runs(connection, runs)
     for run in runs:
         covered = _covered(run, slugs)
@@ -265,6 +292,7 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
             passed, sampled = (
                 _verify_outcome(run, slug) if run.kind == RunKind.VERIFY.value else (None, False)
             )
+            life = life_of(run, dead)
             latest[slug][run.kind] = LastRun(
                 id=run.id,
                 kind=run.kind,
@@ -275,8 +303,45 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
                 passed=passed,
                 sampled=sampled,
                 error=run.error,
+                state=life.state.value,
+                reason=life.reason,
             )
     return latest
+
+
+_RECENT = 10
+
+
+def _recent_runs(connection: Connection) -> list[RecentRun]:
+    """The latest runs of every kind, and every run still marked running, newest first."""
+    ledger = MigrationRun.__table__
+    latest = select(ledger.c.id).order_by(ledger.c.id.desc()).limit(_RECENT).scalar_subquery()
+    runs = connection.execute(
+        select(ledger, Project.slug)
+        .outerjoin(Project, Project.id == ledger.c.project_id)
+        .where(or_(ledger.c.id.in_(latest), ledger.c.status == RunStatus.RUNNING.value))
+        .order_by(ledger.c.id.desc())
+    ).all()
+    dead = dead_runs(connection, runs)
+    recent = []
+    for run in runs:
+        life = life_of(run, dead)
+        params = run.params if isinstance(run.params, dict) else {}
+        scope = run.slug or params.get("scope") or "*"
+        recent.append(
+            RecentRun(
+                id=run.id,
+                kind=run.kind,
+                status=RunStatus.ABANDONED.value if run.id in dead else run.status,
+                state=life.state.value,
+                scope="all" if scope == _ALL else str(scope),
+                started_at=run.started_at,
+                finished_at=run.finished_at,
+                started_by=run.started_by,
+                reason=life.reason,
+            )
+        )
+    return recent
 
 
 def _flag_variants(db: Connectable, templates_schema: bool) -> dict[str, tuple[str, str]]:
@@ -406,8 +471,18 @@ def _collect(
 
 def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
     """Where every project (or the ``projects`` named by slug) stands. See the module."""
+    with connect(db) as connection:
+        recorded = schema.recorded_revisions(connection)
+    problem = schema.revision_problem(_database_name(db), recorded)
+    if problem is not None:
+        shown = ",".join(sorted(recorded))
+        return StatusReport(_database_name(db), shown, _head(), False, problem=problem)
     revision, templates_schema, found = _collect(db, projects)
     selected = {p.project for p in found}
+    recent: list[RecentRun] = []
+    if templates_schema:
+        with connect(db) as connection:
+            recent = _recent_runs(connection)
     return StatusReport(
         database=_database_name(db),
         revision=revision,
@@ -418,6 +493,7 @@ def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
             (test for test in legacy_orchestration_ab_tests(db) if test.project in selected),
             key=lambda test: (natural_key(test.project), test.id),
         ),
+        runs=recent,
     )
 
 

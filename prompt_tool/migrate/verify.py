@@ -2,7 +2,10 @@
 
 For every selected session and role it classifies what the read shim's ``templates`` path
 would return: matched (the rendered reference equals the legacy text), mismatched, unmigrated
-(no reference yet), stale (the legacy text changed after the reference was made), render error.
+(no reference yet), stale (the legacy text changed after the reference was made), render error,
+unreadable (its stored bytes are not valid UTF-8: never read, named by session id and column;
+backfill leaves it unlinked, so like an unmigrated one it fails the check unless
+``allow_unmigrated``: the templates path serves it from the legacy column).
 Nearly every imported text is a *literal* version (no brace, no declared variable: it renders
 to its own source), and those are settled in the database by comparing the legacy text with
 the version's source, byte for byte, which costs less than digesting it. Every other text is
@@ -28,7 +31,7 @@ from sqlalchemy.types import Text
 
 from prompt_tool.core import content_hash
 from prompt_tool.core.errors import TemplateError
-from prompt_tool.db.dialect import sha256_hex
+from prompt_tool.db.dialect import read_only, sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -38,7 +41,9 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.db.projects import projects_by_slug
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.db.revision_guard import require_known_revision
+from prompt_tool.db.revisions import EXPAND
+from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_read_run
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
 __all__ = ["Mismatch", "ProjectVerification", "VerifyOptions", "VerifyReport", "verify"]
@@ -58,6 +63,8 @@ class VerifyOptions:
     # to 11.3. Memory stays flat either way: a batch comes back grouped.
     batch_size: int = 500_000
     show_diffs: int = 3
+    # Read in read-only transactions and record no run (a replica, a read-only user).
+    readonly: bool = False
 
 
 @dataclass
@@ -69,11 +76,15 @@ class ProjectVerification:
     unmigrated: int = 0
     stale: int = 0
     render_errors: int = 0
+    # Legacy texts that are not valid UTF-8: backfill leaves them unlinked, so the templates
+    # path serves them from the legacy column, as it does unmigrated ones; they block as those
+    # do (``--allow-unmigrated`` accepts both) and the report names them.
+    unreadable: int = 0
 
     def passed(self, allow_unmigrated: bool) -> bool:
         blocking = self.mismatched + self.render_errors
         if not allow_unmigrated:
-            blocking += self.unmigrated + self.stale
+            blocking += self.unmigrated + self.stale + self.unreadable
         return blocking == 0
 
 
@@ -89,13 +100,17 @@ class Mismatch:
 
 @dataclass
 class VerifyReport:
-    run_id: int
+    # None: the run is not in the ledger, and ``not_recorded`` says why (the report is whole).
+    run_id: int | None
     passed: bool
     allow_unmigrated: bool
     sampled: int | None
     projects: list[ProjectVerification]
     mismatches: list[Mismatch] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # The first unreadable legacy texts, each as "table id N column" (all are counted).
+    unreadable: list[str] = field(default_factory=list)
+    not_recorded: str | None = None
 
     def totals(self) -> ProjectVerification:
         total = ProjectVerification("(all)")
@@ -107,6 +122,7 @@ class VerifyReport:
                 "unmigrated",
                 "stale",
                 "render_errors",
+                "unreadable",
             ):
                 setattr(total, name, getattr(total, name) + getattr(p, name))
         return total
@@ -173,6 +189,8 @@ def _batch_bounds(
 
 
 _UNMIGRATED, _STALE, _CHECK, _MATCHED = "unmigrated", "stale", "check", "matched"
+_UNREADABLE = "unreadable"
+_UNREADABLE_NAMED = 20
 
 
 def _literal_versions() -> Any:
@@ -226,6 +244,7 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     legacy_text = case(
         *((role == each.value, _SESSIONS.c[each.legacy_column]) for each in PromptRole)
     )
+    unreadable = unreadable_text(legacy_text)
     literal_versions = _literal_versions()
     settled = and_(
         legacy_text == literal_versions.c.content,
@@ -237,6 +256,7 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
             _SESSIONS.c.project_id.label("project_id"),
             role.label("role"),
             legacy_text.is_(None).label("no_text"),
+            unreadable.label("unreadable"),
             # Only the digest leaves this subquery, not the text (NULL for a settled role): a
             # parallel plan then gathers short rows. Its workers read the texts themselves.
             case((settled, null()), else_=sha256_hex(legacy_text)).label("legacy_hash"),
@@ -267,6 +287,8 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     # A linked role with a text and no digest was settled (a NULL text has no digest either).
     is_settled = and_(rows.c.legacy_hash.is_(None), ~rows.c.no_text)
     kind = case(
+        # Not valid UTF-8: never read or rendered; each such role is its own group, to be named.
+        (rows.c.unreadable, literal(_UNREADABLE)),
         (rows.c.version_id.is_(None), literal(_UNMIGRATED)),
         (is_settled, literal(_MATCHED)),
         (rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash), literal(_STALE)),
@@ -276,6 +298,7 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     version = case((checked, rows.c.version_id), else_=null())
     variables = case((checked, rows.c.variables), else_=null())
     digest = case((checked, rows.c.legacy_hash), else_=null())
+    alone = case((kind == literal(_UNREADABLE), rows.c.session_id), else_=null())
     return select(
         rows.c.project_id,
         rows.c.role,
@@ -285,7 +308,7 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
         digest.label("legacy_hash"),
         func.count().label("n"),
         func.min(rows.c.session_id).label("session_id"),
-    ).group_by(rows.c.project_id, rows.c.role, kind, version, variables, digest)
+    ).group_by(rows.c.project_id, rows.c.role, kind, version, variables, digest, alone)
 
 
 def _diff(engine: Connectable, session_id: int, role: PromptRole, rendered: str) -> str:
@@ -314,7 +337,9 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Compare the templates path with the legacy text for the selected sessions."""
+    require_known_revision(engine, "verify", needs=EXPAND)
     options = options or VerifyOptions()
+    engine = read_only(engine) if options.readonly else engine
     manager = manager if manager is not None else TemplateManager(engine)
     started = time.monotonic()
     with connect(engine) as connection:
@@ -334,9 +359,10 @@ def verify(
             if sample_ids is not None
             else connection.execute(total_query).scalar_one()
         )
-    run_id = start_run(
+    run = start_read_run(
         engine,
         RunKind.VERIFY,
+        readonly=options.readonly,
         project_id=scope[0] if len(scope) == 1 else None,
         params={
             "scope": ",".join(sorted(projects[p] for p in scope)) or "*",
@@ -345,7 +371,9 @@ def verify(
         },
     )
     per_project = {slug: ProjectVerification(slug) for slug in sorted(projects.values())}
+    run_id = run.id
     report = VerifyReport(run_id, False, options.allow_unmigrated, options.sample, [])
+    report.not_recorded = run.not_recorded
     renders = _RenderedDigests(manager)
     try:
         after, seen = 0, 0
@@ -436,6 +464,13 @@ def _classify(
     project = projects[group.project_id]
     counts = per_project[project]
     counts.checked += group.n
+    if group.kind == _UNREADABLE:
+        counts.unreadable += group.n
+        if len(report.unreadable) < _UNREADABLE_NAMED:
+            column = PromptRole(group.role).legacy_column
+            table = OrchestrationSession.__tablename__
+            report.unreadable.append(f"{table} id {group.session_id} {column}")
+        return
     if group.kind == _UNMIGRATED:
         counts.unmigrated += group.n
         return

@@ -33,6 +33,8 @@ from prompt_tool.db.models import (
     TemplatePermission,
 )
 from prompt_tool.db.projects import create_project, get_project, list_projects
+from prompt_tool.db.revision_guard import require_known_revision
+from prompt_tool.db.revisions import EXPAND
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.settings import Settings, get_settings
 from prompt_tool.templates.cache import NameCache, RedisSourceCache
@@ -216,6 +218,14 @@ class TemplateManager:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def _writing(self, action: str, needs: str | None = EXPAND) -> Iterator[Session]:
+        """A unit of work that writes: refused first on a schema this prompt-tool does not know
+        (checked once per engine, see :mod:`prompt_tool.db.revision_guard`)."""
+        require_known_revision(self.engine, action, needs=needs)
+        with self._unit() as session:
+            yield session
+
     # --- lookups -------------------------------------------------------------------------
 
     def _project(self, session: Session, slug: str | None) -> Project | None:
@@ -377,7 +387,7 @@ class TemplateManager:
         """Store a new template as version 1, labelled ``latest`` and ``production``."""
         _check_address(address)
         declared = [dict(v) for v in variables]
-        with self._unit() as session:
+        with self._writing("create a template") as session:
             project = self._check(session, actor, Action.EDIT, address)
             try:
                 self._find(session, address)
@@ -438,7 +448,7 @@ class TemplateManager:
         Text identical to the latest version creates nothing and says so.
         """
         _check_address(address)
-        with self._unit() as session:
+        with self._writing("update a template") as session:
             self._check(session, actor, Action.EDIT, address)
             prompt = self._find(session, address, lock=True)
             latest_number = session.scalar(
@@ -487,7 +497,7 @@ class TemplateManager:
         """Point ``label`` at an existing ``version`` (recorded: who, when, from which to which)."""
         _check_address(address)
         _check_label(label)
-        with self._unit() as session:
+        with self._writing("move a label") as session:
             self._check(session, actor, Action.EDIT, address)
             prompt = self._find(session, address, lock=True)
             target = self._version(session, prompt, version)
@@ -507,7 +517,7 @@ class TemplateManager:
         """Move ``label`` back: to ``to_version``, else to where it pointed before its last move."""
         _check_address(address)
         _check_label(label)
-        with self._unit() as session:
+        with self._writing("roll a template back") as session:
             self._check(session, actor, Action.EDIT, address)
             prompt = self._find(session, address, lock=True)
             if to_version is not None:
@@ -749,7 +759,7 @@ class TemplateManager:
     # --- projects and roles (one unit of work each, for the CLI) -------------------------
 
     def create_project(self, slug: str, name: str | None = None) -> ProjectInfo:
-        with self._unit() as session:
+        with self._writing("create a project", needs=None) as session:
             project = create_project(session, slug, name)
             return ProjectInfo(project.id, project.slug, project.name)
 
@@ -758,11 +768,11 @@ class TemplateManager:
             return [ProjectInfo(p.id, p.slug, p.name) for p in list_projects(session)]
 
     def grant(self, actor: str, user: str, role: str, project: str | None) -> Grant:
-        with self._unit() as session:
+        with self._writing("grant a role") as session:
             return grant_role(session, actor, user, role, project)
 
     def revoke(self, actor: str, user: str, project: str | None) -> None:
-        with self._unit() as session:
+        with self._writing("revoke a role") as session:
             revoke_role(session, actor, user, project)
 
     def roles(self, project: str | None = None) -> list[Grant]:

@@ -3,7 +3,7 @@ the signal sent once its progress bar is on the screen (mid-run, never after a b
 
 Either ends in one line on stderr and exit 130 (SIGINT) or 143 (SIGTERM), with no worker
 traceback; the run's ledger row says ``interrupted``; running the command again carries on and
-ends exactly where an uninterrupted run ends. A run killed with SIGKILL shows as ``abandoned`` in
+ends exactly where an uninterrupted run ends. A run killed with SIGKILL shows as ``dead`` in
 `orch-migrate status`. Progress on a terminal has a known total from its first line.
 """
 
@@ -218,7 +218,7 @@ def _worker_processes(url: str) -> list[str]:
     return [line for line in found if "backfill_plan import worker_main" in line]
 
 
-def test_a_run_killed_with_sigkill_shows_as_abandoned_in_status(
+def test_a_run_killed_with_sigkill_shows_as_dead_in_status(
     big_legacy_url: str, engine_for: Any
 ) -> None:
     engine = engine_for(big_legacy_url)
@@ -235,6 +235,7 @@ def test_a_run_killed_with_sigkill_shows_as_abandoned_in_status(
         check=True,
     ).stdout
     assert '"status": "abandoned"' in shown
+    assert '"state": "dead"' in shown
     assert '"status": "running"' not in shown
     _assert_rerun_ends_where_one_run_ends(big_legacy_url, engine, *extra)
 

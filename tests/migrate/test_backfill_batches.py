@@ -3,11 +3,18 @@ run remembers are committed ones, and references go in as one statement on both 
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, or_, select, update
 
 from prompt_tool.core import content_hash, literal_template
-from prompt_tool.db.models import OrchestrationSession, Prompt, SessionPromptRef
+from prompt_tool.db.models import (
+    OrchestrationSession,
+    Project,
+    Prompt,
+    PromptRole,
+    SessionPromptRef,
+)
 from prompt_tool.migrate.backfill import (
+    BackfillOptions,
     ImportedVersions,
     _find_imported,
     _import_templates,
@@ -78,3 +85,45 @@ def test_backfill_links_every_text_in_one_run_on_both_dialects(legacy_engine: En
     with legacy_engine.connect() as connection:
         references = connection.execute(select(func.count()).select_from(SessionPromptRef))
         assert references.scalar_one() == summary.references_created > 0
+
+
+def test_a_scoped_run_steps_over_key_windows_without_sessions_of_its_scope(
+    legacy_engine: Engine,
+) -> None:
+    """Batches read bounded key windows (whatever the planner's statistics): windows holding
+    none of the scope, such as a gap of deleted sessions, are stepped over, none is lost."""
+    with legacy_engine.begin() as connection:
+        ids = (
+            connection.execute(select(OrchestrationSession.id).order_by(OrchestrationSession.id))
+            .scalars()
+            .all()
+        )
+        connection.execute(
+            delete(OrchestrationSession).where(OrchestrationSession.id.in_(ids[100:300]))
+        )
+        project_id, slug = connection.execute(
+            select(Project.id, Project.slug).order_by(Project.id).limit(1)
+        ).one()
+        with_text = or_(
+            *(
+                OrchestrationSession.__table__.c[role.legacy_column].is_not(None)
+                for role in PromptRole
+            )
+        )
+        expected = set(
+            connection.execute(
+                select(OrchestrationSession.id).where(
+                    OrchestrationSession.project_id == project_id, with_text
+                )
+            ).scalars()
+        )
+    summary = backfill(legacy_engine, BackfillOptions(projects=(slug,), batch_size=5))
+    assert summary.batches > 1
+    with legacy_engine.connect() as connection:
+        linked = connection.execute(
+            select(SessionPromptRef.session_id, OrchestrationSession.project_id)
+            .join(OrchestrationSession, OrchestrationSession.id == SessionPromptRef.session_id)
+            .distinct()
+        ).all()
+    assert {session for session, _ in linked} == expected
+    assert {project for _, project in linked} == {project_id}

@@ -5,16 +5,18 @@ carries the pending batches on. On SQLite the plan is walked by one worker."""
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
 from prompt_tool.db.models import PromptRole
-from prompt_tool.migrate.backfill import BackfillOptions, backfill
+from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, backfill
 from prompt_tool.migrate.backfill_plan import effective_workers
 from prompt_tool.migrate.verify import verify
 from tests.migrate.test_backfill import _state, unlink_everything
@@ -109,8 +111,11 @@ if __name__ == "__main__":
     kill_at = int(sys.argv[2])
     count = [0]
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def maybe_die(*args):
+    @event.listens_for(engine, "before_cursor_execute")
+    def maybe_die(connection, cursor, statement, *args):
+        claim = "FROM migration_batches" in statement and "LIMIT" in statement
+        if not claim:
+            return
         count[0] += 1
         if count[0] == kill_at:
             os.killpg(0, signal.SIGKILL)  # every worker of the run at once, as kill -9 would
@@ -119,9 +124,9 @@ if __name__ == "__main__":
 """
 
 
-# Statements of the planning process: 13 is its first claim, right after the plan's commit (the
-# run's lock holder records its server backend first, for status to tell a dead run).
-@pytest.mark.parametrize("kill_at", [13, 26, 48])
+# The planning process's own claims of a range: killed as it makes its first (right after the
+# plan's commit), its second, and its fourth.
+@pytest.mark.parametrize("kill_at", [1, 2, 4])
 def test_a_run_killed_with_its_workers_ends_like_an_uninterrupted_one(
     legacy_url: str, legacy_engine: Engine, kill_at: int, tmp_path: Any
 ) -> None:
@@ -201,3 +206,48 @@ def test_a_big_run_refreshes_the_statistics_readers_plan_with(
                 text("SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'session_prompt_refs'")
             ).scalar_one()
     assert rows > 0
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux /proc)."""
+    found: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        children = (task / "children").read_text().split()
+        found += [int(pid) for pid in children]
+    return found
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_mid_run_leaves_its_batches_to_the_others_and_the_run_succeeds(
+    pg_url: str, engine_for: Any
+) -> None:
+    from prompt_tool.db import schema
+    from prompt_tool.migrate import load_legacy_sample
+
+    schema.upgrade(pg_url, "0001")
+    load_legacy_sample(pg_url, sessions=600, projects=3, seed=5)
+    schema.upgrade(pg_url)
+    engine = engine_for(pg_url)
+    killed: list[int] = []
+
+    def kill_a_worker(progress: BackfillProgress) -> None:
+        if not killed and progress.batches >= 1:
+            for pid in _children():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+
+    summary = backfill(engine, BackfillOptions(workers=2, batch_size=20), progress=kill_a_worker)
+    assert killed, "no worker process to kill"
+    assert summary.workers_lost == [-signal.SIGKILL]
+    assert "1 of 2 workers ended early" in summary.describe()
+    assert verify(engine).passed
+    with engine.connect() as connection:
+        pending = connection.execute(
+            text("SELECT count(*) FROM migration_batches WHERE status <> 'done'")
+        ).scalar_one()
+        status = connection.execute(
+            text("SELECT status FROM migration_runs WHERE id = :id"), {"id": summary.run_id}
+        ).scalar_one()
+    assert pending == 0
+    assert status == "completed"

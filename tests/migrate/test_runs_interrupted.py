@@ -1,6 +1,7 @@
 """The ledger after an interruption: a run stopped by Ctrl-C or SIGTERM (a KeyboardInterrupt
 where the command is) is marked ``interrupted`` with its end time, and the next run carries on;
-a run whose process is gone while it is still marked running shows as ``abandoned``; status
+a run whose process is gone while it is still marked running shows as ``dead`` (and is recorded
+as ``abandoned`` by the next run to start); status
 sorts projects naturally and says the legacy A/B notice once."""
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ def test_status_tells_a_dead_run_from_a_live_one(legacy_engine: Engine) -> None:
     found = {p.project: p for p in status(legacy_engine).projects}
     last = found["project-1"].last_backfill
     assert last is not None and last.status == RunStatus.ABANDONED.value
-    assert "abandoned" in last.describe()
+    assert last.state == "dead"
+    assert "dead" in last.describe()
+    assert "is gone: killed or crashed" in last.reason
 
 
 def test_a_live_postgresql_run_is_told_by_its_backend(
@@ -233,3 +236,100 @@ def test_status_lists_projects_naturally_and_says_the_ab_notice_once(
     assert out.count("legacy A/B test '") == 1  # the same test in eleven projects: one line
     assert "project-10 (test 10)" in out
     assert out.index("project-9 ") < out.index("project-10 ")
+
+
+def _as_if_killed(engine: Engine, run_id: int) -> None:
+    """Make ``run_id`` look as a process that is gone left it (SIGKILL, a crash)."""
+    with engine.begin() as connection:
+        params = connection.execute(
+            text("SELECT params FROM migration_runs WHERE id = :id"), {"id": run_id}
+        ).scalar_one()
+        params = params if isinstance(params, dict) else json.loads(params)
+        params["pid"] = _dead_pid()
+        if engine.dialect.name == "postgresql":
+            params["backend_pid"] = 2_000_000_000  # no such backend
+        connection.execute(
+            update(MigrationRun).where(MigrationRun.id == run_id).values(params=params)
+        )
+
+
+def test_the_next_run_records_killed_runs_as_abandoned_and_leaves_live_ones(
+    legacy_engine: Engine,
+) -> None:
+    killed_restore = start_run(legacy_engine, RunKind.RESTORE)
+    killed_backfill = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "*"})
+    live = start_run(legacy_engine, RunKind.EXPORT)  # this process: alive
+    for run_id in (killed_restore, killed_backfill):
+        _as_if_killed(legacy_engine, run_id)
+
+    next_run = start_run(legacy_engine, RunKind.VERIFY)
+
+    for run_id in (killed_restore, killed_backfill):
+        state, finished, _params, error = _run_row(legacy_engine, run_id)
+        assert (state, finished) == (RunStatus.ABANDONED.value, True)
+        assert "is gone: killed or crashed" in error
+    assert _run_row(legacy_engine, live)[:2] == (RunStatus.RUNNING.value, False)
+    assert _run_row(legacy_engine, next_run)[:2] == (RunStatus.RUNNING.value, False)
+
+
+def test_an_abandoned_backfill_is_carried_on_by_the_next_one(legacy_engine: Engine) -> None:
+    stop_after_two: list[int] = []
+
+    def stop(progress: BackfillProgress) -> None:
+        stop_after_two.append(progress.batches)
+        if progress.batches == 2:
+            raise SystemExit  # stops it after two committed batches
+
+    with pytest.raises(SystemExit):
+        backfill(legacy_engine, BackfillOptions(batch_size=50), progress=stop)
+    with legacy_engine.begin() as connection:  # as SIGKILL leaves it: still marked running
+        run_id = connection.execute(text("SELECT max(id) FROM migration_runs")).scalar_one()
+        connection.execute(
+            update(MigrationRun).where(MigrationRun.id == run_id).values(status="running")
+        )
+    _as_if_killed(legacy_engine, run_id)
+    start_run(legacy_engine, RunKind.VERIFY)  # reaps it
+    assert _run_row(legacy_engine, run_id)[0] == RunStatus.ABANDONED.value
+
+    resumed = backfill(legacy_engine)
+
+    assert resumed.resumed_after is not None and resumed.resumed_after > 0
+    assert not backfill(legacy_engine).changed
+
+
+def test_status_lists_the_latest_runs_live_finished_interrupted_dead_with_why(
+    legacy_engine: Engine,
+) -> None:
+    finished = start_run(legacy_engine, RunKind.EXPORT)
+    finish_run(legacy_engine, finished, RunStatus.COMPLETED)
+    failed = start_run(legacy_engine, RunKind.RESTORE)
+    finish_run(legacy_engine, failed, RunStatus.FAILED, error="checksum of sessions differs")
+    interrupted = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "*"})
+    finish_run(legacy_engine, interrupted, RunStatus.INTERRUPTED, error="interrupted")
+    dead = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "project-2"})
+    _as_if_killed(legacy_engine, dead)
+    # Starting it records `dead` as abandoned: shown dead all the same.
+    live = start_run(legacy_engine, RunKind.VERIFY, params={"scope": "*"})
+
+    shown = {run.id: run for run in status(legacy_engine).runs}
+
+    assert [run.id for run in status(legacy_engine).runs][:5] == [
+        live,
+        dead,
+        interrupted,
+        failed,
+        finished,
+    ]
+    assert (shown[live].state, shown[live].reason.startswith("running as process")) == (
+        "live",
+        True,
+    )
+    assert shown[dead].state == "dead" and "killed or crashed" in shown[dead].reason
+    assert shown[dead].scope == "project-2"
+    assert shown[interrupted].state == "interrupted"
+    assert "Ctrl-C or SIGTERM" in shown[interrupted].reason
+    assert (shown[failed].state, shown[failed].reason) == (
+        "finished",
+        "failed: checksum of sessions differs",
+    )
+    assert (shown[finished].state, shown[finished].reason) == ("finished", "completed")
