@@ -72,6 +72,8 @@ def _render_status(report: StatusReport) -> Any:
     behind = "" if report.revision == report.head else f" (head is {report.head})"
     if report.problem is not None:  # said on stderr, as the error line
         return Text(f"{report.database} at revision {at}{behind}")
+    # Shown only where there is any: text that is not valid UTF-8 (SQLite) is rare.
+    unreadable = any(p.unreadable for p in report.projects)
     rows = [
         (
             p.project,
@@ -79,6 +81,7 @@ def _render_status(report: StatusReport) -> Any:
             p.migrated,
             p.unmigrated,
             p.stale,
+            *((p.unreadable,) if unreadable else ()),
             f"{p.flag} ({p.flag_source})",
             _run(p.last_export),
             _run(p.last_backfill),
@@ -130,6 +133,7 @@ def _render_status(report: StatusReport) -> Any:
                 "migrated",
                 "unmigrated",
                 "stale",
+                *(("unreadable",) if unreadable else ()),
                 "flag",
                 "last export",
                 "last backfill",

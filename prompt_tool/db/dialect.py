@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, overload
 
 from sqlalchemy import (
@@ -52,6 +53,7 @@ __all__ = [
     "set_local_timeouts",
     "sha256_hex",
     "stale_statistics",
+    "text_as_stored",
     "unreadable_text",
     "wall_clock",
     "write_refusal",
@@ -121,6 +123,28 @@ def _unreadable_text_postgresql(element: unreadable_text, compiler: Any, **kw: A
 @compiles(unreadable_text, "sqlite")
 def _unreadable_text_sqlite(element: unreadable_text, compiler: Any, **kw: Any) -> str:
     return f"pt_not_utf8(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
+
+
+def _surrogate_escaping(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@contextmanager
+def text_as_stored(connection: Connection) -> Iterator[None]:
+    """Within: text read on ``connection`` whose stored bytes are not valid UTF-8 (SQLite keeps
+    whatever bytes it was given) comes back decoded with ``surrogateescape`` instead of failing
+    the read; it encodes back to exactly those bytes. No-op on PostgreSQL, whose text is valid."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    previous = driver.text_factory
+    driver.text_factory = _surrogate_escaping
+    try:
+        yield
+    finally:
+        driver.text_factory = previous
 
 
 def _sha256_text(value: bytes | str | None) -> str | None:

@@ -70,6 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import ColumnClause, Select
 
+from prompt_tool.db.dialect import text_as_stored
 from prompt_tool.db.engine import Connectable, check_connection, connect
 from prompt_tool.db.models import Base
 from prompt_tool.db.revisions import BASELINE, EXPAND, EXPAND_TABLES, LEGACY_TABLES
@@ -834,10 +835,6 @@ class PostgresIO:
         )
 
 
-def _surrogate_escaping(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
 class SQLiteIO:
     """SQLite: rows are read through the driver and encoded in Python.
 
@@ -848,17 +845,6 @@ class SQLiteIO:
 
     name = "sqlite"
     stores_any_text_bytes = True
-
-    @contextmanager
-    def _text_as_stored(self, connection: Connection) -> Iterator[None]:
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        previous = driver.text_factory
-        driver.text_factory = _surrogate_escaping
-        try:
-            yield
-        finally:
-            driver.text_factory = previous
 
     @staticmethod
     def _begin_in_driver(connection: Connection, statement: str) -> None:
@@ -873,7 +859,7 @@ class SQLiteIO:
     def snapshot(self, connection: Connection) -> Iterator[None]:
         # Without a transaction around them, each table would be read at a different moment; a
         # deferred BEGIN takes SQLite's read lock at the first read and holds it to the end.
-        with self._text_as_stored(connection), connection.begin():
+        with text_as_stored(connection), connection.begin():
             self._begin_in_driver(connection, "BEGIN")
             yield
 
@@ -890,7 +876,7 @@ class SQLiteIO:
     def restoring(self, connection: Connection) -> Iterator[None]:
         # The write lock from the start: what is compared is what gets written over.
         self._begin_in_driver(connection, "BEGIN IMMEDIATE")
-        with self._text_as_stored(connection):
+        with text_as_stored(connection):
             yield
 
     def _to_file(self, spec: TableSpec) -> Callable[[Sequence[Any]], Any]:

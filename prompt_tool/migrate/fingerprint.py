@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, inspect, text
 
+from prompt_tool.db.dialect import text_as_stored
 from prompt_tool.db.engine import connect, make_engine
 from prompt_tool.db.legacy import LEGACY_COLUMNS
 from prompt_tool.db.url import redact
@@ -127,7 +128,7 @@ def _stream(
     where: Iterable[str] = (),
     params: dict[str, Any] | None = None,
     with_id: bool,
-) -> Any:
+) -> Iterator[Any]:
     """The rows of ``table`` in ``order``: each column's text form, then the raw id if asked."""
     quoted = _quote(table)
     select_list = [f"CAST({_quote(column)} AS TEXT)" for column in columns]
@@ -139,9 +140,12 @@ def _stream(
     # streaming options go on the statement: set on the connection they would stick to it.
     ordering = ", ".join(f"{quoted}.{_quote(column)}" for column in order)
     statement = text(f"SELECT {', '.join(select_list)} FROM {quoted}{clause} ORDER BY {ordering}")
-    return connection.execute(
-        statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS), params or {}
-    )
+    # Text that is not valid UTF-8 (SQLite) is hashed as the bytes it is, not a failed read.
+    with text_as_stored(connection):
+        yield from connection.execute(
+            statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS),
+            params or {},
+        )
 
 
 def fingerprint_table(

@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, and_, case, func, inspect, not_, or_,
 from prompt_tool import flags
 from prompt_tool.ab_testing import LegacyABTest, legacy_orchestration_ab_tests
 from prompt_tool.db import schema
-from prompt_tool.db.dialect import sha256_hex
+from prompt_tool.db.dialect import sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     MigrationRun,
@@ -126,7 +126,8 @@ class RecentRun:
 class ProjectStatus:
     project: str
     sessions: int
-    # A partition of ``sessions``: stale wins over unmigrated when a session is both.
+    # A partition of ``sessions`` (with ``unreadable``): stale wins over unreadable, and both over
+    # unmigrated, when a session is several.
     migrated: int
     unmigrated: int
     stale: int
@@ -136,6 +137,8 @@ class ProjectStatus:
     last_backfill: LastRun | None
     last_verify: LastRun | None
     readiness: Readiness
+    # Of ``sessions`` too: a legacy text that is not valid UTF-8 and so cannot be linked.
+    unreadable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,7 @@ class _Counts:
     sessions: int = 0
     unmigrated: int = 0
     stale: int = 0
+    unreadable: int = 0
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -201,6 +205,15 @@ def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[
             for role in PromptRole
         )
     )
+    # Text that is not valid UTF-8 (SQLite): no backfill can link it, it stays on the legacy path.
+    unreadable = or_(
+        *(
+            and_(
+                unreadable_text(_SESSIONS.c[role.legacy_column]), links[role].c.session_id.is_(None)
+            )
+            for role in PromptRole
+        )
+    )
     joined: Any = _SESSIONS
     for role, link in links.items():
         joined = joined.outerjoin(
@@ -211,14 +224,22 @@ def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[
             _SESSIONS.c.project_id,
             func.count().label("sessions"),
             func.sum(case((stale, 1), else_=0)).label("stale"),
-            func.sum(case((and_(not_(stale), unmigrated), 1), else_=0)).label("unmigrated"),
+            func.sum(case((and_(not_(stale), unreadable), 1), else_=0)).label("unreadable"),
+            func.sum(case((and_(not_(stale), not_(unreadable), unmigrated), 1), else_=0)).label(
+                "unmigrated"
+            ),
         )
         .select_from(joined)
         .where(_SESSIONS.c.project_id.in_(list(project_ids)))
         .group_by(_SESSIONS.c.project_id)
     )
     return {
-        row.project_id: _Counts(int(row.sessions), int(row.unmigrated or 0), int(row.stale or 0))
+        row.project_id: _Counts(
+            int(row.sessions),
+            int(row.unmigrated or 0),
+            int(row.stale or 0),
+            int(row.unreadable or 0),
+        )
         for row in connection.execute(query)
     }
 
@@ -390,6 +411,13 @@ def _readiness_of(
         )
         noun = "session" if counts.unmigrated + counts.stale == 1 else "sessions"
         reasons.append(f"{pending} {noun}: run `orch-migrate backfill --project {slug}`")
+    if counts.unreadable:
+        noun = "session holds" if counts.unreadable == 1 else "sessions hold"
+        reasons.append(
+            f"{counts.unreadable} {noun} legacy text that is not valid UTF-8, which no backfill "
+            f"can link (`orch-migrate backfill --project {slug}` names them): correct those "
+            "bytes, then backfill"
+        )
     if counts.sessions == 0:
         return Readiness(not reasons, reasons)
     verify = runs.get(RunKind.VERIFY.value)
@@ -455,9 +483,10 @@ def _collect(
             ProjectStatus(
                 project=slug,
                 sessions=count.sessions,
-                migrated=count.sessions - count.unmigrated - count.stale,
+                migrated=count.sessions - count.unmigrated - count.stale - count.unreadable,
                 unmigrated=count.unmigrated,
                 stale=count.stale,
+                unreadable=count.unreadable,
                 flag=variant,
                 flag_source=source,
                 last_export=project_runs.get(RunKind.EXPORT.value),

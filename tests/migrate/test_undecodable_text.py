@@ -31,7 +31,9 @@ from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import MigrationRun, OrchestrationSession, SessionPromptRef
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.export import export
+from prompt_tool.migrate.fingerprint import changed_tables, fingerprint_legacy_tables
 from prompt_tool.migrate.restore import UnstorableTextError, restore
+from prompt_tool.migrate.status import status
 from prompt_tool.migrate.verify import VerifyOptions, verify
 from tests.cli_run import run_cli
 
@@ -124,6 +126,41 @@ def test_a_second_backfill_changes_nothing_and_counts_them_again(sqlite_engine: 
     assert not again.changed
     assert again.unreadable == 2
     assert sorted(again.unreadable_rows) == _UNREADABLE
+
+
+def test_status_counts_unreadable_sessions_apart_and_says_backfill_cannot_link_them(
+    sqlite_engine: Any,
+) -> None:
+    backfill(sqlite_engine)
+    (acme,) = status(sqlite_engine).projects
+    assert (acme.sessions, acme.migrated, acme.unmigrated, acme.stale, acme.unreadable) == (
+        3,
+        1,
+        0,
+        0,
+        2,
+    )
+    assert not acme.readiness.ready
+    assert any(
+        "2 sessions hold legacy text that is not valid UTF-8" in r for r in acme.readiness.reasons
+    )
+    assert not any("unmigrated" in r for r in acme.readiness.reasons)
+
+
+def test_fingerprint_reads_the_stored_bytes_and_tells_one_byte_changed(
+    sqlite_path: Path,
+) -> None:
+    url = f"sqlite:///{sqlite_path}"
+    before = fingerprint_legacy_tables(url)
+    assert fingerprint_legacy_tables(url) == before
+    connection = sqlite3.connect(sqlite_path)
+    with connection:  # one invalid byte for another: 0xFF -> 0xFE
+        connection.execute(
+            "UPDATE orchestration_sessions SET system_prompt = CAST(X'68fe69' AS TEXT) WHERE id = 2"
+        )
+    connection.close()
+    after = fingerprint_legacy_tables(url)
+    assert changed_tables(before, after) == ["orchestration_sessions"]
 
 
 def test_verify_names_unreadable_texts_and_fails_unless_unmigrated_are_allowed(
