@@ -25,6 +25,7 @@ from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from prompt_tool import __version__
+from prompt_tool.db.dialect import write_refusal
 from prompt_tool.errors import InvalidInputError, PromptToolError
 from prompt_tool.settings import get_settings
 
@@ -297,6 +298,13 @@ def _database_message(error: SQLAlchemyError) -> str:
         return (
             f"the database schema is not what this command needs ({first_line}); "
             "run `orch-migrate db upgrade` first"
+        )
+    refused = write_refusal(error)
+    if refused is not None:
+        return (
+            f"this command writes, and the database refused ({refused}: {first_line}); run it "
+            "as a user who may write, on the primary (the README's 'On a production database' "
+            "lists what each command needs)"
         )
     return f"database error: {first_line}"
 

@@ -184,11 +184,10 @@ def _render_report(report: VerifyReport) -> Any:
     if report.unreadable:
         unreadable = report.totals().unreadable
         more = ", ..." if unreadable > len(report.unreadable) else ""
-        stderr.print(
-            f"{unreadable} legacy texts are not valid UTF-8 (left on the legacy path, never "
-            f"linked): {', '.join(report.unreadable)}{more}",
-            markup=False,
-            highlight=False,
+        texts = "legacy text is" if unreadable == 1 else "legacy texts are"
+        print_note(
+            f"{unreadable} {texts} not valid UTF-8 (left on the legacy path, never linked): "
+            f"{', '.join(report.unreadable)}{more}"
         )
     for mismatch in report.mismatches:
         stderr.print(

@@ -223,8 +223,9 @@ class BackfillSummary:
             return ""
         shown = ", ".join(self.unreadable_rows)
         more = ", ..." if self.unreadable > len(self.unreadable_rows) else ""
+        texts = "legacy text" if self.unreadable == 1 else "legacy texts"
         return (
-            f"; {self.unreadable:,} legacy texts unreadable (not valid UTF-8), left unchanged on "
+            f"; {self.unreadable:,} {texts} unreadable (not valid UTF-8), left unchanged on "
             f"the legacy path and not linked: {shown}{more}; fix their bytes and run backfill "
             "again to link them"
         )

@@ -152,7 +152,7 @@ class StatusReport:
     # A/B tests of legacy orchestration prompts: `prompt-tool ab` cannot run them; each is to be
     # recreated on the template its prompt became.
     legacy_ab_tests: list[LegacyABTest] = field(default_factory=list)
-    # The latest runs of every kind (and every run still marked running), newest first.
+    # The latest runs, the latest of each kind, and every run still marked running, newest first.
     runs: list[RecentRun] = field(default_factory=list)
     # Set when this prompt-tool does not know the revision (or several are recorded): what to do;
     # nothing else is read then.
@@ -334,13 +334,21 @@ _RECENT = 10
 
 
 def _recent_runs(connection: Connection) -> list[RecentRun]:
-    """The latest runs of every kind, and every run still marked running, newest first."""
+    """The latest runs, the latest of each kind, and every run still marked running, newest
+    first."""
     ledger = MigrationRun.__table__
     latest = select(ledger.c.id).order_by(ledger.c.id.desc()).limit(_RECENT).scalar_subquery()
+    latest_of_kind = select(func.max(ledger.c.id)).group_by(ledger.c.kind).scalar_subquery()
     runs = connection.execute(
         select(ledger, Project.slug)
         .outerjoin(Project, Project.id == ledger.c.project_id)
-        .where(or_(ledger.c.id.in_(latest), ledger.c.status == RunStatus.RUNNING.value))
+        .where(
+            or_(
+                ledger.c.id.in_(latest),
+                ledger.c.id.in_(latest_of_kind),
+                ledger.c.status == RunStatus.RUNNING.value,
+            )
+        )
         .order_by(ledger.c.id.desc())
     ).all()
     dead = dead_runs(connection, runs)

@@ -327,3 +327,18 @@ def test_other_write_errors_are_not_taken_for_a_read_only_database(writable: str
         assert write_refusal(failed.value) is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["backfill"], ["flag", "set", "--project", "project-1", "shadow"]],
+    ids=" ".join,
+)
+def test_a_command_that_writes_says_in_one_line_that_it_may_not_write_here(
+    read_only_db: ReadOnlyDatabase, command: list[str]
+) -> None:
+    code, out, err = run_cli(app, ["orch-migrate", *command, "--db", read_only_db.reader_url])
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"this command writes, and the database refused ({read_only_db.reason}" in err
+    assert "run it as a user who may write" in err
