@@ -29,6 +29,7 @@ from prompt_tool.core.errors import (
     TemplateValidationError,
 )
 from prompt_tool.core.limits import RenderLimits
+from prompt_tool.core.literal import literal_text
 from prompt_tool.core.sandbox import (
     PromptEnvironment,
     PromptTemplate,
@@ -364,17 +365,20 @@ class TemplateEngine:
         except TemplateError as exc:
             raise exc.located(template=name, version=version) from None
         effective = limits if limits is not None else self.limits
-        if _MARKUP.search(source) is None:
-            # No tag, expression or comment opens anywhere: Jinja would hand the text back
-            # unchanged (no line statements, newlines kept), so skip compiling it at all.
-            # Most imported legacy texts are like this, and verify renders every one.
-            if len(source) > effective.max_output_bytes:
+        # No tag, expression or comment opens anywhere: Jinja would hand the text back unchanged
+        # (no line statements, newlines kept). Or the source is what literal_template made of a
+        # text (an imported legacy text with braces): it renders to that text whatever the
+        # variables. Either way, skip compiling: imported texts may be megabytes of `{{`
+        # (16 MB may be stored), and verify and the read shim render every one.
+        text = source if _MARKUP.search(source) is None else literal_text(source)
+        if text is not None:
+            if len(text.encode("utf-8", "surrogatepass")) > effective.max_output_bytes:
                 raise TemplateLimitError(
                     f"the output is over the limit of {effective.max_output_bytes} bytes",
                     template=name,
                     version=version,
                 )
-            return source
+            return text
         template = self.compile(source, name=name, version=version, content_hash=content_hash)
         return render_bounded(
             template,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prompt_tool.core import TemplateEngine, literal_template, literal_text
+from prompt_tool.core import TemplateEngine, TemplateLimitError, literal_template, literal_text
 from prompt_tool.settings import Settings
 
 ENGINE = TemplateEngine(settings=Settings())
@@ -80,3 +80,21 @@ def test_literal_text_gives_back_the_text_a_literal_template_was_made_of(text: s
 )
 def test_a_source_literal_template_cannot_have_made_has_no_literal_text(source: str) -> None:
     assert literal_text(source) is None
+
+
+def test_a_large_imported_text_full_of_braces_renders_back_without_being_compiled() -> None:
+    """An imported legacy text of 210 KB full of `{{` (a stored source may be 16 MB): rendered
+    by unescaping, never compiled, whatever the variables."""
+    text = ("{{ user }} said {% if %} {# not a comment #} {{{ x }}}\r\n" * 4000)[:210_000]
+    engine = TemplateEngine(settings=Settings())
+    before = engine.cache_stats()
+    assert engine.render(literal_template(text), {"user": "ignored"}, name="imported") == text
+    after = engine.cache_stats()
+    assert (after.hits, after.misses, after.size) == (before.hits, before.misses, before.size)
+
+
+def test_a_literal_text_over_the_output_limit_is_refused_in_bytes() -> None:
+    text = "é{{" * 300_000  # 900,000 characters, 1,500,000 bytes in UTF-8
+    engine = TemplateEngine(settings=Settings())
+    with pytest.raises(TemplateLimitError, match="over the limit of 1048576 bytes"):
+        engine.render(literal_template(text), {}, name="imported")
