@@ -108,17 +108,20 @@ def bounded_waits(db: Connectable, lock_timeout_ms: int, statement_timeout_ms: i
     (PostgreSQL ``SET LOCAL lock_timeout`` / ``statement_timeout``; SQLite has one writer and
     its busy timeout). A run's very first query then gives up on a lock held since before it
     started, as its batches do, instead of waiting without a word. The engine is a copy sharing
-    the pool: the application's own connections are untouched. A caller's Connection is its
-    own transaction, with its own settings, and is returned as it is."""
-    if isinstance(db, Connection) or db.dialect.name != "postgresql":
+    the pool: the application's own connections are untouched. A caller's Connection is inside
+    the caller's transaction: the bounds are set on it, for the rest of that transaction."""
+    if db.dialect.name != "postgresql":
         return db
-    bounded = db.execution_options()
 
-    @event.listens_for(bounded, "begin")
-    def _bound(connection: Connection) -> None:
+    def bound(connection: Connection) -> None:
         connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
         connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
 
+    if isinstance(db, Connection):
+        bound(db)
+        return db
+    bounded = db.execution_options()
+    event.listen(bounded, "begin", bound)
     return bounded
 
 

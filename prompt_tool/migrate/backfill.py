@@ -55,7 +55,6 @@ from prompt_tool.db.dialect import (
     one_of,
     refresh_statistics,
     release_advisory_lock,
-    set_local_timeouts,
     sha256_hex,
     stale_statistics,
     unreadable_text,
@@ -661,7 +660,6 @@ def _run_batch(
     size: int,
     project_ids: Sequence[int],
     scoped: bool,
-    settings: Settings,
     dry_run_seen: set[tuple[int, str, str]],
     matcher: ExistingTemplateMatcher | None = None,
     planned: PlannedBatch | None = None,
@@ -671,9 +669,6 @@ def _run_batch(
     ledger row is completed here instead of a checkpoint being inserted. ``imported``: the
     run's known imported versions, shared by its batches."""
     imported = imported if imported is not None else ImportedVersions()
-    set_local_timeouts(
-        connection, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
-    )
     states, covered_to = _batch_states(connection, after, upper, size, project_ids, scoped)
     if not states and planned is not None:  # the range's sessions are gone: nothing to link
         empty = _BatchResult(last_id=upper, sessions=0)
@@ -1071,7 +1066,6 @@ def _walk(
             size=size,
             project_ids=project_ids,
             scoped=scoped,
-            settings=settings,
             dry_run_seen=dry_run_seen,
             matcher=matcher,
             imported=imported,

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, or_, select
 
 import prompt_tool.migrate.backfill as backfill_module
-from prompt_tool.db.engine import Connectable, begin, connect, make_engine
+from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect, make_engine
 from prompt_tool.db.models import MigrationBatch, OrchestrationSession
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import PromptToolError
@@ -187,7 +187,6 @@ def _claim_loop(
             size=max(1, int(high) - int(low)),  # ids are unique integers: at most this many
             project_ids=project_ids,
             scoped=scoped,
-            settings=settings,
             dry_run_seen=set(),
             matcher=matcher,
             planned=backfill_module.PlannedBatch(int(batch_id), worker),
@@ -418,7 +417,11 @@ def _worker(config: dict[str, Any]) -> int:
         match_existing=config["match_existing"],
         max_retries=config["max_retries"],
     )
-    engine = make_engine(config["url"])
+    base = make_engine(config["url"])
+    # Every query of the worker waits for locks as the planning process's do (bounded).
+    engine = bounded_waits(
+        base, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
+    )
     try:
         with connect(engine) as connection:
             projects = projects_by_slug(connection, options.projects)
@@ -437,5 +440,5 @@ def _worker(config: dict[str, Any]) -> int:
             parent=config["parent"],
         )
     finally:
-        engine.dispose()
+        base.dispose()
     return 0
