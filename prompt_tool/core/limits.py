@@ -8,6 +8,7 @@ environment) the guards fall back to the environment's default limits and no dea
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +44,8 @@ class RenderLimits:
     max_string_length: int = 1_000_000
     #: Longest list any single operation may build.
     max_sequence_length: int = 1_000_000
-    #: Largest integer, in bits, that ``*`` and ``**`` may produce.
+    #: Largest integer, in bits, that ``*``, ``**`` and the ``int`` filter may produce; ``//``
+    #: and ``%`` refuse operands whose bit lengths multiply to more than its square.
     max_int_bits: int = 4096
     #: Deepest nesting of calls: macros calling macros, recursive ``loop()``, ``caller()``.
     max_call_depth: int = 64
@@ -269,6 +271,37 @@ def check_int_bits(bits: int, limits: RenderLimits, what: str) -> None:
         raise limit_error(
             f"{what} would build a number of about {bits} bits (limit {limits.max_int_bits})"
         )
+
+
+_INT_PREFIX_BASES = {"0x": 16, "0o": 8, "0b": 2}
+
+
+def check_int_text(text: str, base: int, limits: RenderLimits, what: str) -> None:
+    """Refuse converting ``text`` to an integer of more than ``max_int_bits`` bits.
+
+    Checked on the digits before converting: Python's own guard (4,300 digits) does not apply
+    to bases 2, 4, 8, 16 and 32, where a megabyte of hex digits builds a 4-million-bit number
+    whose ``//`` or ``%`` then runs for minutes. Text that is not a number (prose passed to
+    ``int``) is left to the conversion, which fails fast and falls back to the default.
+    """
+    if len(text) * 6 <= limits.max_int_bits:
+        return  # at most 6 bits per digit (base 36 is ~5.2): cannot be over, O(1)
+    digits = text.strip().replace("_", "")
+    if digits[:1] in ("+", "-"):
+        digits = digits[1:]
+    prefix = digits[:2].lower()
+    if base in (0, 2, 8, 16) and prefix in _INT_PREFIX_BASES:
+        base = _INT_PREFIX_BASES[prefix] if base == 0 else base
+        digits = digits[2:]
+    elif base == 0:
+        base = 10
+    if not 2 <= base <= 36:
+        return  # int() refuses the base itself
+    number_like = digits.isdecimal() if base <= 10 else digits.isalnum()
+    if not number_like:
+        return
+    bits = math.ceil(len(digits.lstrip("0")) * math.log2(base))
+    check_int_bits(bits, limits, what)
 
 
 def _ascii_digits_end(text: str, start: int) -> int:

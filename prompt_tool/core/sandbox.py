@@ -15,6 +15,15 @@ Layers of defence, from the outside in:
 * **Every operation that can grow data is bounded** (``*``, ``**``, ``+``, ``~``, ``%``,
   ``range``, padding/joining/replacing filters and methods), and a per-render budget watches
   the clock, the call depth, the output size and the text buffered inside macros and blocks.
+* **No single operation outruns the budget.** A call into C cannot be interrupted, so each one
+  whose cost grows with its operands is checked before it runs: ``//`` and ``%`` of two big
+  integers, ``int`` of a long digit string (any base), ``round`` to a huge precision; the
+  reverse searches (``rfind``, ``rindex``, ``rsplit``, ``rpartition``) and ``strip(chars)``,
+  quadratic in CPython on crafted input, switch to a linear method past a fixed amount of work;
+  case mappings that grow text (``'ﬃ'.upper()``) are held to the string limit.
+* **Errors name no internals.** Undefined values, unsafe attributes and Python's own messages
+  describe the template's values (``method 'upper'``, ``loop``), never a module, class or
+  address; strict undefined also applies inside list, tuple and dict literals.
 * **Text is reproduced byte for byte.** The lexer keeps ``\\r\\n`` and ``\\r`` line endings
   where Jinja would normalise them, and ``keep_trailing_newline`` is on.
 """
@@ -22,6 +31,7 @@ Layers of defence, from the outside in:
 from __future__ import annotations
 
 import functools
+import re
 import textwrap
 import types
 from collections.abc import (
@@ -52,10 +62,13 @@ from jinja2.filters import (
     do_center,
     do_format,
     do_indent,
-    do_slice,
+    do_int,
+    do_round,
     do_sum,
     do_tojson,
+    do_trim,
     make_attrgetter,
+    sync_do_slice,
 )
 from jinja2.lexer import TOKEN_DATA, TOKEN_STRING, Lexer, newline_re
 from jinja2.loaders import BaseLoader
@@ -69,6 +82,7 @@ from jinja2.runtime import (
     Undefined,
 )
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from jinja2.utils import missing
 
 from prompt_tool.core.cache import CompiledCache, content_hash
 from prompt_tool.core.errors import (
@@ -86,6 +100,7 @@ from prompt_tool.core.limits import (
     charge,
     check_format_spec,
     check_int_bits,
+    check_int_text,
     check_percent_format,
     check_sequence_length,
     check_string_length,
@@ -139,6 +154,7 @@ _LAZY_FILTERS: Final = frozenset(
 _EAGER_TYPES: Final = frozenset({str, list, tuple, dict, int, float, bool, type(None)})
 
 _ALL_BINOPS: Final = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+_DIVISIONS: Final = frozenset({"//", "%"})
 
 _STR_ATTRIBUTES: Final = frozenset(
     {
@@ -309,6 +325,93 @@ class _PromptContext(Context):
 
 _CALLABLE_TYPES: Final = (_Method, _Range, _Block, Macro, LoopContext, Undefined)
 _ALLOWED_ATTRIBUTES[_Block] = frozenset({"super"})
+
+#: What templates call the sandbox's and Jinja's own runtime types in error messages, in place
+#: of ``prompt_tool.core.sandbox._Method object`` and the like.
+_PLAIN_TYPE_NAMES: Final[dict[str, str]] = {
+    "_Method": "method",
+    "_Iterator": "iterator",
+    "_Range": "range",
+    "_Block": "block",
+    "_PromptUndefined": "undefined value",
+    "StrictUndefined": "undefined value",
+    "Undefined": "undefined value",
+    "LoopContext": "loop",
+    "Macro": "macro",
+    "TemplateModule": "imported template",
+    "TemplateReference": "self",
+    "BlockReference": "block",
+    "Markup": "str",
+}
+
+
+def _describe(obj: Any) -> str:
+    """How an error message names ``obj``: ``'dict' object``, ``method 'upper'``, ``loop``."""
+    if type(obj) is _Method:
+        return f"method {obj._name!r}"
+    name = type(obj).__name__
+    plain = _PLAIN_TYPE_NAMES.get(name)
+    return plain if plain is not None else f"{name!r} object"
+
+
+class _PromptUndefined(StrictUndefined):
+    """Jinja's strict undefined, with messages that name no Python module or class."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        if self._undefined_hint:
+            return self._undefined_hint
+        name = _shown(self._undefined_name)
+        if self._undefined_obj is missing:
+            return f"{name} is undefined"
+        what = _describe(self._undefined_obj)
+        if not isinstance(self._undefined_name, str):
+            return f"{what} has no item {name}"
+        return f"{what} has no attribute {name}"
+
+
+def _shown(key: Any) -> str:
+    # A key can be any value the template built (``d[s]`` with a megabyte string).
+    text = repr(key)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _fail_on_undefined(*groups: Iterable[Any]) -> None:
+    """Raise the undefined-variable error of the first undefined value in ``groups``."""
+    for group in groups:
+        for value in group:
+            if isinstance(value, Undefined):
+                value._fail_with_undefined_error()
+
+
+def _fail_on_method_value(*values: Any) -> None:
+    """Explain a TypeError caused by using a method as a value (``x.upper + 1``)."""
+    for value in values:
+        if type(value) is _Method:
+            raise TemplateRenderError(
+                f"method {value._name!r} is used as a value; call it with "
+                f"parentheses: {value._name}()"
+            )
+
+
+# ``prompt_tool.core.sandbox._Method``, ``jinja2.runtime.LoopContext``: a dotted path into the
+# project or a library, as Python's own messages print it.
+_DOTTED_INTERNAL = re.compile(r"\b(?:prompt_tool|jinja2|markupsafe)(?:\.\w+)*\.(\w+)")
+_ADDRESS = re.compile(r"<([\w. ]+?)(?: object)? at 0x[0-9a-fA-F]+>|\s*at 0x[0-9a-fA-F]+")
+_QUOTED_INTERNAL = re.compile(r"'(" + "|".join(map(re.escape, _PLAIN_TYPE_NAMES)) + r")'")
+
+
+def _plain_text(message: str) -> str:
+    """``message`` with internal module paths, class names and addresses put in plain words."""
+
+    def name(match: re.Match[str]) -> str:
+        return _PLAIN_TYPE_NAMES.get(match.group(1), match.group(1).lstrip("_"))
+
+    message = _ADDRESS.sub(lambda m: f"<{name(m)}>" if m.group(1) else "", message)
+    message = _DOTTED_INTERNAL.sub(name, message)
+    return _QUOTED_INTERNAL.sub(lambda m: repr(name(m)), message)
 
 
 class _OutputBuffer(list[str]):
@@ -579,7 +682,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         max_stored_source_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         super().__init__(
-            undefined=StrictUndefined,
+            undefined=_PromptUndefined,
             autoescape=False,
             keep_trailing_newline=True,
             trim_blocks=False,
@@ -708,7 +811,13 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         return "".join(parts)
 
     def built_value(self, value: Any) -> Any:
-        """Check the deep size of a list/tuple/dict literal the template just built."""
+        """Check the deep size of a list/tuple/dict literal the template just built.
+
+        Strict undefined applies inside literals too: ``{{ (a, b) }}`` fails as ``{{ a }}``
+        does instead of printing ``(Undefined, Undefined)``. Nested literals are checked when
+        they are built, so the top level is enough (and its length is bounded by the source).
+        """
+        _fail_on_undefined(value.values() if type(value) is dict else value)
         limits = self.current_limits()
         check_value_size(value_size(value, limits.max_value_size), limits, "a literal")
         return value
@@ -739,10 +848,27 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             check_string_length(len(result), limits, "'%' formatting")
             charge(len(result))
             return result
-        result = self.binop_table[operator](left, right)
+        elif operator in _DIVISIONS and type(left) is int and type(right) is int:
+            self._check_divide(operator, left, right)
+        try:
+            result = self.binop_table[operator](left, right)
+        except TypeError:
+            _fail_on_method_value(left, right)
+            raise
         if type(result) in (str, list, tuple):
             charge(len(result))
         return result
+
+    def _check_divide(self, operator: str, left: int, right: int) -> None:
+        # Long division costs about the product of the operands' lengths; the result is never
+        # longer than the dividend. Dividing by a small number stays linear and allowed.
+        limit = self.current_limits().max_int_bits
+        left_bits, right_bits = left.bit_length(), right.bit_length()
+        if left_bits * right_bits > limit * limit:
+            raise limit_error(
+                f"'{operator}' of numbers of {left_bits} and {right_bits} bits would take too "
+                f"long (limit {limit} bits)"
+            )
 
     def _check_multiply(self, left: Any, right: Any) -> None:
         limits = self.current_limits()
@@ -775,6 +901,14 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             check_value_size(deep, limits, "'+'")
 
     # -- attribute access and calls --------------------------------------------------------
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Undefined:
+        return self.undefined(
+            f"access to attribute {attribute!r} of {_describe(obj)} is not allowed",
+            name=attribute,
+            obj=obj,
+            exc=SecurityError,
+        )
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         allowed = _ALLOWED_ATTRIBUTES.get(type(obj))
@@ -903,10 +1037,22 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             if kwargs:
                 size += value_size(kwargs, limits.max_value_size)
             check_value_size(size, limits, "the arguments of a call")
+            # Strict undefined applies to the new containers as to any literal (declared
+            # parameters may still be undefined until used).
+            declared = obj.arguments
+            _fail_on_undefined(
+                args[len(declared) :],
+                (value for key, value in kwargs.items() if key not in declared),
+            )
         budget.depth += 1
         try:
             if kind is _Method:
-                result = obj(*args, **kwargs)
+                try:
+                    result = obj(*args, **kwargs)
+                except TypeError:
+                    # Usually an undefined argument ("must be str, not StrictUndefined").
+                    _fail_on_undefined(args, kwargs.values())
+                    raise
                 if type(result) in (str, list, tuple):
                     charge(len(result))
                 return result
@@ -931,7 +1077,12 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         budget = CURRENT_BUDGET.get()
         if budget is not None:
             budget.tick()
-        return super().call_filter(name, value, args, kwargs, context, eval_ctx)
+        try:
+            return super().call_filter(name, value, args, kwargs, context, eval_ctx)
+        except TypeError:
+            _fail_on_undefined((value,), args or (), (kwargs or {}).values())
+            _fail_on_method_value(value, *(args or ()))
+            raise
 
     def call_test(
         self,
@@ -955,7 +1106,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             name: func for name, func in FILTERS.items() if name not in REMOVED_FILTERS
         }
         checked = {
-            name: func if name in _NON_GROWING_FILTERS else self._post_checked(func)
+            name: func if name in _NON_GROWING_FILTERS else self._post_checked(func, name)
             for name, func in filters.items()
         }
         # The bounded versions check their own result; wrapping them again would only cost.
@@ -964,7 +1115,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             checked[name] = _iterator_safe(checked[name])
         return checked
 
-    def _post_checked(self, func: Callable[..., Any]) -> Callable[..., Any]:
+    def _post_checked(self, func: Callable[..., Any], name: str) -> Callable[..., Any]:
         """Wrap a filter so no result longer than the string/list limits escapes it.
 
         Filters with a bounded version are refused *before* they allocate; for the rest (whose
@@ -972,18 +1123,18 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         the growth from compounding through recursion.
         """
 
+        what = f"the {name} filter"
+
         @functools.wraps(func)
         def checked(*args: Any, **kwargs: Any) -> Any:
             result = func(*args, **kwargs)
             kind = type(result)
             if kind is str:
-                return account_text(result, self.limits, f"the {func.__name__}")
+                return account_text(result, self.limits, what)
             if kind is list or kind is tuple:
                 limits = self.current_limits()
-                check_sequence_length(len(result), limits, f"the {func.__name__}")
-                check_value_size(
-                    value_size(result, limits.max_value_size), limits, f"the {func.__name__}"
-                )
+                check_sequence_length(len(result), limits, what)
+                check_value_size(value_size(result, limits.max_value_size), limits, what)
                 charge(len(result))
             return result
 
@@ -1018,22 +1169,34 @@ class _BoundedFormatter(SandboxedFormatter):
 
 
 # -- bounded string methods ----------------------------------------------------------------
+#
+# Each takes the environment and the string, then the template's arguments exactly as the
+# str method does. Arguments that do not fit the checked shape go to the str method
+# unchanged, so a wrong call gets Python's own message about the method (not this helper).
 
 
 def _str_pad(method: str) -> Callable[..., str]:
-    def pad(env: PromptEnvironment, text: str, width: Any, *args: Any) -> str:
-        if isinstance(width, int):
-            check_string_length(width, env.current_limits(), f"str.{method}")
-        return cast(str, getattr(str, method)(text, width, *args))  # charged by the call hook
+    def pad(env: PromptEnvironment, text: str, *args: Any) -> str:
+        if args and isinstance(args[0], int):
+            check_string_length(args[0], env.current_limits(), f"str.{method}")
+        return cast(str, getattr(text, method)(*args))  # charged by the call hook
 
     return pad
 
 
-def _str_expandtabs(env: PromptEnvironment, text: str, tabsize: Any = 8) -> str:
+def _tabsize(tabsize: Any = 8) -> Any:
+    return tabsize
+
+
+def _str_expandtabs(env: PromptEnvironment, text: str, *args: Any, **kwargs: Any) -> str:
+    try:
+        tabsize = _tabsize(*args, **kwargs)
+    except TypeError:
+        tabsize = None
     if isinstance(tabsize, int):
         size = len(text) + text.count("\t") * max(tabsize, 0)
         check_string_length(size, env.current_limits(), "str.expandtabs")
-    return text.expandtabs(tabsize)
+    return text.expandtabs(*args, **kwargs)
 
 
 def _replaced_size(text: str, old: str, new: str, count: int) -> int:
@@ -1043,12 +1206,139 @@ def _replaced_size(text: str, old: str, new: str, count: int) -> int:
     return len(text) + occurrences * (len(new) - len(old))
 
 
-def _str_replace(env: PromptEnvironment, text: str, old: Any, new: Any, count: Any = -1) -> str:
-    if isinstance(old, str) and isinstance(new, str) and isinstance(count, int):
-        check_string_length(
-            _replaced_size(text, old, new, count), env.current_limits(), "str.replace"
-        )
-    return text.replace(old, new, count)
+def _str_replace(env: PromptEnvironment, text: str, *args: Any) -> str:
+    if 2 <= len(args) <= 3:
+        old, new, count = (*args, -1)[:3]
+        if isinstance(old, str) and isinstance(new, str) and isinstance(count, int):
+            check_string_length(
+                _replaced_size(text, old, new, count), env.current_limits(), "str.replace"
+            )
+    return text.replace(*args)
+
+
+def _str_case(method: str) -> Callable[..., str]:
+    # Case mappings can grow text up to 3x ('ﬃ'.upper() is 'FFI'): the length is checked on the
+    # result, which is at most three times a string that already passed the limit.
+    def mapped(env: PromptEnvironment, text: str, *args: Any) -> str:
+        result = cast(str, getattr(text, method)(*args))
+        limits = env.current_limits()
+        if len(result) > limits.max_string_length:
+            check_string_length(len(result), limits, f"str.{method}")
+        return result
+
+    return mapped
+
+
+# Python's reverse searches (``rfind``, ``rindex``, ``rsplit``, ``rpartition``) compare the
+# needle at every position: len(text) * len(needle) steps on crafted input, tens of seconds
+# for a megabyte of text and a long needle, in one call no deadline can interrupt (the forward
+# searches switch to a linear algorithm). Past this much work the search runs forwards over
+# the reversed text, which is linear and gives the same answer.
+_QUADRATIC_WORK: Final = 4_000_000
+
+
+def _search_is_costly(text: str, needle: Any) -> bool:
+    return isinstance(needle, str) and len(text) * len(needle) > _QUADRATIC_WORK
+
+
+def _find_args(sub: Any, start: Any = None, end: Any = None, /) -> tuple[Any, Any, Any]:
+    return sub, start, end
+
+
+def _split_args(sep: Any = None, maxsplit: Any = -1) -> tuple[Any, Any]:
+    return sep, maxsplit
+
+
+def _reverse_find(text: str, sub: str, start: int | None, end: int | None) -> int:
+    """``text.rfind(sub, start, end)`` in linear time (CPython's index rules)."""
+    n = len(text)
+    if end is None or end > n:
+        end = n
+    elif end < 0:
+        end = max(end + n, 0)
+    if start is None:
+        start = 0
+    elif start < 0:
+        start = max(start + n, 0)
+    if end - start < len(sub):
+        return -1
+    found = text[start:end][::-1].find(sub[::-1])
+    return -1 if found < 0 else end - found - len(sub)
+
+
+def _linear_rfind(text: str, args: tuple[Any, ...]) -> int | None:
+    """The rfind result when the native search would be costly, else None (use the native)."""
+    try:
+        sub, start, end = _find_args(*args)
+    except TypeError:
+        return None
+    if not _search_is_costly(text, sub) or not all(
+        index is None or isinstance(index, int) for index in (start, end)
+    ):
+        return None
+    return _reverse_find(text, sub, start, end)
+
+
+def _str_rfind(env: PromptEnvironment, text: str, *args: Any) -> int:
+    found = _linear_rfind(text, args)
+    return text.rfind(*args) if found is None else found
+
+
+def _str_rindex(env: PromptEnvironment, text: str, *args: Any) -> int:
+    found = _linear_rfind(text, args)
+    if found is None:
+        return text.rindex(*args)
+    if found < 0:
+        raise ValueError("substring not found")
+    return found
+
+
+def _str_rpartition(env: PromptEnvironment, text: str, *args: Any) -> tuple[str, str, str]:
+    if len(args) == 1 and args[0] and _search_is_costly(text, args[0]):
+        sep: str = args[0]
+        found = _reverse_find(text, sep, None, None)
+        if found < 0:
+            return "", "", text
+        return text[:found], sep, text[found + len(sep) :]
+    return text.rpartition(*args)
+
+
+def _str_rsplit(env: PromptEnvironment, text: str, *args: Any, **kwargs: Any) -> list[str]:
+    try:
+        sep, maxsplit = _split_args(*args, **kwargs)
+    except TypeError:
+        sep = maxsplit = None
+    if sep and isinstance(maxsplit, int) and _search_is_costly(text, sep):
+        # Splitting the reversed text from the left finds the same separators, rightmost first.
+        return [part[::-1] for part in reversed(text[::-1].split(sep[::-1], maxsplit))]
+    return text.rsplit(*args, **kwargs)
+
+
+def _bounded_strip(text: str, chars: Any, method: str) -> str:
+    """``text.strip(chars)`` (or lstrip/rstrip) without CPython's len(text) * len(chars) scan."""
+    if not isinstance(chars, str) or len(text) * len(chars) <= _QUADRATIC_WORK:
+        return cast(str, getattr(text, method)(chars))
+    chars = "".join(set(chars))  # repeated characters are what usually makes the set long
+    if len(text) * len(chars) <= _QUADRATIC_WORK:
+        return cast(str, getattr(text, method)(chars))
+    members = frozenset(chars)
+    start, end = 0, len(text)
+    if method != "rstrip":
+        while start < end and text[start] in members:
+            start += 1
+    if method != "lstrip":
+        while end > start and text[end - 1] in members:
+            end -= 1
+    return text[start:end]
+
+
+def _str_strip(method: str) -> Callable[..., str]:
+    def strip(env: PromptEnvironment, text: str, *args: Any) -> str:
+        if len(args) == 1:
+            return _bounded_strip(text, args[0], method)
+        return cast(str, getattr(text, method)(*args))
+
+    return strip
 
 
 def _bounded_join(env: PromptEnvironment, separator: str, items: Iterable[Any], what: str) -> str:
@@ -1062,15 +1352,17 @@ def _bounded_join(env: PromptEnvironment, separator: str, items: Iterable[Any], 
     return separator.join(parts)
 
 
-def _str_join(env: PromptEnvironment, separator: str, items: Iterable[Any]) -> str:
+def _str_join(env: PromptEnvironment, separator: str, *args: Any) -> str:
+    if len(args) != 1:
+        return separator.join(*args)  # raises Python's own TypeError
     # str.join refuses non-strings; keep that rather than silently converting like |join.
-    materialised = list(items)
+    materialised = list(args[0])
     if not all(isinstance(item, str) for item in materialised):
         return separator.join(materialised)  # raises Python's own TypeError
     return _bounded_join(env, separator, materialised, "str.join")
 
 
-_BOUNDED_STR_METHODS: Final[dict[str, Callable[..., str]]] = {
+_BOUNDED_STR_METHODS: Final[dict[str, Callable[..., Any]]] = {
     "center": _str_pad("center"),
     "ljust": _str_pad("ljust"),
     "rjust": _str_pad("rjust"),
@@ -1078,6 +1370,17 @@ _BOUNDED_STR_METHODS: Final[dict[str, Callable[..., str]]] = {
     "expandtabs": _str_expandtabs,
     "replace": _str_replace,
     "join": _str_join,
+    "rfind": _str_rfind,
+    "rindex": _str_rindex,
+    "rpartition": _str_rpartition,
+    "rsplit": _str_rsplit,
+    "strip": _str_strip("strip"),
+    "lstrip": _str_strip("lstrip"),
+    "rstrip": _str_strip("rstrip"),
+    **{
+        method: _str_case(method)
+        for method in ("upper", "lower", "casefold", "swapcase", "title", "capitalize")
+    },
 }
 
 
@@ -1203,9 +1506,14 @@ def _batch_filter(env: Any, value: Iterable[Any], linecount: int, fill_with: Any
 def _slice_filter(env: Any, value: Any, slices: int, fill_with: Any = None) -> Any:
     if isinstance(slices, int):
         limits = _limits_of(env)
-        check_sequence_length(slices, limits, "the slice filter")
+        # Every slice is a list, even an empty one: as many as range() may produce.
+        if slices > limits.max_range:
+            raise limit_error(
+                f"the slice filter would make {slices} lists (limit {limits.max_range})"
+            )
         _check_fill(fill_with, slices, limits, "the slice filter")
-    return do_slice(value, slices, fill_with)
+    # ``do_slice`` is Jinja's async-aware wrapper, which expects an eval context first.
+    return sync_do_slice(value, slices, fill_with)
 
 
 def _check_fill(fill_with: Any, times: int, limits: RenderLimits, what: str) -> None:
@@ -1232,6 +1540,31 @@ def _tojson_filter(eval_ctx: EvalContext, value: Any, indent: int | str | None =
 
 
 @pass_environment
+def _int_filter(env: Any, value: Any, default: Any = 0, base: Any = 10) -> Any:
+    if isinstance(value, str) and isinstance(base, int):
+        check_int_text(value, base, _limits_of(env), "the int filter")
+    try:
+        return do_int(value, default, base)
+    except OverflowError:  # '1e999'|int: the float fallback is infinite
+        raise limit_error("the int filter was given a number too large to convert") from None
+
+
+@pass_environment
+def _round_filter(env: Any, value: Any, precision: Any = 0, method: Any = "common") -> Any:
+    # Rounding computes 10 ** precision: 5|round(-10**7) builds a 33-million-bit number.
+    if isinstance(precision, int):
+        check_int_bits(abs(precision) * 10 // 3, _limits_of(env), "the round filter")
+    return do_round(value, precision, method)
+
+
+@pass_environment
+def _trim_filter(env: Any, value: Any, chars: Any = None) -> str:
+    if chars is None:
+        return do_trim(value, chars)
+    return _bounded_strip(str(value), chars, "strip")
+
+
+@pass_environment
 def _sum_filter(env: Any, iterable: Iterable[Any], attribute: Any = None, start: Any = 0) -> Any:
     # Summing lists is quadratic (every step copies); summing strings is refused by Python.
     if type(start) not in (int, float, bool):
@@ -1250,6 +1583,9 @@ _BOUNDED_FILTERS: Final[dict[str, Callable[..., Any]]] = {
     "slice": _slice_filter,
     "tojson": _tojson_filter,
     "sum": _sum_filter,
+    "int": _int_filter,
+    "round": _round_filter,
+    "trim": _trim_filter,
 }
 
 
@@ -1358,26 +1694,29 @@ def translate_error(
     if isinstance(exc, UndefinedError):
         return located(
             TemplateRenderError(
-                f"{prefix}{exc.message}",
+                f"{prefix}{_plain_text(exc.message or 'a value is undefined')}",
                 hint="pass the variable, or guard it with 'is defined' or the default filter",
             )
         )
     if isinstance(exc, SecurityError):
         return located(
             TemplateRenderError(
-                f"{prefix}unsafe operation refused: {exc}",
+                f"{prefix}unsafe operation refused: {_plain_text(str(exc))}",
                 hint="templates may only read plain data and call allowed methods",
             )
         )
     if isinstance(exc, TemplateRuntimeError):
-        return located(TemplateRenderError(f"{prefix}{exc}"))
+        return located(TemplateRenderError(f"{prefix}{_plain_text(str(exc))}"))
     if isinstance(exc, RecursionError):
         return located(
             TemplateLimitError(f"{prefix}templates nest too deeply (an include or macro cycle?)")
         )
     if isinstance(exc, MemoryError):
         return located(TemplateLimitError(f"{prefix}rendering ran out of memory"))
-    return located(TemplateRenderError(f"{prefix}{type(exc).__name__}: {exc}"))
+    # Python's own message (a TypeError, ZeroDivisionError, ...), minus internal names.
+    kind = type(exc)
+    label = f"{kind.__name__}: " if kind.__module__ == "builtins" else ""
+    return located(TemplateRenderError(f"{prefix}{label}{_plain_text(str(exc))}"))
 
 
 def _located(
