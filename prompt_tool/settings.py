@@ -69,6 +69,8 @@ class Settings:
     template_max_stored_source_bytes: int = 16 * 1024 * 1024
     template_max_output_bytes: int = 1024 * 1024
     template_render_timeout_s: float = 2.0
+    # Largest --vars-file (or --variables-file) the CLI reads: refused before reading it all.
+    vars_file_max_bytes: int = 16 * 1024 * 1024
     name_cache_ttl_s: float = 60.0
     redis_ttl_s: float = 30.0
     flag_cache_ttl_s: float = 5.0
@@ -97,6 +99,7 @@ class Settings:
                 env, "PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES", 1024 * 1024
             ),
             template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
+            vars_file_max_bytes=_int(env, "PROMPT_TOOL_VARS_FILE_MAX_BYTES", 16 * 1024 * 1024),
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
             redis_ttl_s=_float(env, "PROMPT_TOOL_REDIS_TTL_S", 30.0),
             flag_cache_ttl_s=_float(env, "PROMPT_TOOL_FLAG_CACHE_TTL_S", 5.0),

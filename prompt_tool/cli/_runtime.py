@@ -8,6 +8,7 @@ import functools
 import getpass
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,13 +21,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from prompt_tool import __version__
+from prompt_tool.core.errors import TemplateRenderError
+from prompt_tool.core.variables import check_text_value, read_variables_file
 from prompt_tool.db.dialect import write_refusal
-from prompt_tool.errors import InvalidInputError, PromptToolError
+from prompt_tool.errors import ConfigurationError, InvalidInputError, PromptToolError
 from prompt_tool.settings import get_settings
 
 __all__ = [
@@ -39,10 +42,12 @@ __all__ = [
     "emit",
     "errors_mapped",
     "fail",
+    "literal",
     "new_app",
     "parse_variables",
     "run",
     "table",
+    "write_out",
 ]
 
 DbOption = Annotated[
@@ -131,19 +136,14 @@ def parse_variables(pairs: list[str] | None, vars_file: Path | None) -> dict[str
     """``--vars-file`` (a JSON object) overlaid with ``--var KEY=VALUE`` pairs (strings)."""
     variables: dict[str, Any] = {}
     if vars_file is not None:
-        try:
-            loaded = json.loads(vars_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidInputError(f"no variables file at {vars_file}") from None
-        except ValueError as error:
-            raise InvalidInputError(f"{vars_file} is not valid JSON: {error}") from None
-        if not isinstance(loaded, dict):
-            raise InvalidInputError(f"{vars_file} must hold a JSON object of variables")
-        variables.update(loaded)
+        max_bytes = get_settings().vars_file_max_bytes
+        variables.update(read_variables_file(vars_file, max_bytes=max_bytes))
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--var {pair!r} must look like KEY=VALUE")
+        check_text_value(key, key)  # bytes that are not UTF-8 arrive as lone surrogates
+        check_text_value(key, value)
         variables[key] = value
     return variables
 
@@ -209,9 +209,62 @@ def emit(data: Any, *, as_json: bool, render: Callable[[Any], Any]) -> None:
     Both come from the same value, so ``--json`` never takes another code path.
     """
     if as_json:
-        sys.stdout.write(json.dumps(_to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+        write_out(json.dumps(_to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
         return
-    _output_console().print(render(data))
+    shown = render(data)
+    console = _output_console()
+    if isinstance(shown, str):
+        if not console.is_terminal:  # piped: the very characters, byte for byte
+            write_out(shown + "\n")
+            return
+        shown = literal(shown)
+    with console.capture() as captured:
+        console.print(shown)
+    write_out(captured.get())
+
+
+# Shown as escapes on a terminal (where they would move the cursor, recolour or hide text, or
+# reorder it: bidi controls), so that what is on the screen is what is stored.
+_INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def literal(text: str, style: str = "") -> Text:
+    """``text`` exactly as it is, for Rich: never read as console markup (``[/INST]``,
+    ``[conceal]``, ``[link=...]``) or emoji codes; control characters appear as escapes such as
+    ``\\x1b`` (styled apart from the text, so that they cannot pass for it)."""
+    result = Text(style=style)
+    start = 0
+    for match in _INVISIBLE.finditer(text):
+        result.append(text[start : match.start()])
+        code = ord(match.group())
+        result.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}", style="reverse")
+        start = match.end()
+    result.append(text[start:])
+    return result
+
+
+def write_out(text: str) -> None:
+    """Write ``text`` to stdout whole, or nothing and one line: it holds a lone surrogate (not
+    text at all: exit 1), or a character stdout's encoding cannot represent (exit 2)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        where = f"(U+{ord(bad):04X}, character {error.start + 1} of the output)"
+        if 0xD800 <= ord(bad) <= 0xDFFF:
+            raise TemplateRenderError(
+                f"the output holds a lone surrogate {where}, which is not text and cannot be "
+                "printed",
+                hint="fix the template, stored text or variable that produces it",
+            ) from None
+        raise ConfigurationError(
+            f"stdout's encoding ({encoding}) cannot represent {bad!r} {where}; use a UTF-8 "
+            "locale (LANG=C.UTF-8) or set PYTHONIOENCODING=utf-8"
+        ) from None
+    except LookupError:
+        pass  # an encoding Python does not know: let the stream itself decide
+    sys.stdout.write(text)
 
 
 def _output_console() -> Console:
@@ -251,21 +304,31 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     narrow terminal; other columns wrap, and fold a very long word, rather than end in an
     ellipsis.
     """
-    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
-    result = _WholeTable(title=title, title_justify="left")
+    # Every value and heading through literal(): what is stored is shown, never read as markup.
+    cells = [[literal("" if cell is None else str(cell)) for cell in row] for row in rows]
+    result = _WholeTable(
+        title=None if title is None else literal(title, style="table.title"),
+        title_justify="left",
+    )
     for index, column in enumerate(columns):
+        heading = literal(column)
         if _is_identifying(index, column):
-            widest = max((cell_len(row[index]) for row in cells if index < len(row)), default=0)
+            widest = max((row[index].cell_len for row in cells if index < len(row)), default=0)
             result.add_column(
-                column, no_wrap=True, overflow="fold", min_width=max(widest, cell_len(column))
+                heading,
+                no_wrap=True,
+                overflow="fold",
+                min_width=max(widest, heading.cell_len),
             )
         else:
             # Wrapped at spaces where it has to, and never narrower than its longest word (up to
             # _FOLD_BEYOND: only longer words fold), so no column shrinks to nothing or splits a
             # number; a table that then cannot fit runs past the terminal rather than lose data.
-            words = [column, *(row[index] for row in cells if index < len(row))]
+            words = [heading.plain, *(row[index].plain for row in cells if index < len(row))]
             longest = max(cell_len(word) for text in words for word in [*text.split(), ""])
-            result.add_column(column, overflow="fold", min_width=min(longest, _FOLD_BEYOND) or None)
+            result.add_column(
+                heading, overflow="fold", min_width=min(longest, _FOLD_BEYOND) or None
+            )
     for row in cells:
         result.add_row(*row)
     return result
@@ -275,12 +338,13 @@ def note(message: str) -> None:
     """One line on stderr beside a result: something the operator should know (printed
     literally: it may quote stored text or SQL)."""
     if message:
-        stderr.print(message, style="yellow", markup=False, highlight=False)
+        stderr.print(literal(message, style="yellow"))
 
 
 def fail(message: str, exit_code: int) -> NoReturn:
-    # Escaped: a message may name an extra (`prompt-tool[redis]`), which Rich reads as a tag.
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    # Literal: a message quotes names and stored text (`prompt-tool[redis]`, `[/INST]`,
+    # `[link=...]`), which Rich would read as tags.
+    stderr.print(Text.assemble(("error:", "bold red"), " ", literal(message)))
     raise SystemExit(exit_code)
 
 
@@ -330,9 +394,12 @@ def errors_mapped(function: Callable[..., Any]) -> Callable[..., Any]:
 def _exit_for(error: BaseException) -> None:
     """Exit with the one line and code of an error the user can act on; return (the caller
     re-raises) for anything else, and for database and OS errors under PROMPT_TOOL_DEBUG."""
-    debug = get_settings().debug
     if isinstance(error, PromptToolError):
         fail(str(error), error.exit_code)
+    try:
+        debug = get_settings().debug
+    except ConfigurationError:  # a malformed setting is reported where it is read
+        debug = False
     if isinstance(error, SQLAlchemyError) and not debug:
         fail(_database_message(error), 2)
     if isinstance(error, KeyboardInterrupt):

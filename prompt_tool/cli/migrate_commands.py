@@ -17,8 +17,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, stderr, table
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, literal, stderr, table
 from prompt_tool.cli._runtime import note as print_note
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
@@ -191,11 +192,15 @@ def _render_report(report: VerifyReport) -> Any:
         )
     for mismatch in report.mismatches:
         stderr.print(
-            f"[bold]{mismatch.kind}[/]: session {mismatch.session_id} {mismatch.role} "
-            f"(project {mismatch.project}, version id {mismatch.version_id})",
-            highlight=False,
+            Text.assemble(
+                literal(mismatch.kind, style="bold"),
+                literal(
+                    f": session {mismatch.session_id} {mismatch.role} "
+                    f"(project {mismatch.project}, version id {mismatch.version_id})"
+                ),
+            )
         )
-        stderr.print(mismatch.diff, markup=False, highlight=False)
+        stderr.print(literal(mismatch.diff))
     return result
 
 

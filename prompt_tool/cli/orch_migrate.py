@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, new_app, run, table
+from prompt_tool.cli._runtime import (
+    DbOption,
+    JsonOption,
+    emit,
+    fail,
+    literal,
+    new_app,
+    run,
+    table,
+    write_out,
+)
 from prompt_tool.cli.flag_commands import flag_app
 from prompt_tool.cli.migrate_commands import backfill_command, verify_command
 from prompt_tool.cli.readiness_commands import rehearse_command, status_command
@@ -56,7 +65,7 @@ def _print_sql(sql: str, revisions: str, as_json: bool) -> None:
     if as_json:
         emit({"revisions": revisions, "sql": sql}, as_json=True, render=str)
         return
-    sys.stdout.write(sql if sql.endswith("\n") else sql + "\n")
+    write_out(sql if sql.endswith("\n") else sql + "\n")
 
 
 def _describe(state: schema.SchemaState) -> str:
@@ -270,7 +279,7 @@ def db_alembic_ini(as_json: JsonOption = False) -> None:
     if as_json:
         emit({"alembic_ini": path}, as_json=True, render=str)
         return
-    sys.stdout.write(path + "\n")
+    write_out(path + "\n")
 
 
 def _compared(result: fingerprints.LegacyFingerprint, name: str) -> str:
@@ -294,9 +303,10 @@ def _render_fingerprint(result: fingerprints.LegacyFingerprint) -> Table:
     )
     whole = [t.table for t in result.tables if against and t.table not in (result.added or {})]
     if whole:
-        shown.caption = (
+        shown.caption = literal(
             f"compared whole, the saved fingerprint records no max id for them: "
-            f"{', '.join(whole)} (rows added since count as differences there)"
+            f"{', '.join(whole)} (rows added since count as differences there)",
+            style="table.caption",
         )
         shown.caption_justify = "left"
     return shown

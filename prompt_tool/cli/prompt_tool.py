@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
@@ -18,17 +17,21 @@ from prompt_tool.cli._runtime import (
     VarsFileOption,
     acting_user,
     emit,
+    literal,
     new_app,
     parse_variables,
     run,
     stderr,
     table,
+    write_out,
 )
 from prompt_tool.cli.ab_commands import ab_app
 from prompt_tool.cli.session_commands import orchestrate_app, sessions_app
+from prompt_tool.core.variables import read_json_file
 from prompt_tool.db.models import Scope
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
+from prompt_tool.settings import get_settings
 from prompt_tool.templates import (
     HistoryEntry,
     LabelMove,
@@ -88,7 +91,16 @@ def _address(name: str, scope: Scope | None, project: str | None, actor: str) ->
 
 def _read_text(path: str | None) -> str:
     if path == "-" or (path is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+        # Decoded strictly: bytes that are not UTF-8 would otherwise arrive as lone surrogates.
+        stream: BinaryIO | None = getattr(sys.stdin, "buffer", None)
+        if stream is None:
+            return sys.stdin.read()
+        try:
+            return stream.read().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidInputError(
+                f"the text on stdin is not UTF-8 (byte {error.start}); save it as UTF-8"
+            ) from None
     if path is None:
         raise InvalidInputError("give the template text with --file PATH, or pipe it on stdin")
     try:
@@ -102,12 +114,11 @@ def _read_text(path: str | None) -> str:
 def _declarations(specs: list[str] | None, path: Path | None) -> list[dict[str, Any]]:
     declared: list[dict[str, Any]] = []
     if path is not None:
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
-            raise InvalidInputError(
-                f"{path} must be a JSON list of variable declarations"
-            ) from None
+        loaded = read_json_file(
+            path,
+            max_bytes=get_settings().vars_file_max_bytes,
+            what="a file of variable declarations",
+        )
         if not isinstance(loaded, list):
             raise InvalidInputError(f"{path} must be a JSON list of variable declarations")
         declared.extend(loaded)
@@ -215,11 +226,12 @@ def _hint_when_roleless(
     hidden = len(manager.list_templates(**filters)) - shown
     if hidden > 0:
         stderr.print(
-            f"note: {actor} has no template role, so {hidden} "
-            f"{'template is' if hidden == 1 else 'templates are'} hidden; an admin can grant "
-            f"one: prompt-tool roles grant {actor} viewer --project {filters['project'] or 'SLUG'}",
-            markup=False,
-            highlight=False,
+            literal(
+                f"note: {actor} has no template role, so {hidden} "
+                f"{'template is' if hidden == 1 else 'templates are'} hidden; an admin can grant "
+                f"one: prompt-tool roles grant {actor} viewer "
+                f"--project {filters['project'] or 'SLUG'}"
+            )
         )
 
 
@@ -363,7 +375,7 @@ def templates_render(
     if as_json:
         emit(rendered, as_json=True, render=str)
     else:
-        sys.stdout.write(rendered.text)
+        write_out(rendered.text)
 
 
 def _render_history(entries: list[HistoryEntry]) -> Any:

@@ -30,6 +30,7 @@ from prompt_tool.cli._runtime import (
     VarsFileOption,
     acting_user,
     emit,
+    literal,
     new_app,
     parse_variables,
     table,
@@ -103,20 +104,23 @@ def _prompt_origin(prompt: PromptInfo) -> str:
 
 def _render_steps(steps: tuple[StepRecord, ...], prompts: tuple[PromptInfo, ...]) -> Text:
     origins = {prompt.role: _prompt_origin(prompt) for prompt in prompts}
+    # Stored and model text through literal(): shown as it is, whatever brackets it holds.
     text = Text()
     if not steps:
         text.append("no steps recorded\n")
     for step in steps:
         model = f", model {step.model}" if step.model else ""
-        text.append(f"[{step.position}] {step.role}: {step.status}{model}", style="bold")
+        text.append_text(
+            literal(f"[{step.position}] {step.role}: {step.status}{model}", style="bold")
+        )
         origin = origins.get(step.role)
-        text.append(f" ({origin})\n" if origin else "\n")
+        text.append_text(literal(f" ({origin})\n" if origin else "\n"))
         if step.input_text:
-            text.append(f"  input:\n{_indented(step.input_text)}\n")
+            text.append_text(literal(f"  input:\n{_indented(step.input_text)}\n"))
         if step.output_text is not None:
-            text.append(f"  output:\n{_indented(step.output_text)}\n")
+            text.append_text(literal(f"  output:\n{_indented(step.output_text)}\n"))
         if step.error:
-            text.append(f"  error: {step.error}\n", style="red")
+            text.append_text(literal(f"  error: {step.error}\n", style="red"))
     return text
 
 
@@ -126,7 +130,7 @@ def _render_run(result: RunResult) -> Text:
     else:
         where = f", templates from project {result.project}" if result.project else ""
         what = f"workflow {result.name!r} ({result.workflow}{where})"
-    text = Text(f"{what}: {result.status}, client {result.client}\n", style="bold")
+    text = literal(f"{what}: {result.status}, client {result.client}\n", style="bold")
     text.append_text(_render_steps(result.steps, result.prompts))
     text.rstrip()
     return text
@@ -142,20 +146,23 @@ def _render_created(created: CreatedSession) -> str:
 
 
 def _render_detail(detail: SessionDetail) -> Text:
-    text = Text()
-    text.append(
+    text = literal(
         f"session {detail.session_id} {detail.name!r} in {detail.project}: {detail.status}\n",
         style="bold",
     )
-    text.append(
-        f"flag {detail.variant}; created {detail.created_at:%Y-%m-%d %H:%M:%S}, "
-        f"updated {detail.updated_at:%Y-%m-%d %H:%M:%S}\n"
-        f"variables: {json.dumps(detail.variables, ensure_ascii=False, sort_keys=True)}\n"
+    text.append_text(
+        literal(
+            f"flag {detail.variant}; created {detail.created_at:%Y-%m-%d %H:%M:%S}, "
+            f"updated {detail.updated_at:%Y-%m-%d %H:%M:%S}\n"
+            f"variables: {json.dumps(detail.variables, ensure_ascii=False, sort_keys=True)}\n"
+        )
     )
     text.append("\nprompts\n", style="bold")
     for prompt in detail.prompts:
-        text.append(f"{prompt.role} ({_prompt_origin(prompt)})\n")
-        text.append(f"{_indented(prompt.text)}\n" if prompt.text is not None else "    (none)\n")
+        text.append_text(literal(f"{prompt.role} ({_prompt_origin(prompt)})\n"))
+        text.append_text(
+            literal(f"{_indented(prompt.text)}\n" if prompt.text is not None else "    (none)\n")
+        )
     text.append("\nsteps\n", style="bold")
     text.append_text(_render_steps(detail.steps, ()))
     text.rstrip()

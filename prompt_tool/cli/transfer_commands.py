@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, note, table
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, literal, note, table
 from prompt_tool.cli.migrate_commands import ReadonlyOption, not_recorded_note, rate_and_eta
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
@@ -107,8 +107,10 @@ def _render_export(result: ExportResult) -> Group:
                 [(t.table, t.rows, t.bytes, t.file, t.sha256[:16]) for t in result.tables],
             )
         ),
-        f"{result.rows} rows, {result.bytes} bytes at schema revision {result.alembic_revision} "
-        f"in {result.seconds:.2f} s",
+        literal(
+            f"{result.rows} rows, {result.bytes} bytes at schema revision "
+            f"{result.alembic_revision} in {result.seconds:.2f} s"
+        ),
     )
 
 
@@ -231,7 +233,7 @@ def _render_restore(result: RestoreResult) -> Group:
         )
         for t in result.tables
     ]
-    return Group(_whole_table_names(table(title, columns, rows)), _restore_summary(result))
+    return Group(_whole_table_names(table(title, columns, rows)), literal(_restore_summary(result)))
 
 
 def restore_command(

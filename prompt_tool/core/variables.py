@@ -8,20 +8,28 @@ up front, naming the variable and the path inside it.
 
 from __future__ import annotations
 
+import json
 import keyword
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Literal, TypeAlias, cast, get_args
 
 from prompt_tool.core.errors import VariableError, VariableSpecError
+from prompt_tool.errors import InvalidInputError
 
 __all__ = [
     "JSONValue",
     "VariableSpec",
     "VariableType",
+    "check_text_value",
     "parse_variable_specs",
     "prepare_variables",
+    "read_json_file",
+    "read_variables_file",
     "sanitize_variables",
 ]
 
@@ -337,3 +345,114 @@ def prepare_variables(
             hint="pass every required variable",
         )
     return values
+
+
+# --- variables from files and the command line -----------------------------------------------
+
+
+def _surrogate_in(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (which no encoding can write), or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return text[error.start]
+    return None
+
+
+def _surrogate_problem(name: str, value: object) -> str | None:
+    """Where the first lone surrogate inside ``value`` is (a string or key), or ``None``.
+
+    Walked with a stack, not recursion: ``value`` may be as deep as JSON parsing allows.
+    """
+    stack: list[tuple[object, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if type(item) is str:
+            bad = _surrogate_in(item)
+            if bad is not None:
+                where = _format_path(name, path)
+                return f"{where} holds a lone surrogate (U+{ord(bad):04X}), which is not text"
+        elif type(item) is list or type(item) is tuple:
+            stack.extend((child, [index, *path]) for index, child in enumerate(item))
+        elif type(item) is dict:
+            for key, child in item.items():
+                if type(key) is str and _surrogate_in(key) is not None:
+                    where = _format_path(name, path)
+                    return f"{where} has a key holding a lone surrogate, which is not text"
+                stack.append((child, [key, *path]))
+    return None
+
+
+def check_text_value(name: str, value: object) -> None:
+    """Refuse a variable holding a lone surrogate (``"\\ud800"`` in JSON, or undecodable bytes
+    on the command line): it could never be printed or stored as text."""
+    problem = _surrogate_problem(name, value)
+    if problem is not None:
+        raise VariableError(
+            f"variable {problem}",
+            hint="pass valid Unicode text: no lone \\ud800-\\udfff escapes in JSON, no bytes that "
+            "are not UTF-8",
+        )
+
+
+def read_json_file(path: Path, *, max_bytes: int, what: str) -> object:
+    """The JSON in ``path``, refused in one line (:class:`InvalidInputError`) if it is missing,
+    larger than ``max_bytes`` (checked before reading it, and while reading a pipe), not UTF-8,
+    not JSON, or nested deeper than the parser can follow."""
+    try:
+        with path.open("rb") as file:
+            size = _size_of(file.fileno())
+            if size is not None and size > max_bytes:
+                raise _too_big(path, what, max_bytes, size)
+            raw = file.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise InvalidInputError(f"no {what} at {path}") from None
+    except IsADirectoryError:
+        raise InvalidInputError(
+            f"{path} is a directory; give the path of {what} (a JSON file)"
+        ) from None
+    if len(raw) > max_bytes:
+        raise _too_big(path, what, max_bytes, None)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"{path} is not UTF-8 text (byte {error.start}); save the {what} as UTF-8 JSON"
+        ) from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidInputError(
+            f"{path} is nested too deeply to read; {what} may be nested at most {MAX_DEPTH} levels"
+        ) from None
+    except ValueError as error:
+        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
+
+
+def _size_of(descriptor: int) -> int | None:
+    info = os.fstat(descriptor)
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _too_big(path: Path, what: str, max_bytes: int, size: int | None) -> InvalidInputError:
+    actual = f" ({size:,} bytes)" if size is not None else ""
+    return InvalidInputError(
+        f"{path} is larger than the {max_bytes:,} bytes allowed for {what}{actual}; pass less, "
+        "or raise PROMPT_TOOL_VARS_FILE_MAX_BYTES"
+    )
+
+
+def read_variables_file(path: Path, *, max_bytes: int) -> dict[str, object]:
+    """The variables in a JSON object file (``--vars-file``), every problem one line: see
+    :func:`read_json_file`; also refused: anything but an object, values nested deeper than
+    :data:`MAX_DEPTH`, and text holding lone surrogates."""
+    loaded = read_json_file(path, max_bytes=max_bytes, what="a variables file")
+    if not isinstance(loaded, dict):
+        raise InvalidInputError(f"{path} must hold a JSON object of variables")
+    variables = cast("dict[str, object]", loaded)
+    for name, value in variables.items():
+        check_text_value(name, value)
+        problem = _json_problem(name, value)
+        if problem is not None:
+            raise VariableError(f"variable {problem} in {path}", hint="pass flatter JSON values")
+    return variables
