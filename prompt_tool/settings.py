@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from prompt_tool.errors import ConfigurationError
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "get_settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "RENDER_LIMIT_FIELDS", "Settings", "get_settings"]
 
 DEFAULT_DATABASE_URL = "sqlite:///prompt_tool.db"
 
@@ -54,6 +54,36 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+# The integer fields of prompt_tool.core.RenderLimits, each settable as
+# PROMPT_TOOL_TEMPLATE_<FIELD> (docs/LIMITS.md); the output cap and the deadline have their own
+# settings below. Named here, not imported: core reads settings, not the other way round.
+RENDER_LIMIT_FIELDS = (
+    "max_range",
+    "max_string_length",
+    "max_sequence_length",
+    "max_int_bits",
+    "max_call_depth",
+    "max_buffered_chars",
+    "max_allocated",
+    "max_value_size",
+)
+
+
+def _render_limits(env: Mapping[str, str]) -> dict[str, int]:
+    """The RenderLimits fields set in the environment (unset ones keep RenderLimits' default)."""
+    limits = {}
+    for name in RENDER_LIMIT_FIELDS:
+        variable = f"PROMPT_TOOL_TEMPLATE_{name.upper()}"
+        if env.get(variable):
+            value = _int(env, variable, 0)
+            if value < 1:
+                raise ConfigurationError(
+                    f"{variable}={value} must be a positive whole number; raise it or unset it"
+                )
+            limits[name] = value
+    return limits
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Process-wide configuration. Build with :meth:`from_env`; override with :meth:`with_`."""
@@ -69,6 +99,12 @@ class Settings:
     template_max_stored_source_bytes: int = 16 * 1024 * 1024
     template_max_output_bytes: int = 1024 * 1024
     template_render_timeout_s: float = 2.0
+    # RenderLimits fields given in the environment (see RENDER_LIMIT_FIELDS).
+    template_limits: Mapping[str, int] = field(default_factory=dict)
+    # The deepest include/import/extends chain validation follows, and how many distinct
+    # templates one template may pull in (core.engine.MAX_INCLUDE_DEPTH, MAX_DEPENDENCIES).
+    template_max_include_depth: int = 32
+    template_max_dependencies: int = 256
     # Largest --vars-file (or --variables-file) the CLI reads: refused before reading it all.
     vars_file_max_bytes: int = 16 * 1024 * 1024
     name_cache_ttl_s: float = 60.0
@@ -99,6 +135,9 @@ class Settings:
                 env, "PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES", 1024 * 1024
             ),
             template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
+            template_limits=_render_limits(env),
+            template_max_include_depth=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH", 32),
+            template_max_dependencies=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDES", 256),
             vars_file_max_bytes=_int(env, "PROMPT_TOOL_VARS_FILE_MAX_BYTES", 16 * 1024 * 1024),
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
             redis_ttl_s=_float(env, "PROMPT_TOOL_REDIS_TTL_S", 30.0),

@@ -56,9 +56,11 @@ __all__ = [
     "validate",
 ]
 
-#: Deepest chain of include/import/extends that validation follows.
+#: Deepest chain of include/import/extends that validation follows (the default of
+#: ``PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH``).
 MAX_INCLUDE_DEPTH: Final = 32
-#: Most distinct templates one template may pull in, directly or not.
+#: Most distinct templates one template may pull in, directly or not (the default of
+#: ``PROMPT_TOOL_TEMPLATE_MAX_INCLUDES``).
 MAX_DEPENDENCIES: Final = 256
 
 
@@ -102,6 +104,8 @@ class TemplateEngine:
         self.max_source_bytes = (
             max_source_bytes if max_source_bytes is not None else settings.template_max_source_bytes
         )
+        self.max_include_depth = settings.template_max_include_depth
+        self.max_dependencies = settings.template_max_dependencies
         self.cache: CompiledCache[PromptTemplate] = CompiledCache(cache_size)
         self.environment = PromptEnvironment(
             limits=self.limits,
@@ -290,15 +294,17 @@ class TemplateEngine:
                         version=version,
                         lineno=line_in_top,
                     )
-                if len(path) >= MAX_INCLUDE_DEPTH:
+                if len(path) >= self.max_include_depth:
                     raise fail(
-                        f"includes nest deeper than {MAX_INCLUDE_DEPTH} levels",
+                        f"includes nest deeper than {self.max_include_depth} levels "
+                        "(PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH)",
                         line_in_top,
                     )
                 order.append(ref)
-                if len(order) > MAX_DEPENDENCIES:
+                if len(order) > self.max_dependencies:
                     raise fail(
-                        f"the template pulls in more than {MAX_DEPENDENCIES} other templates",
+                        f"the template pulls in more than {self.max_dependencies} other templates "
+                        "(PROMPT_TOOL_TEMPLATE_MAX_INCLUDES)",
                         line_in_top,
                     )
                 child = self._parse_dependency(source, ref, name, version, line_in_top)

@@ -86,6 +86,7 @@ class RenderLimits:
         return cls(
             max_output_bytes=settings.template_max_output_bytes,
             timeout_s=settings.template_render_timeout_s,
+            **settings.template_limits,
         )
 
 
