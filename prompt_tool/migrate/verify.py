@@ -18,7 +18,6 @@ whose diffs are shown. Sessions are streamed in keyset batches: memory stays fla
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from sqlalchemy.types import Text
 
 from prompt_tool.core import content_hash
 from prompt_tool.core.errors import TemplateError
+from prompt_tool.core.textdiff import unified_diff
 from prompt_tool.db.dialect import read_only, sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
@@ -319,13 +319,11 @@ def _diff(engine: Connectable, session_id: int, role: PromptRole, rendered: str)
             ).scalar_one_or_none()
             or ""
         )
-    return "".join(
-        difflib.unified_diff(
-            legacy.splitlines(keepends=True),
-            rendered.splitlines(keepends=True),
-            f"session {session_id} {role.value} (legacy)",
-            f"session {session_id} {role.value} (templates)",
-        )
+    return unified_diff(
+        legacy,
+        rendered,
+        f"session {session_id} {role.value} (legacy)",
+        f"session {session_id} {role.value} (templates)",
     )
 
 

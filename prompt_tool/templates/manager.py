@@ -8,7 +8,6 @@ short-lived in-process cache, an optional shared Redis cache, then the database.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from prompt_tool.core import TemplateEngine, content_hash
 from prompt_tool.core.errors import TemplateNotFound
+from prompt_tool.core.textdiff import unified_diff
 from prompt_tool.db.dialect import one_of
 from prompt_tool.db.engine import Connectable, make_engine, make_session_factory
 from prompt_tool.db.models import (
@@ -747,13 +747,11 @@ class TemplateManager:
             prompt = self._find(session, address)
             old = self._version(session, prompt, from_version)
             new = self._version(session, prompt, to_version)
-            return "".join(
-                difflib.unified_diff(
-                    old.content.splitlines(keepends=True),
-                    new.content.splitlines(keepends=True),
-                    fromfile=f"{address.name}@v{from_version}",
-                    tofile=f"{address.name}@v{to_version}",
-                )
+            return unified_diff(
+                old.content,
+                new.content,
+                f"{address.name}@v{from_version}",
+                f"{address.name}@v{to_version}",
             )
 
     # --- projects and roles (one unit of work each, for the CLI) -------------------------
