@@ -104,7 +104,9 @@ def _read_text(path: str | None) -> str:
     if path is None:
         raise InvalidInputError("give the template text with --file PATH, or pipe it on stdin")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        # Bytes, then decoded: text mode would turn CRLF and lone CRs into LF, and the stored
+        # template must keep every byte of the file (as it does from stdin).
+        return Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InvalidInputError(f"no file at {path}") from None
     except UnicodeDecodeError:
