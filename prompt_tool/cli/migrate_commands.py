@@ -190,6 +190,13 @@ def _render_report(report: VerifyReport) -> Any:
             f"{unreadable} {texts} not valid UTF-8 (left on the legacy path, never linked): "
             f"{', '.join(report.unreadable)}{more}"
         )
+    if report.corrupted_versions:
+        ids = ", ".join(str(version) for version in report.corrupted_versions)
+        print_note(
+            f"template versions whose text no longer matches their stored digest (changed in "
+            f"the database): {ids}; they fail the verify and are never served from another "
+            "version's cache; restore them from an export"
+        )
     for mismatch in report.mismatches:
         stderr.print(
             Text.assemble(

@@ -18,6 +18,7 @@ it writes, which is how ``orch-migrate flag set ... templates`` refuses a projec
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
 from prompt_tool.errors import PromptToolError, SchemaError
 from prompt_tool.migrate.runs import RunKind, RunStatus, dead_runs, life_of
+from prompt_tool.migrate.verify import corrupted_versions_by_project
 
 __all__ = [
     "LastRun",
@@ -165,6 +167,8 @@ class _Counts:
     unmigrated: int = 0
     stale: int = 0
     unreadable: int = 0
+    # Versions its sessions reference whose stored digest is not their text's (changed in SQL).
+    corrupted: tuple[int, ...] = ()
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -450,6 +454,12 @@ def _readiness_of(
             f"its last verify (run {verify.id}) is older than its last backfill (run "
             f"{backfill.id}): run {verify_command}"
         )
+    if counts.corrupted:  # last: what the verify said comes first
+        ids = ", ".join(str(version) for version in counts.corrupted)
+        reasons.append(
+            f"template versions {ids} no longer match their stored digest (their text was "
+            "changed in the database): restore them from an export, then verify"
+        )
     return Readiness(not reasons, reasons)
 
 
@@ -476,6 +486,12 @@ def _collect(
         slugs = dict(sorted(by_id.items(), key=lambda project: natural_key(project[1])))
         if templates_schema:
             counts = _session_counts(connection, list(slugs))
+            for project_id, versions in corrupted_versions_by_project(
+                connection, list(slugs)
+            ).items():
+                counts[project_id] = dataclasses.replace(
+                    counts.get(project_id, _Counts()), corrupted=tuple(versions)
+                )
             runs = _last_runs(connection, slugs)
         else:
             counts = _legacy_counts(connection, list(slugs))

@@ -46,7 +46,15 @@ from prompt_tool.db.revisions import EXPAND
 from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_read_run
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
-__all__ = ["Mismatch", "ProjectVerification", "VerifyOptions", "VerifyReport", "verify"]
+__all__ = [
+    "Mismatch",
+    "ProjectVerification",
+    "VerifyOptions",
+    "VerifyReport",
+    "corrupted_versions",
+    "corrupted_versions_by_project",
+    "verify",
+]
 
 _SESSIONS = OrchestrationSession.__table__
 _REFS = SessionPromptRef.__table__
@@ -111,6 +119,9 @@ class VerifyReport:
     # The first unreadable legacy texts, each as "table id N column" (all are counted).
     unreadable: list[str] = field(default_factory=list)
     not_recorded: str | None = None
+    # Versions whose stored digest is not the sha256 of their text (changed in the database
+    # behind the tool's back): they fail the verify whatever they render to.
+    corrupted_versions: list[int] = field(default_factory=list)
 
     def totals(self) -> ProjectVerification:
         total = ProjectVerification("(all)")
@@ -396,7 +407,11 @@ def verify(
         finish_run(engine, run_id, RunStatus.FAILED, error=str(error)[:2000])
         raise
     report.projects = list(per_project.values())
-    report.passed = all(p.passed(options.allow_unmigrated) for p in report.projects)
+    with connect(engine) as connection:
+        report.corrupted_versions = corrupted_versions(connection, scope)
+    report.passed = not report.corrupted_versions and all(
+        p.passed(options.allow_unmigrated) for p in report.projects
+    )
     report.elapsed_s = time.monotonic() - started
     finish_run(
         engine,
@@ -404,6 +419,7 @@ def verify(
         RunStatus.COMPLETED,
         summary={
             "passed": report.passed,
+            "corrupted_versions": report.corrupted_versions,
             "projects": {
                 p.project: {**p.__dict__, "passed": p.passed(options.allow_unmigrated)}
                 for p in report.projects
@@ -414,6 +430,47 @@ def verify(
 
 
 _VERSION_CHUNK = 2_000
+
+
+def corrupted_versions(connection: Connection, project_ids: Sequence[int] = ()) -> list[int]:
+    """The ids of template versions whose stored digest is not the sha256 of their text: the
+    text was changed in the database, behind the tool's back (every version may be changed
+    only by adding a new one). With ``project_ids``, those the projects' sessions reference;
+    else every version. The digest is computed by the database, once per version."""
+    query = select(PromptVersion.id).where(
+        PromptVersion.content_hash.is_not(None),
+        PromptVersion.content_hash != sha256_hex(PromptVersion.content),
+    )
+    if project_ids:
+        referenced = (
+            select(_REFS.c.prompt_version_id)
+            .join(_SESSIONS, _SESSIONS.c.id == _REFS.c.session_id)
+            .where(_SESSIONS.c.project_id.in_(list(project_ids)))
+        )
+        query = query.where(PromptVersion.id.in_(referenced))
+    return [int(version) for version in connection.scalars(query.order_by(PromptVersion.id))]
+
+
+def corrupted_versions_by_project(
+    connection: Connection, project_ids: Sequence[int]
+) -> dict[int, list[int]]:
+    """:func:`corrupted_versions` referenced by each project's sessions, in one query."""
+    rows = connection.execute(
+        select(_SESSIONS.c.project_id, PromptVersion.id)
+        .distinct()
+        .join(_REFS, _REFS.c.session_id == _SESSIONS.c.id)
+        .join(PromptVersion, PromptVersion.id == _REFS.c.prompt_version_id)
+        .where(
+            _SESSIONS.c.project_id.in_(list(project_ids)),
+            PromptVersion.content_hash.is_not(None),
+            PromptVersion.content_hash != sha256_hex(PromptVersion.content),
+        )
+        .order_by(_SESSIONS.c.project_id, PromptVersion.id)
+    )
+    found: dict[int, list[int]] = {}
+    for project_id, version_id in rows:
+        found.setdefault(int(project_id), []).append(int(version_id))
+    return found
 
 
 def _tune(connection: Connection) -> None:

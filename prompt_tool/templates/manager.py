@@ -908,6 +908,9 @@ class TemplateManager:
         project: str | None,
         user: str | None = None,
     ) -> str:
+        # The compiled cache is keyed by the digest of the source as read, never the stored
+        # digest: a version whose text was changed in the database behind our back keeps its
+        # old digest, and would be rendered as whichever version first filled that slot.
         return self.template_engine.render(
             resolved.source,
             variables,
@@ -915,5 +918,4 @@ class TemplateManager:
             version=resolved.version,
             declared_variables=resolved.declared_variables or None,
             loader=self._include_loader(project, user),
-            content_hash=resolved.content_hash,
         )

@@ -276,8 +276,10 @@ def test_status_counts_in_a_fixed_number_of_queries_whatever_the_sessions(
 
     assert len(statements) == few
     assert sum(p.unmigrated for p in report.projects) == 500
+    # One grouped count, and one pass for versions changed in the database behind our back.
     counted = [s for s in statements if "orchestration_sessions" in s]
-    assert len(counted) == 1 and "GROUP BY" in counted[0]
+    assert len(counted) == 2
+    assert "GROUP BY" in counted[0] and "DISTINCT" in counted[1]
 
 
 def test_an_unknown_project_is_not_found(legacy_engine: Engine) -> None:

@@ -1,0 +1,93 @@
+"""Verify trusts nothing it did not read: a template version whose text was changed in the
+database (its stored digest left as it was) is reported by id, fails the verify, is never
+rendered as another version that shares its original text, and blocks `flag set templates`."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, insert, select, update
+
+from prompt_tool.cli.orch_migrate import app
+from prompt_tool.db.models import OrchestrationSession, Project, PromptVersion, SessionPromptRef
+from prompt_tool.migrate.backfill import backfill
+from prompt_tool.migrate.status import status
+from prompt_tool.migrate.verify import verify
+from tests.cli_run import run_cli
+
+TEXT = "Hello {{ name }}, you plan {% the steps %}."  # braces: rendered, not settled in SQL
+
+
+@pytest.fixture
+def shared_text(db_engine: Engine) -> Engine:
+    """Two projects whose sessions hold the same legacy text: two imported versions, one text."""
+    with db_engine.begin() as connection:
+        for slug in ("tamper-a", "tamper-b"):
+            project = connection.execute(
+                insert(Project).values(slug=slug, name=slug).returning(Project.id)
+            ).scalar_one()
+            for n in range(3):
+                connection.execute(
+                    insert(OrchestrationSession).values(
+                        project_id=project, name=f"{slug}-{n}", system_prompt=TEXT
+                    )
+                )
+    backfill(db_engine)
+    assert verify(db_engine).passed
+    return db_engine
+
+
+def _versions(engine: Engine) -> list[int]:
+    with engine.connect() as connection:
+        return sorted(set(connection.execute(select(SessionPromptRef.prompt_version_id)).scalars()))
+
+
+def _tamper(engine: Engine, version_id: int) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(PromptVersion)
+            .where(PromptVersion.id == version_id)
+            .values(content=PromptVersion.content + " (changed in SQL)")
+        )
+
+
+@pytest.mark.parametrize("which", ["first", "later"])
+def test_a_version_changed_in_sql_is_reported_by_id_and_fails_verify(
+    shared_text: Engine, which: str
+) -> None:
+    first, later = _versions(shared_text)
+    changed = first if which == "first" else later
+    intact = later if which == "first" else first
+    _tamper(shared_text, changed)
+
+    report = verify(shared_text)
+
+    assert not report.passed
+    assert report.corrupted_versions == [changed]
+    assert {m.version_id for m in report.mismatches} == {changed}  # intact ones still match
+    assert intact not in report.corrupted_versions
+
+
+def test_status_and_flag_set_templates_refuse_a_project_with_a_changed_version(
+    shared_text: Engine,
+) -> None:
+    first, _later = _versions(shared_text)
+    _tamper(shared_text, first)
+    projects = {p.project: p for p in status(shared_text).projects}
+    blocked = [p for p in projects.values() if not p.readiness.ready]
+    assert len(blocked) == 1
+    assert f"template versions {first} no longer match" in " ".join(blocked[0].readiness.reasons)
+    url = shared_text.url.render_as_string(hide_password=False)
+    code, _out, err = run_cli(
+        app, ["orch-migrate", "flag", "set", "--default", "templates", "--db", url]
+    )
+    assert code != 0 and "no longer match" in err
+
+
+def test_the_cli_names_the_changed_version(shared_text: Engine) -> None:
+    first, _later = _versions(shared_text)
+    _tamper(shared_text, first)
+    url = shared_text.url.render_as_string(hide_password=False)
+    code, _out, err = run_cli(app, ["orch-migrate", "verify", "--db", url])
+    assert code == 1
+    assert f"changed in the database): {first};" in err
+    assert "Traceback" not in err
