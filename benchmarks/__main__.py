@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import dataset, migration_paths, template_loading
+from benchmarks import dataset, isolation, migration_paths, template_loading
 from benchmarks.harness import Measurement, admin_url, libpq, log, scratch_database, server_url
 from prompt_tool.db.url import redact
 
@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"template loading: {templates:,} templates")
     with scratch_database("templates") as url:
         measurements.extend(template_loading.run(url, templates))
+    log("isolated rendering: worker pool vs in process")
+    measurements.extend(isolation.run())
 
     report: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(),

@@ -54,6 +54,23 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigurationError(f"{name}={raw!r} is not one of {', '.join(choices)}; pick one")
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ConfigurationError(f"{name}={value} must be a positive whole number; raise it")
+    return value
+
+
 # The integer fields of prompt_tool.core.RenderLimits, each settable as
 # PROMPT_TOOL_TEMPLATE_<FIELD> (docs/LIMITS.md); the output cap and the deadline have their own
 # settings below. Named here, not imported: core reads settings, not the other way round.
@@ -105,6 +122,12 @@ class Settings:
     # templates one template may pull in (core.engine.MAX_INCLUDE_DEPTH, MAX_DEPENDENCIES).
     template_max_include_depth: int = 32
     template_max_dependencies: int = 256
+    # Where templates render: "in-process" (the default) or "process", a pool of worker
+    # processes with hard address-space and CPU limits (core.isolation), for deployments whose
+    # template authors are not trusted.
+    render_isolation: str = "in-process"
+    render_isolation_workers: int = 2
+    render_isolation_memory_bytes: int = 512 * 1024 * 1024
     # Largest --vars-file (or --variables-file) the CLI reads: refused before reading it all.
     vars_file_max_bytes: int = 16 * 1024 * 1024
     name_cache_ttl_s: float = 60.0
@@ -138,6 +161,13 @@ class Settings:
             template_limits=_render_limits(env),
             template_max_include_depth=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH", 32),
             template_max_dependencies=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDES", 256),
+            render_isolation=_choice(
+                env, "PROMPT_TOOL_RENDER_ISOLATION", ("in-process", "process"), "in-process"
+            ),
+            render_isolation_workers=_positive(env, "PROMPT_TOOL_RENDER_ISOLATION_WORKERS", 2),
+            render_isolation_memory_bytes=_positive(
+                env, "PROMPT_TOOL_RENDER_ISOLATION_MEMORY_BYTES", 512 * 1024 * 1024
+            ),
             vars_file_max_bytes=_int(env, "PROMPT_TOOL_VARS_FILE_MAX_BYTES", 16 * 1024 * 1024),
             name_cache_ttl_s=_float(env, "PROMPT_TOOL_NAME_CACHE_TTL_S", 60.0),
             redis_ttl_s=_float(env, "PROMPT_TOOL_REDIS_TTL_S", 30.0),

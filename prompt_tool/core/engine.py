@@ -28,6 +28,7 @@ from prompt_tool.core.errors import (
     TemplateNotFound,
     TemplateValidationError,
 )
+from prompt_tool.core.isolation import IsolatedRenderer
 from prompt_tool.core.limits import RenderLimits
 from prompt_tool.core.literal import literal_text
 from prompt_tool.core.sandbox import (
@@ -106,6 +107,20 @@ class TemplateEngine:
         )
         self.max_include_depth = settings.template_max_include_depth
         self.max_dependencies = settings.template_max_dependencies
+        #: The worker pool when PROMPT_TOOL_RENDER_ISOLATION=process (started on first render),
+        #: else ``None``: the default path renders in this process and pays one check for it.
+        self.isolation: IsolatedRenderer | None = None
+        if settings.render_isolation == "process":
+            self.isolation = IsolatedRenderer(
+                workers=settings.render_isolation_workers,
+                memory_bytes=settings.render_isolation_memory_bytes,
+                engine_settings={
+                    "template_max_source_bytes": self.max_source_bytes,
+                    "template_max_stored_source_bytes": settings.template_max_stored_source_bytes,
+                    "template_max_include_depth": self.max_include_depth,
+                    "template_max_dependencies": self.max_dependencies,
+                },
+            )
         self.cache: CompiledCache[PromptTemplate] = CompiledCache(cache_size)
         self.environment = PromptEnvironment(
             limits=self.limits,
@@ -385,6 +400,16 @@ class TemplateEngine:
                     version=version,
                 )
             return text
+        if self.isolation is not None:
+            return self.isolation.render(
+                source,
+                values,
+                name=name,
+                version=version,
+                limits=effective,
+                loader=loader,
+                content_hash=content_hash,
+            )
         template = self.compile(source, name=name, version=version, content_hash=content_hash)
         return render_bounded(
             template,
