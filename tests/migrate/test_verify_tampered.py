@@ -15,20 +15,26 @@ from prompt_tool.migrate.verify import verify
 from tests.cli_run import run_cli
 
 TEXT = "Hello {{ name }}, you plan {% the steps %}."  # braces: rendered, not settled in SQL
+ALONE = "Only {{ here }}."  # a text no other version has
 
 
 @pytest.fixture
 def shared_text(db_engine: Engine) -> Engine:
-    """Two projects whose sessions hold the same legacy text: two imported versions, one text."""
+    """Two projects whose sessions hold the same legacy text (two imported versions, one
+    text), and a third whose text no other version has."""
     with db_engine.begin() as connection:
-        for slug in ("tamper-a", "tamper-b"):
+        for slug, text, sessions in (
+            ("tamper-a", TEXT, 3),
+            ("tamper-b", TEXT, 3),
+            ("tamper-c", ALONE, 1),
+        ):
             project = connection.execute(
                 insert(Project).values(slug=slug, name=slug).returning(Project.id)
             ).scalar_one()
-            for n in range(3):
+            for n in range(sessions):
                 connection.execute(
                     insert(OrchestrationSession).values(
-                        project_id=project, name=f"{slug}-{n}", system_prompt=TEXT
+                        project_id=project, name=f"{slug}-{n}", system_prompt=text
                     )
                 )
     backfill(db_engine)
@@ -37,8 +43,17 @@ def shared_text(db_engine: Engine) -> Engine:
 
 
 def _versions(engine: Engine) -> list[int]:
+    """The two versions of TEXT (in id order), then ALONE's."""
     with engine.connect() as connection:
-        return sorted(set(connection.execute(select(SessionPromptRef.prompt_version_id)).scalars()))
+        by_version = dict(
+            connection.execute(
+                select(SessionPromptRef.prompt_version_id, OrchestrationSession.system_prompt)
+                .join(OrchestrationSession, OrchestrationSession.id == SessionPromptRef.session_id)
+                .distinct()
+            ).all()
+        )
+    shared = sorted(v for v, text in by_version.items() if text == TEXT)
+    return [*shared, *(v for v, text in by_version.items() if text == ALONE)]
 
 
 def _tamper(engine: Engine, version_id: int) -> None:
@@ -50,13 +65,13 @@ def _tamper(engine: Engine, version_id: int) -> None:
         )
 
 
-@pytest.mark.parametrize("which", ["first", "later"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["first-of-its-group", "later-one", "only-one"])
 def test_a_version_changed_in_sql_is_reported_by_id_and_fails_verify(
-    shared_text: Engine, which: str
+    shared_text: Engine, which: int
 ) -> None:
-    first, later = _versions(shared_text)
-    changed = first if which == "first" else later
-    intact = later if which == "first" else first
+    versions = _versions(shared_text)
+    assert len(versions) == 3
+    changed = versions[which]
     _tamper(shared_text, changed)
 
     report = verify(shared_text)
@@ -64,13 +79,12 @@ def test_a_version_changed_in_sql_is_reported_by_id_and_fails_verify(
     assert not report.passed
     assert report.corrupted_versions == [changed]
     assert {m.version_id for m in report.mismatches} == {changed}  # intact ones still match
-    assert intact not in report.corrupted_versions
 
 
 def test_status_and_flag_set_templates_refuse_a_project_with_a_changed_version(
     shared_text: Engine,
 ) -> None:
-    first, _later = _versions(shared_text)
+    first = _versions(shared_text)[0]
     _tamper(shared_text, first)
     projects = {p.project: p for p in status(shared_text).projects}
     blocked = [p for p in projects.values() if not p.readiness.ready]
@@ -84,7 +98,7 @@ def test_status_and_flag_set_templates_refuse_a_project_with_a_changed_version(
 
 
 def test_the_cli_names_the_changed_version(shared_text: Engine) -> None:
-    first, _later = _versions(shared_text)
+    first = _versions(shared_text)[0]
     _tamper(shared_text, first)
     url = shared_text.url.render_as_string(hide_password=False)
     code, _out, err = run_cli(app, ["orch-migrate", "verify", "--db", url])
