@@ -105,3 +105,36 @@ def test_the_cli_names_the_changed_version(shared_text: Engine) -> None:
     assert code == 1
     assert f"changed in the database): {first};" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["first-of-its-group", "later-one"])
+def test_reads_never_serve_a_version_under_another_ones_id(shared_text: Engine, which: int) -> None:
+    """Read through the shim, in templates mode, with both versions of one text in its cache:
+    each session gets its own version's text under its own version's id."""
+    from prompt_tool import flags
+    from prompt_tool.compat import SessionReader
+
+    versions = _versions(shared_text)
+    changed = versions[which]
+    _tamper(shared_text, changed)
+    for slug in ("tamper-a", "tamper-b"):
+        flags.set_variant(shared_text, slug, "templates", actor="ops")
+    with shared_text.connect() as connection:
+        sessions = dict(
+            connection.execute(
+                select(SessionPromptRef.session_id, SessionPromptRef.prompt_version_id).where(
+                    SessionPromptRef.prompt_version_id.in_(versions[:2])
+                )
+            ).all()
+        )
+    reader = SessionReader(shared_text)
+    # Intact sessions first, then the changed one's, then intact again: a render cache keyed by
+    # the stored digest would hand one version's text to the other.
+    order = sorted(sessions, key=lambda s: sessions[s] == changed)
+    for session_id in [*order, *order[::-1]]:
+        system = reader.read(session_id).system
+        assert system.version_id == sessions[session_id]
+        if sessions[session_id] == changed:
+            assert system.text is not None and system.text.endswith("(changed in SQL)")
+        else:
+            assert system.text == TEXT
