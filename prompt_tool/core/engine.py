@@ -22,6 +22,7 @@ from jinja2 import nodes
 from jinja2.exceptions import TemplateSyntaxError
 
 from prompt_tool.core.cache import CacheStats, CompiledCache, content_hash
+from prompt_tool.core.cache import content_hash as hash_source
 from prompt_tool.core.errors import (
     TemplateError,
     TemplateLimitError,
@@ -391,9 +392,18 @@ class TemplateEngine:
         # text (an imported legacy text with braces): it renders to that text whatever the
         # variables. Either way, skip compiling: imported texts may be megabytes of `{{`
         # (16 MB may be stored), and verify and the read shim render every one.
-        text = source if _MARKUP.search(source) is None else literal_text(source)
+        # The literal check reads the whole source: done only for a source not compiled yet
+        # (a literal one never is), never on the warm path of a real template.
+        key = content_hash
+        if _MARKUP.search(source) is None:
+            text: str | None = source
+        else:
+            key = key if key is not None else hash_source(source)
+            text = None if key in self.cache else literal_text(source)
         if text is not None:
-            if len(text.encode("utf-8", "surrogatepass")) > effective.max_output_bytes:
+            # At most 3 UTF-8 bytes a character (4 for astral ones, which count 1 in len()).
+            fits = len(text) * 4 <= effective.max_output_bytes
+            if not fits and len(text.encode("utf-8", "surrogatepass")) > effective.max_output_bytes:
                 raise TemplateLimitError(
                     f"the output is over the limit of {effective.max_output_bytes} bytes",
                     template=name,
@@ -408,9 +418,9 @@ class TemplateEngine:
                 version=version,
                 limits=effective,
                 loader=loader,
-                content_hash=content_hash,
+                content_hash=key,
             )
-        template = self.compile(source, name=name, version=version, content_hash=content_hash)
+        template = self.compile(source, name=name, version=version, content_hash=key)
         return render_bounded(
             template,
             values,

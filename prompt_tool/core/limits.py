@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import chain, compress
 from typing import TYPE_CHECKING, Any, cast
 
 from prompt_tool.core.errors import TemplateLimitError
@@ -24,10 +26,21 @@ if TYPE_CHECKING:
 
 __all__ = ["RenderLimits"]
 
-# How many loop items / buffered writes pass between two clock reads. Reading the clock costs
-# ~50 ns; every 256 steps keeps the overhead negligible and the deadline overshoot in the
-# microseconds.
-CLOCK_EVERY = 256
+#: The share of ``timeout_s`` a render itself may use. The rest is headroom for what the same
+#: request does around the render (compiling the source and its includes, validating, reading
+#: and storing in the database), so that the whole request, not only the render, finishes
+#: within ``timeout_s``: with the default 2 s a render is stopped at 1.5 s.
+RENDER_SHARE = 0.75
+
+# What containers cost in memory (64-bit CPython, garbage-collector header included), used to
+# charge what a template builds in bytes: sys.getsizeof of an empty list is 56 (+16 for the
+# GC header), each item a pointer of 8; a str is 49 bytes plus one to four per character.
+LIST_BYTES = 72
+TUPLE_BYTES = 56
+DICT_BYTES = 80
+ITEM_BYTES = 8
+DICT_ITEM_BYTES = 40
+STR_BYTES = 49
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +49,9 @@ class RenderLimits:
 
     #: Cap on the rendered text, in UTF-8 bytes.
     max_output_bytes: int = 1024 * 1024
-    #: Wall-clock budget for one render, in seconds.
+    #: Wall-clock budget for one render request, in seconds. The render itself is stopped at
+    #: ``RENDER_SHARE`` of it (1.5 s of the default 2 s); the rest is headroom for compiling,
+    #: validating and database time, so the request as a whole finishes within it.
     timeout_s: float = 2.0
     #: Most items ``range()`` may produce.
     max_range: int = 10_000
@@ -53,10 +68,12 @@ class RenderLimits:
     #: call and filter blocks, imported modules). Text passing through nested macros is counted
     #: once per level, hence a multiple of the output cap.
     max_buffered_chars: int = 16 * 1024 * 1024
-    #: Total characters and list items that all operations of one render may produce,
-    #: temporaries included. Each operation is bounded on its own; this stops a template from
-    #: keeping thousands of bounded results alive at once.
-    max_allocated: int = 16_000_000
+    #: Total bytes (approximate, CPython's object sizes: a string is 49 bytes plus its
+    #: characters, a list 72 plus 8 per item, each new nested list, tuple or dict counted too)
+    #: that all operations of one render may produce, temporaries included. Each operation is
+    #: bounded on its own; this stops a template from building gigabytes out of thousands of
+    #: bounded results, kept or thrown away.
+    max_allocated: int = 32 * 1024 * 1024
     #: Largest list or dict a template may build, counted deeply: items plus the characters of
     #: the strings inside, a shared value counted each time it appears. ``[x] * 1000`` is
     #: small in memory but costs 1000 times ``x`` to print, compare, hash or serialise, and
@@ -105,11 +122,11 @@ class Budget:
         "allocation_cap",
         "buffer_cap",
         "buffered",
-        "calls",
         "deadline",
         "depth",
         "limits",
         "loaded",
+        "memo_bytes",
         "modules",
         "resolve",
         "sizes",
@@ -119,17 +136,19 @@ class Budget:
         self, limits: RenderLimits, resolve: Callable[[str], str | None] | None = None
     ) -> None:
         self.limits = limits
-        self.deadline = time.monotonic() + limits.timeout_s
+        self.deadline = time.monotonic() + limits.timeout_s * RENDER_SHARE
         self.resolve = resolve
         self.depth = 0
-        self.calls = 0
         self.buffered = 0
         self.buffer_cap = limits.max_buffered_chars
         self.allocated = 0
         self.allocation_cap = limits.max_allocated
-        #: Deep sizes of large containers already measured, by id (holding the object keeps
-        #: the id valid). Containers never change in the sandbox, so entries never go stale.
+        #: Deep sizes of large containers already measured, by id, with the container (holding
+        #: it keeps the id valid; containers never change in the sandbox, so entries never go
+        #: stale). What the memo keeps alive is bounded: past ``_MEMO_MAX_BYTES`` of held
+        #: containers it is emptied, so the accounting never holds a render's garbage.
         self.sizes: dict[int, tuple[object, int]] | None = None
+        self.memo_bytes = 0
         #: Included/imported templates already loaded by this render, by name.
         self.loaded: dict[str, Template] | None = None
         #: Default modules of imported templates, per render (see PromptTemplate).
@@ -137,7 +156,10 @@ class Budget:
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
-            raise limit_error(f"rendering took longer than the {self.limits.timeout_s:g} s limit")
+            raise self.deadline_error()
+
+    def deadline_error(self) -> TemplateLimitError:
+        return limit_error(f"rendering took longer than the {self.limits.timeout_s:g} s limit")
 
     def buffer_overflow(self) -> TemplateLimitError:
         return limit_error(
@@ -145,17 +167,77 @@ class Budget:
         )
 
     def tick(self) -> None:
-        """Count one unit of per-item work; read the clock every few hundred units."""
-        self.calls += 1
-        if not self.calls % CLOCK_EVERY:
-            self.check_deadline()
+        """Count one unit of per-item work (a lookup, a test): reads the clock every time."""
+        if time.monotonic() > self.deadline:
+            raise self.deadline_error()
 
-    def guarded(self, iterable: Iterable[Any]) -> Iterator[Any]:
-        """Iterate while watching the clock, so nested loops with no output still time out."""
-        for n, item in enumerate(iterable, 1):
-            if not n % CLOCK_EVERY:
-                self.check_deadline()
-            yield item
+    def guarded(self, iterable: Iterable[Any]) -> Iterable[Any]:
+        """``iterable`` with the clock read every ``LOOP_CHECK_EVERY`` items."""
+        return _Guarded(self, iterable)
+
+
+# Loop items handed out between two clock reads. The count runs in C (``compress`` over a
+# chain of blocks of ``True``; the block generator reads the clock each time it is resumed),
+# so the guard costs ~25 ns per item instead of a Python step each. The deadline can be
+# overrun by at most this many loop bodies, and a body's filters, calls and includes read the
+# clock themselves: eight of the cheapest bodies take microseconds, far below 10 ms.
+LOOP_CHECK_EVERY = 8
+_TICKS = (True,) * LOOP_CHECK_EVERY
+_SIZED = frozenset({list, tuple, range, str, dict})
+
+
+class _Guarded:
+    """An iterable that reads the clock every ``LOOP_CHECK_EVERY`` items handed out.
+
+    Sized iterables keep their length, so ``loop.length`` stays O(1). For an unsized one
+    (a generator from ``map`` or ``select``) ``len()`` lists what is left and the running
+    iteration carries on over that list: Jinja's own ``loop.length`` would list it and then
+    iterate the list directly, dropping the guard.
+    """
+
+    __slots__ = ("_budget", "_iterable", "_iterator", "_pulled", "_sized")
+
+    def __init__(self, budget: Budget, iterable: Iterable[Any]) -> None:
+        self._budget = budget
+        self._iterable = iterable
+        self._iterator: Iterator[Any] | None = None
+        self._pulled = 0
+        self._sized = type(iterable) in _SIZED or hasattr(iterable, "__len__")
+        if not self._sized:
+            self._iterator = iter(iterable)
+
+    def __len__(self) -> int:
+        if self._iterator is None:
+            return len(self._iterable)  # type: ignore[arg-type]
+        rest = list(self._iterator)
+        self._iterator = iter(rest)
+        return self._pulled + len(rest)
+
+    def __iter__(self) -> Iterator[Any]:
+        items = self._iterable if self._sized else self._lazy()
+        return compress(items, chain.from_iterable(self._ticks()))
+
+    def _ticks(self) -> Iterator[tuple[bool, ...]]:
+        clock = time.monotonic
+        budget = self._budget
+        deadline = budget.deadline
+        while True:
+            yield _TICKS
+            # Resumed when the next block of items is asked for: after their loop bodies ran.
+            if clock() > deadline:
+                raise budget.deadline_error()
+
+    def _lazy(self) -> Iterator[Any]:
+        while True:
+            current = self._iterator
+            assert current is not None
+            for item in current:
+                self._pulled += 1
+                yield item
+                if self._iterator is not current:
+                    break  # len() listed the rest: carry on over that list
+            else:
+                return
 
 
 #: The budget of the render running in this thread / task, if any.
@@ -163,15 +245,38 @@ CURRENT_BUDGET: ContextVar[Budget | None] = ContextVar("prompt_tool_render_budge
 
 
 def charge(amount: int) -> None:
-    """Count ``amount`` characters or items produced against the render's allocation cap."""
+    """Count ``amount`` bytes produced against the render's allocation cap."""
     budget = CURRENT_BUDGET.get()
     if budget is not None:
         budget.allocated += amount
         if budget.allocated > budget.allocation_cap:
-            raise limit_error(
-                f"the template produced more than {budget.allocation_cap} characters and "
-                "list items in total"
-            )
+            raise allocation_error(budget)
+
+
+def allocation_error(budget: Budget) -> TemplateLimitError:
+    return limit_error(
+        f"the template built more than {budget.allocation_cap} bytes of values in total "
+        "(temporaries included)"
+    )
+
+
+def shallow_bytes(value: object) -> int:
+    """Approximate bytes of ``value`` itself, not counting the items it refers to."""
+    kind = type(value)
+    if kind is str:
+        return sys.getsizeof(value)
+    if kind is list:
+        return LIST_BYTES + ITEM_BYTES * len(cast("list[object]", value))
+    if kind is tuple:
+        return TUPLE_BYTES + ITEM_BYTES * len(cast("tuple[object, ...]", value))
+    if kind is dict:
+        return DICT_BYTES + DICT_ITEM_BYTES * len(cast("dict[object, object]", value))
+    return 0
+
+
+def charge_value(value: object) -> None:
+    """Charge a value an operation just built: its own bytes (items it shares are not new)."""
+    charge(shallow_bytes(value))
 
 
 def account_text(text: str, fallback: RenderLimits, what: str) -> str:
@@ -183,15 +288,19 @@ def account_text(text: str, fallback: RenderLimits, what: str) -> str:
         return text
     if size > budget.limits.max_string_length:
         check_string_length(size, budget.limits, what)
-    budget.allocated += size
+    budget.allocated += sys.getsizeof(text)
     if budget.allocated > budget.allocation_cap:
-        charge(0)  # raises with the allocation message
+        raise allocation_error(budget)
     return text
 
 
 # Containers smaller than this are measured again rather than remembered: cheap to walk, and
 # remembering every small literal built in a loop would itself grow without bound.
 _MEMO_MIN_SIZE = 1024
+# Bytes of containers remembered since the memo was last purged. Past this, entries that
+# nothing but the memo still refers to (the render's garbage) are dropped: the accounting
+# never keeps more than about this much alive.
+_MEMO_MAX_BYTES = 4 * 1024 * 1024
 
 
 def value_size(value: object, limit: int) -> int:
@@ -207,18 +316,41 @@ def value_size(value: object, limit: int) -> int:
     if kind is not list and kind is not tuple and kind is not dict:
         return 1
     budget = CURRENT_BUDGET.get()
-    return _deep_size(value, limit, budget, {})
+    return _deep_size(value, limit, budget, {}, [0])
 
 
-def _deep_size(value: object, limit: int, budget: Budget | None, seen: dict[int, int]) -> int:
+def value_cost(value: object, limit: int) -> tuple[int, int]:
+    """``value_size`` and the approximate bytes of ``value``, counted deeply.
+
+    The bytes are those of each distinct list, tuple and dict inside (once each; one measured
+    earlier in the render is not new and counts nothing) plus each string where it appears:
+    what a filter that builds nested values (``batch``, ``groupby``, ``list`` of a string)
+    costs in memory, which items and characters alone undercount ten times over.
+    """
+    kind = type(value)
+    if kind is str:
+        return 1 + len(cast(str, value)), sys.getsizeof(value)
+    if kind is not list and kind is not tuple and kind is not dict:
+        return 1, 0
+    spent = [0]
+    size = _deep_size(value, limit, CURRENT_BUDGET.get(), {}, spent)
+    return size, spent[0]
+
+
+def _deep_size(
+    value: object, limit: int, budget: Budget | None, seen: dict[int, int], spent: list[int]
+) -> int:
     size = len(cast("list[object]", value))
     if size > limit:
+        spent[0] += shallow_bytes(value)
         return size + 1  # every item counts at least one: no need to look inside
     memo = budget.sizes if budget is not None else None
     if memo is not None:
         known = memo.get(id(value))
         if known is not None:
             return known[1]
+    spent_before = spent[0]
+    spent[0] += shallow_bytes(value)
     total = 1
     items: Iterable[object] = (
         cast("list[object]", value)
@@ -228,21 +360,46 @@ def _deep_size(value: object, limit: int, budget: Budget | None, seen: dict[int,
     for item in items:
         item_kind = type(item)
         if item_kind is str:
-            total += 1 + len(cast(str, item))
+            length = len(cast(str, item))
+            total += 1 + length
+            # One-character Latin-1 strings are shared singletons in CPython: they cost nothing.
+            if length > 1 or (length == 1 and cast(str, item) > "\xff"):
+                spent[0] += sys.getsizeof(item)
         elif item_kind is list or item_kind is tuple or item_kind is dict:
             inner = seen.get(id(item))
             if inner is None:
-                inner = seen[id(item)] = _deep_size(item, limit - total, budget, seen)
+                inner = seen[id(item)] = _deep_size(item, limit - total, budget, seen, spent)
             total += inner
         else:
             total += 1
         if total > limit:
             return total
     if total >= _MEMO_MIN_SIZE and budget is not None:
-        if budget.sizes is None:
-            budget.sizes = {}
-        budget.sizes[id(value)] = (value, total)
+        _remember(budget, value, total, spent[0] - spent_before)
     return total
+
+
+def _remember(budget: Budget, value: object, total: int, held: int) -> None:
+    memo = budget.sizes
+    if memo is None:
+        memo = budget.sizes = {}
+    budget.memo_bytes += held
+    if budget.memo_bytes > _MEMO_MAX_BYTES:
+        _purge(memo)
+        budget.memo_bytes = held
+    memo[id(value)] = (value, total)
+
+
+def _purge(memo: dict[int, tuple[object, int]]) -> None:
+    """Drop the entries whose container only the memo still refers to."""
+    for key in list(memo):
+        entry = memo[key]
+        # References: the memo's tuple, ``entry[0]`` bound below, and getrefcount's argument.
+        held = entry[0]
+        del entry
+        if sys.getrefcount(held) <= 3:
+            del memo[key]
+        del held
 
 
 def check_value_size(size: int, limits: RenderLimits, what: str) -> None:

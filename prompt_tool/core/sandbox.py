@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import re
 import textwrap
+import time
 import types
 from collections.abc import (
     Callable,
@@ -98,6 +99,7 @@ from prompt_tool.core.limits import (
     RenderLimits,
     account_text,
     charge,
+    charge_value,
     check_format_spec,
     check_int_bits,
     check_int_text,
@@ -106,6 +108,7 @@ from prompt_tool.core.limits import (
     check_string_length,
     check_value_size,
     limit_error,
+    value_cost,
     value_size,
 )
 from prompt_tool.core.variables import sanitize_variables
@@ -124,10 +127,6 @@ _BATCH: Final = 16
 #: Filter wrapped around every ``{% for %}`` iterable so loops watch the clock.
 LOOP_GUARD_FILTER: Final = "_loop_guard"
 
-# Loops over at most this many items of a sized builtin skip the per-item guard: on their own
-# they cannot run long, and the guard is still called (and reads the clock) once per loop.
-_SMALL_LOOP: Final = 4096
-
 #: Filters removed and why:
 #: * ``random``: rendering must be deterministic (verification compares rendered bytes).
 #: * ``safe``, ``escape``/``e``, ``forceescape``, ``urlize``, ``xmlattr``: HTML helpers that
@@ -145,6 +144,12 @@ _NON_GROWING_FILTERS: Final = frozenset(
      "last", "length", "map", "max", "min", "reject", "rejectattr", "round", "select",
      "selectattr", "unique", "wordcount"}
 )  # fmt: skip
+
+#: Filters whose cost does not depend on their input: applied directly they are bounded by the
+#: template's size (or run in a loop body, which the loop guard watches), applied per item by
+#: ``map`` they go through ``call_filter``, which reads the clock. They skip the deadline
+#: wrapper every other filter has (a few hundred nanoseconds per call on ``default``).
+_CONSTANT_TIME_FILTERS: Final = frozenset({"abs", "attr", "d", "default", "float"})
 
 #: Filters that may return a lazy iterator (a generator or ``reversed`` object).
 _LAZY_FILTERS: Final = frozenset(
@@ -625,6 +630,9 @@ class _StoredTemplateLoader(BaseLoader):
         budget = CURRENT_BUDGET.get()
         if budget is None or budget.resolve is None:
             raise JinjaTemplateNotFound(name, f"no template loader to resolve {name!r}")
+        # Every include, import and extends comes through here: a fan-out of includes (each
+        # including several more) stops on time even when none of them writes anything.
+        budget.check_deadline()
         if budget.loaded is None:
             budget.loaded = {}
         template = budget.loaded.get(name)
@@ -807,8 +815,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         parts = [value if type(value) is str else str(value) for value in values]
         size = sum(map(len, parts))
         check_string_length(size, self.current_limits(), "'~'")
-        charge(size)
-        return "".join(parts)
+        result = "".join(parts)
+        charge_value(result)
+        return result
 
     def built_value(self, value: Any) -> Any:
         """Check the deep size of a list/tuple/dict literal the template just built.
@@ -827,9 +836,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         budget = CURRENT_BUDGET.get()
         if budget is None:
             return iterable
+        # Every iteration reads the clock (~50 ns), however small the loop: nested loops whose
+        # bodies do little, or whose bodies each run one costly operation, stop on time.
         budget.check_deadline()
-        if type(iterable) in (list, tuple, str, dict, range) and len(iterable) <= _SMALL_LOOP:
-            return iterable
         return budget.guarded(iterable)
 
     # -- operators -------------------------------------------------------------------------
@@ -846,7 +855,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             check_percent_format(left, limits)
             result = left % right
             check_string_length(len(result), limits, "'%' formatting")
-            charge(len(result))
+            charge_value(result)
             return result
         elif operator in _DIVISIONS and type(left) is int and type(right) is int:
             self._check_divide(operator, left, right)
@@ -856,7 +865,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             _fail_on_method_value(left, right)
             raise
         if type(result) in (str, list, tuple):
-            charge(len(result))
+            charge_value(result)  # items shared with the operands are not new
         return result
 
     def _check_divide(self, operator: str, left: int, right: int) -> None:
@@ -971,7 +980,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             if type(argument) is slice:
                 result = obj[argument]
                 if type(result) in (str, list, tuple):
-                    charge(len(result))
+                    charge_value(result)
                 return result
         try:
             return _block_safe(obj[argument])
@@ -1017,9 +1026,7 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         budget = CURRENT_BUDGET.get()
         if budget is None:
             return context.call(obj, *args, **kwargs)
-        budget.calls += 1
-        if not budget.calls % 16:
-            budget.check_deadline()
+        budget.check_deadline()
         if budget.depth >= budget.limits.max_call_depth:
             raise limit_error(
                 f"calls nest deeper than {budget.limits.max_call_depth} levels "
@@ -1053,13 +1060,21 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
                     # Usually an undefined argument ("must be str, not StrictUndefined").
                     _fail_on_undefined(args, kwargs.values())
                     raise
-                if type(result) in (str, list, tuple):
-                    charge(len(result))
+                result_kind = type(result)
+                if result_kind is str:
+                    charge_value(result)
+                elif result_kind is list or result_kind is tuple:
+                    # ``split``, ``partition``, ``splitlines``: new strings inside a new list.
+                    charge(value_cost(result, budget.limits.max_value_size)[1])
                 return result
             if kind is Macro:
                 # Calling the macro directly skips Context.call's generic introspection, which
                 # makes macro calls cheaper than in an unsandboxed Jinja environment.
                 return obj(*args, **kwargs)
+            if kind is LoopContext and len(args) == 1 and not kwargs:
+                # ``loop(children)`` in a recursive loop iterates outside the ``{% for %}``
+                # expression the loop guard wraps: guard it here.
+                args = (budget.guarded(args[0]),)
             return context.call(obj, *args, **kwargs)
         finally:
             budget.depth -= 1
@@ -1073,7 +1088,8 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         context: Context | None = None,
         eval_ctx: EvalContext | None = None,
     ) -> Any:
-        # ``map('name')`` applies a filter per item from inside C-driven iteration: tick here.
+        # ``map('name')`` applies a filter per item from inside C-driven iteration: read the
+        # clock here too, for the constant-time filters that skip their own read.
         budget = CURRENT_BUDGET.get()
         if budget is not None:
             budget.tick()
@@ -1105,12 +1121,17 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
         filters: dict[str, Callable[..., Any]] = {
             name: func for name, func in FILTERS.items() if name not in REMOVED_FILTERS
         }
+        # Every filter application reads the clock first: repeated sorts, joins and the like
+        # stop on time however they are repeated (loops, macros, map, chained filters). The
+        # post-checked ones read it in their own wrapper, the others get a thin one.
         checked = {
-            name: func if name in _NON_GROWING_FILTERS else self._post_checked(func, name)
+            name: (func if name in _CONSTANT_TIME_FILTERS else _deadline_checked(func))
+            if name in _NON_GROWING_FILTERS
+            else self._post_checked(func, name)
             for name, func in filters.items()
         }
         # The bounded versions check their own result; wrapping them again would only cost.
-        checked.update(_BOUNDED_FILTERS)
+        checked.update({name: _deadline_checked(f) for name, f in _BOUNDED_FILTERS.items()})
         for name in _LAZY_FILTERS:
             checked[name] = _iterator_safe(checked[name])
         return checked
@@ -1127,6 +1148,9 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
 
         @functools.wraps(func)
         def checked(*args: Any, **kwargs: Any) -> Any:
+            budget = CURRENT_BUDGET.get()
+            if budget is not None and time.monotonic() > budget.deadline:
+                raise budget.deadline_error()
             result = func(*args, **kwargs)
             kind = type(result)
             if kind is str:
@@ -1134,11 +1158,23 @@ class PromptEnvironment(ImmutableSandboxedEnvironment):
             if kind is list or kind is tuple:
                 limits = self.current_limits()
                 check_sequence_length(len(result), limits, what)
-                check_value_size(value_size(result, limits.max_value_size), limits, what)
-                charge(len(result))
+                size, cost = value_cost(result, limits.max_value_size)
+                check_value_size(size, limits, what)
+                charge(cost)
             return result
 
         return checked
+
+
+def _deadline_checked(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)  # keeps Jinja's pass_environment / pass_eval_context marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        budget = CURRENT_BUDGET.get()
+        if budget is not None and time.monotonic() > budget.deadline:
+            raise budget.deadline_error()
+        return func(*args, **kwargs)
+
+    return checked
 
 
 def _iterator_safe(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -1393,7 +1429,7 @@ def _limits_of(env: Any) -> RenderLimits:
 
 def _charged(result: str) -> str:
     # Callers have already checked the length (usually before building the string).
-    charge(len(result))
+    charge_value(result)
     return result
 
 
