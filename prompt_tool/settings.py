@@ -92,12 +92,7 @@ def _render_limits(env: Mapping[str, str]) -> dict[str, int]:
     for name in RENDER_LIMIT_FIELDS:
         variable = f"PROMPT_TOOL_TEMPLATE_{name.upper()}"
         if env.get(variable):
-            value = _int(env, variable, 0)
-            if value < 1:
-                raise ConfigurationError(
-                    f"{variable}={value} must be a positive whole number; raise it or unset it"
-                )
-            limits[name] = value
+            limits[name] = _positive(env, variable, 0)
     return limits
 
 
@@ -159,8 +154,8 @@ class Settings:
             ),
             template_render_timeout_s=_float(env, "PROMPT_TOOL_TEMPLATE_RENDER_TIMEOUT_S", 2.0),
             template_limits=_render_limits(env),
-            template_max_include_depth=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH", 32),
-            template_max_dependencies=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDES", 256),
+            template_max_include_depth=_positive(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDE_DEPTH", 32),
+            template_max_dependencies=_positive(env, "PROMPT_TOOL_TEMPLATE_MAX_INCLUDES", 256),
             render_isolation=_choice(
                 env, "PROMPT_TOOL_RENDER_ISOLATION", ("in-process", "process"), "in-process"
             ),

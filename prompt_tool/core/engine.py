@@ -22,7 +22,6 @@ from jinja2 import nodes
 from jinja2.exceptions import TemplateSyntaxError
 
 from prompt_tool.core.cache import CacheStats, CompiledCache, content_hash
-from prompt_tool.core.cache import content_hash as hash_source
 from prompt_tool.core.errors import (
     TemplateError,
     TemplateLimitError,
@@ -46,6 +45,9 @@ from prompt_tool.core.variables import (
     prepare_variables,
 )
 from prompt_tool.settings import Settings, get_settings
+
+# render() takes a `content_hash` argument, which hides the function there.
+hash_source = content_hash
 
 __all__ = [
     "MAX_DEPENDENCIES",

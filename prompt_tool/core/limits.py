@@ -19,7 +19,7 @@ from itertools import chain, compress
 from typing import TYPE_CHECKING, Any, cast
 
 from prompt_tool.core.errors import TemplateLimitError
-from prompt_tool.settings import Settings
+from prompt_tool.settings import RENDER_LIMIT_FIELDS, Settings
 
 if TYPE_CHECKING:
     from jinja2 import Template
@@ -81,17 +81,7 @@ class RenderLimits:
     max_value_size: int = 4_000_000
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_output_bytes",
-            "max_range",
-            "max_string_length",
-            "max_sequence_length",
-            "max_int_bits",
-            "max_call_depth",
-            "max_buffered_chars",
-            "max_allocated",
-            "max_value_size",
-        ):
+        for name in ("max_output_bytes", *RENDER_LIMIT_FIELDS):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"RenderLimits.{name} must be a positive integer, got {value!r}")
