@@ -1,8 +1,10 @@
 """Content hashing and the in-memory cache of compiled templates.
 
-Template versions are immutable and the cache is keyed by the hash of the source text, so an
-entry can never be stale: the same key always compiles to the same code. Only the size bound
-(LRU) ever evicts anything.
+The cache is keyed by the source text itself, so an entry can never be stale: the same text
+always compiles to the same code, and a text changed behind our back (in the database, say) is
+a different key. Looking a text up costs a dict probe (Python keeps a string's hash with it, and
+an identical object compares by identity) where a digest would cost a SHA-256 per render. Only
+the size bound (LRU) ever evicts anything.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class CacheStats:
 
 
 class CompiledCache(Generic[T]):
-    """A bounded, thread-safe LRU mapping content hash -> compiled template, with counters.
+    """A bounded, thread-safe LRU mapping source text -> compiled template, with counters.
 
     Compilation happens outside the lock: two threads missing the same key at once both
     compile and one result wins, which is harmless because both are identical.
@@ -62,6 +64,16 @@ class CompiledCache(Generic[T]):
                 return None
             self._entries.move_to_end(key)
             self._hits += 1
+            return value
+
+    def find(self, key: str) -> T | None:
+        """Like :meth:`get`, but a miss is not counted: the caller may have no use for the
+        entry (a literal text is never compiled), and counts it by calling :meth:`get`."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self._hits += 1
             return value
 
     def put(self, key: str, value: T) -> T:

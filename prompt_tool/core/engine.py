@@ -4,9 +4,9 @@ The engine knows nothing of the database. Templates that include, import or exte
 name them; the caller (the template manager) passes a *loader*, a callable mapping a name to
 the source of the version to use, or ``None`` if there is no such template.
 
-Caching: compiled templates are cached by the content hash of their source only. Included
-templates are resolved through the loader on every render (once per name per render) and
-compiled through the same content-hash cache, so a cached template plus the loader always
+Caching: compiled templates are cached by their source text only. Included templates are
+resolved through the loader on every render (once per name per render) and compiled through
+the same cache, so a cached template plus the loader always
 renders the included text the loader returns now, never a stale copy.
 """
 
@@ -45,9 +45,6 @@ from prompt_tool.core.variables import (
     prepare_variables,
 )
 from prompt_tool.settings import Settings, get_settings
-
-# render() takes a `content_hash` argument, which hides the function there.
-hash_source = content_hash
 
 __all__ = [
     "MAX_DEPENDENCIES",
@@ -143,17 +140,15 @@ class TemplateEngine:
         *,
         name: str | None = None,
         version: int | str | None = None,
-        content_hash: str | None = None,
     ) -> PromptTemplate:
-        """The compiled template for ``source`` (cached by content hash).
+        """The compiled template for ``source`` (cached by its text).
 
-        Pass ``content_hash`` when it is already known (stored versions carry it) to skip
-        hashing the source. The returned template's ``render`` is sandboxed and bounded too,
-        but cannot resolve includes: use :meth:`render` with a loader for that.
+        The returned template's ``render`` is sandboxed and bounded too, but cannot resolve
+        includes: use :meth:`render` with a loader for that.
         """
         _require_text(source, name, version)
         try:
-            return self.environment.compile_cached(source, name=name, key=content_hash)
+            return self.environment.compile_cached(source, name=name)
         except TemplateError as exc:
             raise exc.located(template=name, version=version) from exc.__cause__
         except TemplateSyntaxError as exc:
@@ -193,10 +188,9 @@ class TemplateEngine:
         except TemplateError as exc:
             raise exc.located(template=name, version=version) from None
         tree = self._parse(source, name, version)
-        key = content_hash(source)
-        if key not in self.cache:
+        if source not in self.cache:
             try:
-                self.cache.put(key, self.environment.compile_tree(tree, name))
+                self.cache.put(source, self.environment.compile_tree(tree, name))
             except Exception as exc:  # e.g. Python refusing the generated code
                 raise TemplateValidationError(
                     f"the template cannot be compiled: {_why(exc)}",
@@ -228,7 +222,7 @@ class TemplateEngine:
         return TemplateInfo(
             name=name,
             version=version,
-            content_hash=key,
+            content_hash=content_hash(source),
             size_bytes=size,
             declared_variables=specs,
             undeclared_variables=undeclared,
@@ -375,13 +369,12 @@ class TemplateEngine:
         declared_variables: DeclaredVariables | None = None,
         loader: TemplateLoader | None = None,
         limits: RenderLimits | None = None,
-        content_hash: str | None = None,
     ) -> str:
         """Render ``source`` with ``variables`` (JSON values only) and return the text.
 
         With ``declared_variables`` the variables are checked against them (unknown, missing,
         wrong type) and defaults are filled in. ``limits`` overrides the engine's limits for
-        this render; ``content_hash`` spares hashing a source whose hash is known.
+        this render.
         """
         specs = self._specs(declared_variables, name, version)
         try:
@@ -389,48 +382,35 @@ class TemplateEngine:
         except TemplateError as exc:
             raise exc.located(template=name, version=version) from None
         effective = limits if limits is not None else self.limits
-        # No tag, expression or comment opens anywhere: Jinja would hand the text back unchanged
-        # (no line statements, newlines kept). Or the source is what literal_template made of a
-        # text (an imported legacy text with braces): it renders to that text whatever the
-        # variables. Either way, skip compiling: imported texts may be megabytes of `{{`
-        # (16 MB may be stored), and verify and the read shim render every one.
-        # The literal check reads the whole source: done only for a source not compiled yet
-        # (a literal one never is), never on the warm path of a real template.
-        key = content_hash
-        if _MARKUP.search(source) is None:
-            text: str | None = source
-        else:
-            key = key if key is not None else hash_source(source)
-            text = None if key in self.cache else literal_text(source)
-        if text is not None:
-            # At most 3 UTF-8 bytes a character (4 for astral ones, which count 1 in len()).
-            fits = len(text) * 4 <= effective.max_output_bytes
-            if not fits and len(text.encode("utf-8", "surrogatepass")) > effective.max_output_bytes:
-                raise TemplateLimitError(
-                    f"the output is over the limit of {effective.max_output_bytes} bytes",
-                    template=name,
-                    version=version,
-                )
-            return text
         if self.isolation is not None:
             return self.isolation.render(
-                source,
-                values,
-                name=name,
-                version=version,
-                limits=effective,
-                loader=loader,
-                content_hash=key,
+                source, values, name=name, version=version, limits=effective, loader=loader
             )
-        template = self.compile(source, name=name, version=version, content_hash=key)
-        return render_bounded(
-            template,
-            values,
-            limits if limits is not None else self.limits,
-            loader,
-            name=name,
+        template = self.cache.find(source)
+        if template is None:
+            # Not compiled yet. No tag, expression or comment opens anywhere: Jinja would hand
+            # the text back unchanged (no line statements, newlines kept). Or the source is what
+            # literal_template made of a text (an imported legacy text with braces): it renders
+            # to that text whatever the variables. Either way, don't compile: imported texts may
+            # be megabytes of `{{` (16 MB may be stored), and verify and the read shim render
+            # every one. A literal source is never compiled, so it always comes this way.
+            text = source if _MARKUP.search(source) is None else literal_text(source)
+            if text is not None:
+                return _literal_output(text, effective, name, version)
+            template = self.compile(source, name=name, version=version)
+        return render_bounded(template, values, effective, loader, name=name, version=version)
+
+
+def _literal_output(text: str, limits: RenderLimits, name: str, version: int | str | None) -> str:
+    # At most 3 UTF-8 bytes a character (4 for astral ones, which count 1 in len()).
+    fits = len(text) * 4 <= limits.max_output_bytes
+    if not fits and len(text.encode("utf-8", "surrogatepass")) > limits.max_output_bytes:
+        raise TemplateLimitError(
+            f"the output is over the limit of {limits.max_output_bytes} bytes",
+            template=name,
             version=version,
         )
+    return text
 
 
 _MARKUP = re.compile(r"\{[{%#]")
@@ -496,7 +476,6 @@ def render(
     declared_variables: DeclaredVariables | None = None,
     loader: TemplateLoader | None = None,
     limits: RenderLimits | None = None,
-    content_hash: str | None = None,
 ) -> str:
     """:meth:`TemplateEngine.render` on the default engine."""
     return default_engine().render(
@@ -507,5 +486,4 @@ def render(
         declared_variables=declared_variables,
         loader=loader,
         limits=limits,
-        content_hash=content_hash,
     )

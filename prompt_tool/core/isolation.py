@@ -216,7 +216,6 @@ class IsolatedRenderer:
         version: int | str | None,
         limits: RenderLimits,
         loader: Callable[[str], str | None] | None,
-        content_hash: str | None = None,
     ) -> str:
         """Render in a worker; raise what the in-process render would, or a limit error."""
         worker = self._take()
@@ -230,7 +229,6 @@ class IsolatedRenderer:
                     "name": name,
                     "version": version,
                     "limits": dataclasses.asdict(limits),
-                    "content_hash": content_hash,
                     "has_loader": loader is not None,
                 }
             )
@@ -368,7 +366,6 @@ def _worker_main(config: Mapping[str, Any]) -> None:
                 version=request["version"],
                 limits=limits,
                 loader=ask if request["has_loader"] else None,
-                content_hash=request["content_hash"],
             )
             reply: dict[str, Any] = {"text": text}
         except TemplateError as exc:

@@ -130,10 +130,14 @@ def sanitize_variables(variables: Mapping[str, object] | None) -> dict[str, obje
         raise VariableError(f"variable names must be strings, got {bad!r}")
     if not set(map(type, result.values())) <= _SCALARS:
         for name, value in result.items():
-            if type(value) not in _SCALARS:
-                problem = _json_problem(name, value)
-                if problem is not None:
-                    raise VariableError(f"variable {problem}")
+            kind = type(value)
+            if kind in _SCALARS or (
+                kind is list and set(map(type, cast(list[object], value))) <= _SCALARS
+            ):
+                continue  # a flat list of scalars, the usual non-scalar, also in C
+            problem = _json_problem(name, value)
+            if problem is not None:
+                raise VariableError(f"variable {problem}")
     return result
 
 

@@ -176,3 +176,27 @@ def test_a_worker_that_died_while_idle_is_replaced_before_it_is_used() -> None:
         assert renderer.replaced == 1
     finally:
         renderer.close()
+
+
+def test_one_operation_past_its_cpu_time_is_killed_by_the_kernel_and_the_pool_goes_on() -> None:
+    """A single C-level operation (a power of a few million digits) that no in-process check
+    can interrupt: the worker's RLIMIT_CPU stops it (SIGXCPU) long before the parent's own
+    deadline, which is set out of the way here."""
+    renderer = IsolatedRenderer(workers=1, deadline_margin_s=120.0)
+    try:
+        _render(renderer, "warm")
+        lenient = RenderLimits(timeout_s=0.2, max_int_bits=10**9, max_allocated=10**9)
+        with pytest.raises(TemplateLimitError, match="SIGXCPU") as caught:
+            renderer.render(
+                "{{ (7 ** 30000000) % 10 }}",
+                {},
+                name="t",
+                version=None,
+                limits=lenient,
+                loader=None,
+            )
+        assert "\n" not in str(caught.value)
+        assert renderer.replaced == 1
+        assert _render(renderer, "{{ 'on' }}") == "on"
+    finally:
+        renderer.close()

@@ -15,7 +15,6 @@ from prompt_tool.core import (
     TemplateNotFound,
     TemplateRenderError,
     TemplateValidationError,
-    content_hash,
 )
 from prompt_tool.settings import Settings
 
@@ -224,14 +223,16 @@ def test_concurrent_renders_keep_their_own_loaders_and_budgets(engine: TemplateE
     assert results == {n: f"t{n}:{n}" for n in range(8)}
 
 
-def test_known_content_hash_skips_hashing_but_gives_the_same_result(
+def test_equal_texts_share_one_compiled_entry_and_a_changed_text_gets_its_own(
     engine: TemplateEngine,
 ) -> None:
     source = "Hi {{ who }}"
-    key = content_hash(source)
-    assert engine.render(source, {"who": "a"}, name="t", content_hash=key) == "Hi a"
-    assert engine.render(source, {"who": "b"}, name="t") == "Hi b"
+    same_text_other_object = "".join(["Hi ", "{{ who }}"])
+    assert engine.render(source, {"who": "a"}, name="t") == "Hi a"
+    assert engine.render(same_text_other_object, {"who": "b"}, name="t") == "Hi b"
     assert engine.cache_stats().size == 1
+    assert engine.render("Hi {{ who }}!", {"who": "c"}, name="t") == "Hi c!"
+    assert engine.cache_stats().size == 2
 
 
 def test_syntax_error_at_render_is_a_validation_error_with_line(engine: TemplateEngine) -> None:
