@@ -3,9 +3,11 @@ installed package in a directory with no checkout."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -34,6 +36,31 @@ def test_wheel_ships_the_schema_history(wheel: Path) -> None:
     assert "prompt_tool/_alembic/versions/0001_legacy_schema.py" in names
     assert "prompt_tool/_alembic/versions/0002_orchestration_templates_expand.py" in names
     assert "prompt_tool/_alembic/alembic.ini" in names
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_the_prompt_tool_package(wheel: Path) -> None:
+    # benchmarks/ runs from the checkout (scripts/bench); in site-packages it would claim the
+    # top-level name `benchmarks` for every project installed beside prompt-tool.
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [name for name in names if name.startswith("benchmarks/")]
+    installed = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert installed == {"prompt_tool"}
+
+
+def test_lint_and_build_tools_are_a_dev_extra_beside_what_the_suite_needs() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+
+    def names(extra: str) -> set[str]:
+        return {re.split(r"[<>=\[ ]", requirement, maxsplit=1)[0] for requirement in extras[extra]}
+
+    assert {"ruff", "mypy"} <= names("dev")
+    assert not {"ruff", "mypy"} & names("test")
+    # What tests themselves run stays in the test extra: squawk (the migrations' lint), build.
+    assert {"pytest", "squawk-cli", "build", "hatchling"} <= names("test")
+    assert "-e '.[test,dev,redis,flagd]'" in (REPO / "scripts" / "setup").read_text()
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path
@@ -23,13 +24,16 @@ from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from prompt_tool import __version__
 from prompt_tool.core.errors import TemplateRenderError
 from prompt_tool.core.variables import check_text_value, read_variables_file
 from prompt_tool.db.dialect import write_refusal
+from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import ConfigurationError, InvalidInputError, PromptToolError
+from prompt_tool.flags.store import connected
 from prompt_tool.settings import get_settings
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "fail",
     "literal",
     "new_app",
+    "opened_engine",
     "parse_variables",
     "run",
     "table",
@@ -187,6 +192,12 @@ def new_app(help_text: str, *, program: str | None = None, completion: bool = Fa
     )
     app.callback()(_group_options)
     return app
+
+
+def opened_engine(db: str | None) -> AbstractContextManager[Engine]:
+    """The engine of ``--db`` for one command, disposed (its pooled connections closed) after
+    it, whatever it raised: the one place a command opens the database."""
+    return connected(resolve_url(db))
 
 
 def _to_jsonable(value: Any) -> Any:

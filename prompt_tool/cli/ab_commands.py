@@ -18,7 +18,6 @@ from typing import Annotated
 import typer
 from rich.console import Group, RenderableType
 from rich.text import Text
-from sqlalchemy import Engine
 
 from prompt_tool import ab_testing
 from prompt_tool.ab_testing import (
@@ -30,8 +29,15 @@ from prompt_tool.ab_testing import (
     TestRef,
     VariantSpec,
 )
-from prompt_tool.cli._runtime import DbOption, JsonOption, acting_user, emit, new_app, table
-from prompt_tool.db.engine import make_engine
+from prompt_tool.cli._runtime import (
+    DbOption,
+    JsonOption,
+    acting_user,
+    emit,
+    new_app,
+    opened_engine,
+    table,
+)
 from prompt_tool.db.models import PromptRole, Scope
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
@@ -64,10 +70,6 @@ AsOption = Annotated[
 ]
 
 _VARIANT = re.compile(r"^(?P<name>[^=]+)=v?(?P<version>\d+)(?::(?P<weight>\d+))?$")
-
-
-def _engine(db: str | None) -> Engine:
-    return make_engine(resolve_url(db))
 
 
 def _ref(value: str) -> TestRef:
@@ -218,19 +220,11 @@ def ab_create(
     --scope global --project SLUG: the project whose sessions it enrols)."""
     actor = acting_user(as_user)
     address, test_project = _address(template, scope, project, actor)
-    emit(
-        ab_testing.create_ab_test(
-            _engine(db),
-            address,
-            role,
-            _variants(variant),
-            name=name,
-            actor=actor,
-            project=test_project,
-        ),
-        as_json=as_json,
-        render=_render_info,
-    )
+    with opened_engine(db) as engine:
+        info = ab_testing.create_ab_test(
+            engine, address, role, _variants(variant), name=name, actor=actor, project=test_project
+        )
+    emit(info, as_json=as_json, render=_render_info)
 
 
 @ab_app.command("start")
@@ -238,7 +232,8 @@ def ab_start(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Start (or resume) a test: new sessions of its project are enrolled."""
-    info = ab_testing.start_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
+    with opened_engine(db) as engine:
+        info = ab_testing.start_ab_test(engine, _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -247,7 +242,8 @@ def ab_pause(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Pause a test: no new enrolments until it starts again."""
-    info = ab_testing.pause_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
+    with opened_engine(db) as engine:
+        info = ab_testing.pause_ab_test(engine, _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -256,7 +252,8 @@ def ab_stop(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Stop a test for good (its results stay)."""
-    info = ab_testing.stop_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
+    with opened_engine(db) as engine:
+        info = ab_testing.stop_ab_test(engine, _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -265,7 +262,8 @@ def ab_show(
     test: TestArgument, as_user: AsOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """Show a test and its variants."""
-    info = ab_testing.get_ab_test(_engine(db), _ref(test), actor=acting_user(as_user))
+    with opened_engine(db) as engine:
+        info = ab_testing.get_ab_test(engine, _ref(test), actor=acting_user(as_user))
     emit(info, as_json=as_json, render=_render_info)
 
 
@@ -281,9 +279,10 @@ def ab_list(
     as_json: JsonOption = False,
 ) -> None:
     """List the tests you may see, newest first."""
-    items = ab_testing.list_ab_tests(
-        _engine(db), project=project, status=status, actor=acting_user(as_user)
-    )
+    with opened_engine(db) as engine:
+        items = ab_testing.list_ab_tests(
+            engine, project=project, status=status, actor=acting_user(as_user)
+        )
     emit(items, as_json=as_json, render=_render_list)
 
 
@@ -298,9 +297,10 @@ def ab_results_command(
     as_json: JsonOption = False,
 ) -> None:
     """Per variant: sessions, successes, rate, mean metric; each variant against the control."""
-    results = ab_testing.ab_results(
-        _engine(db), _ref(test), actor=acting_user(as_user), confidence=confidence
-    )
+    with opened_engine(db) as engine:
+        results = ab_testing.ab_results(
+            engine, _ref(test), actor=acting_user(as_user), confidence=confidence
+        )
     emit(results, as_json=as_json, render=_render_results)
 
 
@@ -321,13 +321,14 @@ def ab_record(
     as_json: JsonOption = False,
 ) -> None:
     """Record a session's outcome (a success flag and/or a metric) in its A/B tests."""
-    outcomes = ab_testing.record_outcome(
-        _engine(db),
-        session,
-        success=success,
-        metric=metric,
-        test=_ref(test) if test is not None else None,
-    )
+    with opened_engine(db) as engine:
+        outcomes = ab_testing.record_outcome(
+            engine,
+            session,
+            success=success,
+            metric=metric,
+            test=_ref(test) if test is not None else None,
+        )
     emit(outcomes, as_json=as_json, render=_render_outcomes)
 
 

@@ -25,14 +25,14 @@ from prompt_tool.cli._runtime import (
     acting_user,
     emit,
     new_app,
+    opened_engine,
     stderr,
     table,
 )
-from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.flags.config import require_flagd_file
-from prompt_tool.migrate.status import readiness_guard
+from prompt_tool.migrate import readiness_guard
 
 __all__ = ["flag_app"]
 
@@ -117,8 +117,7 @@ def flag_set(
     (PROMPT_TOOL_FLAG_PROVIDER=flagd-file): change it in that file.
     """
     slug = _one_target(project, default)
-    engine = make_engine(resolve_url(db))
-    try:
+    with opened_engine(db) as engine:
         guard = None if force else readiness_guard(engine)
         if slug is None:
             change = flags.set_default(
@@ -133,8 +132,6 @@ def flag_set(
                 sample_rate=sample_rate,
                 guard=guard,
             )
-    finally:
-        engine.dispose()
     emit(change, as_json=as_json, render=_render_change)
 
 

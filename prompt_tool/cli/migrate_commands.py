@@ -19,16 +19,24 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, literal, stderr, table
+from prompt_tool.cli._runtime import (
+    DbOption,
+    JsonOption,
+    emit,
+    fail,
+    literal,
+    opened_engine,
+    stderr,
+    table,
+)
 from prompt_tool.cli._runtime import note as print_note
-from prompt_tool.db.engine import make_engine
-from prompt_tool.db.url import resolve_url
-from prompt_tool.migrate.backfill import (
+from prompt_tool.migrate import (
     BackfillOptions,
     BackfillSummary,
-    backfill,
+    VerifyOptions,
+    VerifyReport,
+    commands,
 )
-from prompt_tool.migrate.verify import VerifyOptions, VerifyReport, verify
 
 __all__ = [
     "ReadonlyOption",
@@ -146,12 +154,8 @@ def backfill_command(
         match_existing=match_existing,
         workers=workers,
     )
-    engine = make_engine(resolve_url(db))
-    try:
-        with progress_bar("backfill", not as_json) as update:
-            summary = backfill(engine, options, progress=lambda p: update(p.done, p.total))
-    finally:
-        engine.dispose()
+    with opened_engine(db) as engine, progress_bar("backfill", not as_json) as update:
+        summary = commands.backfill(engine, options, progress=lambda p: update(p.done, p.total))
     emit(summary, as_json=as_json, render=BackfillSummary.describe)
 
 
@@ -238,12 +242,8 @@ def verify_command(
         show_diffs=show_diffs,
         readonly=readonly,
     )
-    engine = make_engine(resolve_url(db))
-    try:
-        with progress_bar("verify", not as_json) as update:
-            report = verify(engine, options, progress=update)
-    finally:
-        engine.dispose()
+    with opened_engine(db) as engine, progress_bar("verify", not as_json) as update:
+        report = commands.verify(engine, options, progress=update)
     not_recorded_note(report.not_recorded)
     emit(report, as_json=as_json, render=_render_report)
     if not report.passed:

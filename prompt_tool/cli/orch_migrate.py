@@ -26,8 +26,12 @@ from prompt_tool.cli.readiness_commands import rehearse_command, status_command
 from prompt_tool.cli.transfer_commands import export_command, restore_command
 from prompt_tool.db import schema
 from prompt_tool.db.url import resolve_url
-from prompt_tool.migrate import fingerprint as fingerprints
-from prompt_tool.migrate import sample
+from prompt_tool.migrate import (
+    FingerprintOptions,
+    LegacyFingerprint,
+    SampleDataOptions,
+    commands,
+)
 
 app = new_app(
     "Move prompt-tool deployments to orchestration templates, safely and reversibly.",
@@ -282,14 +286,14 @@ def db_alembic_ini(as_json: JsonOption = False) -> None:
     write_out(path + "\n")
 
 
-def _compared(result: fingerprints.LegacyFingerprint, name: str) -> str:
+def _compared(result: LegacyFingerprint, name: str) -> str:
     """How a table compares with the saved fingerprint: ``same``, ``same, +3 new``, ``CHANGED``."""
     verdict = "CHANGED" if name in (result.changed or ()) else "same"
     added = (result.added or {}).get(name)
     return f"{verdict}, +{added:,} new" if added else verdict
 
 
-def _render_fingerprint(result: fingerprints.LegacyFingerprint) -> Table:
+def _render_fingerprint(result: LegacyFingerprint) -> Table:
     against = result.changed is not None
     columns = ["table", "rows", "max id", "sha256"] + (["vs saved"] if against else [])
     shown = table(
@@ -328,7 +332,7 @@ def fingerprint(
 ) -> None:
     """Row count, highest id and sha256 of every legacy table: compare before and after any
     schema change."""
-    result = fingerprints.fingerprint_legacy_tables(resolve_url(db), against)
+    result = commands.fingerprint(resolve_url(db), FingerprintOptions(against=against))
     emit(result, as_json=as_json, render=_render_fingerprint)
     if result.changed:
         whole = [name for name in result.changed if name not in (result.added or {})]
@@ -355,8 +359,9 @@ def sample_data(
     """Load a realistic legacy data set into an empty database: for demos, rehearsals and trying
     things on scratch (refused, exit 2, where data already is, unless --force)."""
     emit(
-        sample.load_legacy_sample(
-            resolve_url(db), sessions=sessions, projects=projects, seed=seed, force=force
+        commands.sample_data(
+            resolve_url(db),
+            SampleDataOptions(sessions=sessions, projects=projects, seed=seed, force=force),
         ),
         as_json=as_json,
         render=lambda loaded: (

@@ -5,11 +5,11 @@ Mounted by the main app::
     app.command("status")(status_command)
     app.command("rehearse")(rehearse_command)
 
-Each parses its options, calls one library function (:func:`prompt_tool.migrate.status.status`,
-:func:`prompt_tool.migrate.rehearse.rehearse`) and prints the result as a table or, with
-``--json``, as the same data in JSON. A rehearsal that found a difference prints its report first,
-then exits 1 with one line on stderr: the step that stopped it and why (a statement or lock
-timeout is reported as one, never as a difference), and the steps that found differences.
+Each parses its options, calls one command of :mod:`prompt_tool.migrate.commands` and prints
+the result as a table or, with ``--json``, as the same data in JSON. A rehearsal that found a
+difference prints its report first, then exits 1 with one line on stderr: the step that stopped
+it and why (a statement or lock timeout is reported as one, never as a difference), and the
+steps that found differences.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from rich.console import Group
 from rich.text import Text
 
 from prompt_tool.ab_testing import LegacyABTest
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, table
-from prompt_tool.db.engine import make_engine
+from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, opened_engine, table
 from prompt_tool.db.url import resolve_url
 from prompt_tool.flags.config import require_flagd_file
-from prompt_tool.migrate.rehearse import (
-    LOCK_TIMEOUT,
-    STATEMENT_TIMEOUT,
+from prompt_tool.migrate import (
     RehearsalReport,
-    rehearse,
+    RehearseOptions,
+    StatusOptions,
+    StatusReport,
+    commands,
 )
-from prompt_tool.migrate.status import LastRun, StatusReport, status
+from prompt_tool.migrate.rehearse import LOCK_TIMEOUT, STATEMENT_TIMEOUT
+from prompt_tool.migrate.status import LastRun
 
 __all__ = ["rehearse_command", "status_command"]
 
@@ -158,11 +159,8 @@ def status_command(
     """Where the move stands per project (sessions migrated, flag, last runs) and whether each
     may be switched to templates."""
     require_flagd_file()  # a configured flag file that is not there fails here, not silently
-    engine = make_engine(resolve_url(db))
-    try:
-        report = status(engine, projects=project or ())
-    finally:
-        engine.dispose()
+    with opened_engine(db) as engine:
+        report = commands.status(engine, StatusOptions(projects=project or ()))
     emit(report, as_json=as_json, render=_render_status)
     if report.problem is not None:
         fail(report.problem, 1)
@@ -232,8 +230,10 @@ def rehearse_command(
 ) -> None:
     """Rehearse the rollback: upgrade, backfill, verify, new sessions, downgrade -1, legacy data
     checked row for row, upgrade, verify; exit 1 on any difference."""
-    report = rehearse(
-        resolve_url(db), rollback=rollback, scratch=scratch, sessions_to_create=sessions
+    # By URL: the rehearsal opens its own engines (one per step, a scratch copy's).
+    report = commands.rehearse(
+        resolve_url(db),
+        RehearseOptions(rollback=rollback, scratch=scratch, sessions_to_create=sessions),
     )
     emit(report, as_json=as_json, render=_render_rehearsal)
     if not report.passed:

@@ -32,11 +32,11 @@ from prompt_tool.cli._runtime import (
     emit,
     literal,
     new_app,
+    opened_engine,
     parse_variables,
     table,
 )
 from prompt_tool.compat import CreatedSession
-from prompt_tool.db.engine import make_engine
 from prompt_tool.db.url import resolve_url
 from prompt_tool.orchestration import (
     DEFAULT_CLIENT,
@@ -281,11 +281,8 @@ def _templates_from(db: str | None) -> Iterator[TemplateManager | None]:
     if db is None:
         yield None
         return
-    engine = make_engine(resolve_url(db))
-    try:
+    with opened_engine(db) as engine:
         yield TemplateManager(engine)
-    finally:
-        engine.dispose()
 
 
 @orchestrate_app.command("run")

@@ -1,9 +1,8 @@
 """`orch-migrate export` and `orch-migrate restore`: a deployment's data to a directory and back.
 
 Registered by the main app with ``app.command("export")(export_command)`` and
-``app.command("restore")(restore_command)``. Each parses its options, calls one library function
-(:func:`prompt_tool.migrate.export.export`,
-:func:`prompt_tool.migrate.restore.restore`) and prints its result as a table or, with
+``app.command("restore")(restore_command)``. Each parses its options, calls one command of
+:mod:`prompt_tool.migrate.commands` and prints its result as a table or, with
 ``--json``, as the same data. A Rich progress bar is shown on stderr when stdout is a terminal.
 """
 
@@ -29,21 +28,30 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, literal, note, table
+from prompt_tool.cli._runtime import (
+    DbOption,
+    JsonOption,
+    emit,
+    fail,
+    literal,
+    note,
+    opened_engine,
+    table,
+)
 from prompt_tool.cli.migrate_commands import ReadonlyOption, not_recorded_note, rate_and_eta
-from prompt_tool.db.engine import make_engine
-from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import InvalidInputError
-from prompt_tool.migrate.archive import ARCHIVED_TABLES, ProgressCallback
-from prompt_tool.migrate.export import ExportResult, export
-from prompt_tool.migrate.restore import (
+from prompt_tool.migrate import (
     DifferingRows,
     DifferingRowsError,
-    RestoredTable,
+    ExportOptions,
+    ExportResult,
+    RestoreOptions,
     RestoreOutcome,
     RestoreResult,
-    restore,
+    commands,
 )
+from prompt_tool.migrate.archive import ARCHIVED_TABLES, ProgressCallback
+from prompt_tool.migrate.restore import RestoredTable
 from prompt_tool.migrate.staging import Leftovers
 
 __all__ = ["export_command", "restore_command"]
@@ -141,21 +149,11 @@ def export_command(
     as_json: JsonOption = False,
 ) -> None:
     """Export the data (all, or --project) to DIR: JSON Lines per table and a manifest."""
-    engine = make_engine(resolve_url(db))
-    try:
-        with _progress_bar() as progress:
-            result = export(
-                engine,
-                directory,
-                projects=project,
-                compress=gzip,
-                force=force,
-                jobs=jobs,
-                progress=progress,
-                readonly=readonly,
-            )
-    finally:
-        engine.dispose()
+    options = ExportOptions(
+        directory, projects=project or (), compress=gzip, force=force, jobs=jobs, readonly=readonly
+    )
+    with opened_engine(db) as engine, _progress_bar() as progress:
+        result = commands.export(engine, options, progress=progress)
     not_recorded_note(result.not_recorded)
     if result.leftovers_removed:
         note(Leftovers(result.leftovers_removed, result.leftover_bytes_removed).describe())
@@ -285,19 +283,15 @@ def restore_command(
         if keep_current
         else DifferingRows.REFUSE
     )
-    engine = make_engine(resolve_url(db))
+    options = RestoreOptions(source, differing=differing, dry_run=dry_run)
     try:
-        with _progress_bar() as progress:
-            result = restore(
-                engine, source, differing=differing, dry_run=dry_run, progress=progress
-            )
+        with opened_engine(db) as engine, _progress_bar() as progress:
+            result = commands.restore(engine, options, progress=progress)
     except DifferingRowsError as refused:
         # The one line says it all to a person; a program gets the comparison as well.
         if as_json:
             emit(refused.result, as_json=True, render=_render_restore)
         raise
-    finally:
-        engine.dispose()
     emit(result, as_json=as_json, render=_render_restore)
     if result.refusal is not None:  # a dry run that found what a restore would refuse
         fail(result.refusal, 1)

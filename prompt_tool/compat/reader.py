@@ -38,7 +38,7 @@ from prompt_tool.compat.types import (
 )
 from prompt_tool.core import literal_text
 from prompt_tool.core.errors import TemplateError
-from prompt_tool.db.dialect import ids_parameter, one_of_ids
+from prompt_tool.db.dialect import dialect_of, ids_parameter, one_of_ids
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -123,11 +123,18 @@ def _literal_source(template: ResolvedTemplate) -> str | None:
     return literal_text(template.source)
 
 
+def _pinned(
+    role: PromptRole, text: str | None, source: PromptSource, template: ResolvedTemplate
+) -> RolePrompt:
+    """A role whose session references ``template``'s version, whichever text is served: the
+    version's id, template name and number come along, so no reader looks them up again."""
+    return new_role_prompt(role, text, source, template.version_id, template.name, template.version)
+
+
 def _cached_version(template: ResolvedTemplate) -> _Version:
     literal = _literal_source(template)
     served = tuple(
-        new_role_prompt(role, literal, PromptSource.TEMPLATE, template.version_id)
-        for _, role, _ in _ROLE_KEYS
+        _pinned(role, literal, PromptSource.TEMPLATE, template) for _, role, _ in _ROLE_KEYS
     )
     return _Version(template, literal, served)
 
@@ -252,7 +259,7 @@ def _of_sessions(
     session_ids: list[int],
 ) -> Sequence[Row[*_Columns]]:
     """One of the queries above, for these sessions."""
-    dialect = connection.dialect.name
+    dialect = dialect_of(connection)
     parameters = {"ids": ids_parameter(dialect, session_ids)}
     # .all(): one fetchall, not a fetchone per row as iterating the result does.
     return connection.execute(query_for(dialect), parameters).all()
@@ -389,32 +396,39 @@ class SessionReader:
 
     # --- reading -----------------------------------------------------------------------
 
-    def read(self, session_id: int) -> SessionPrompts:
-        """One session's prompts (see :meth:`read_many`)."""
-        found = self.read_many([session_id])
+    def read(self, session_id: int, *, connection: Connection | None = None) -> SessionPrompts:
+        """One session's prompts (see :meth:`read_many`); NotFoundError if there is none."""
+        found = self.read_many([session_id], connection=connection)
         if session_id not in found:
             raise NotFoundError(f"no orchestration session with id {session_id}")
         return found[session_id]
 
-    def read_many(self, session_ids: Iterable[int]) -> dict[int, SessionPrompts]:
-        """The prompts of many sessions, by id, in a constant number of SQL statements."""
+    def read_many(
+        self, session_ids: Iterable[int], *, connection: Connection | None = None
+    ) -> dict[int, SessionPrompts]:
+        """The prompts of many sessions, by id, in a constant number of SQL statements.
+
+        On ``connection`` when given (a caller that reads more of the same sessions beside
+        them, as ``sessions show`` its steps, needs no second one), else on one of the reader's
+        engine. Flags are read apart, on the flag service's own connections.
+        """
         wanted = list(dict.fromkeys(session_ids))
         # One connection for every query, as a legacy reader uses for its one: a second
         # checkout costs a pool round trip (and a reset on return) per batch.
-        with connect(self.engine) as connection:
-            rows = self._legacy_rows(connection, wanted)
+        with connect(self.engine if connection is None else connection) as reading:
+            rows = self._legacy_rows(reading, wanted)
             decisions = self.flags.variants_for({(row[_PROJECT], row[_PROJECT_ID]) for row in rows})
             templated = [
                 row[_SESSION_ID]
                 for row in rows
                 if decisions[row[_PROJECT]].variant is Variant.TEMPLATES
             ]
-            links, versions = self._links(connection, templated)
+            links, versions = self._links(reading, templated)
             result, rest = _served_from_versions(rows, decisions, links, versions)
             in_full = [
                 row[_SESSION_ID] for row in rest if _needs_references(row, decisions[row[_PROJECT]])
             ]
-            references, more_versions = self._references(connection, in_full)
+            references, more_versions = self._references(reading, in_full)
         versions.update(more_versions)
         render = _Rendered(self.manager)
         for row in rest:
@@ -461,18 +475,18 @@ class SessionReader:
             # NULL stays NULL: a role the session never used has nothing to migrate.
             source = PromptSource.LEGACY if legacy is None else PromptSource.UNMIGRATED
             return new_role_prompt(role, legacy, source)
-        version_id = reference.version.template.version_id
+        template = reference.version.template
         rendered = render(row.project, reference)
         if rendered == legacy:
             # The templates path gives the legacy text back: whatever the reference was made
             # for, this is the text (and no digest is needed to tell).
-            return new_role_prompt(role, rendered, PromptSource.TEMPLATE, version_id)
+            return _pinned(role, rendered, PromptSource.TEMPLATE, template)
         if reference.legacy_hash != text_hash(legacy):
-            return new_role_prompt(role, legacy, PromptSource.STALE, version_id)
+            return _pinned(role, legacy, PromptSource.STALE, template)
         if isinstance(rendered, TemplateError):
             self._publish(row, role, "render_error", reference, legacy, None, str(rendered))
-            return new_role_prompt(role, legacy, PromptSource.RENDER_ERROR, version_id)
-        return new_role_prompt(role, rendered, PromptSource.TEMPLATE, version_id)
+            return _pinned(role, legacy, PromptSource.RENDER_ERROR, template)
+        return _pinned(role, rendered, PromptSource.TEMPLATE, template)
 
     def _compare(
         self,

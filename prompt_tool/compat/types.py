@@ -22,10 +22,15 @@ class PromptSource(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RolePrompt:
+    """One role's text, where it came from and, when the session references a template version
+    for the role (whichever text was served), that version: its id, template name and number."""
+
     role: PromptRole
     text: str | None
     source: PromptSource
     version_id: int | None = None
+    template: str | None = None
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +61,10 @@ class SessionPrompts:
 # objects (same class, every field set, no __post_init__ to skip) through each slot's own
 # setter, at half the cost. Anything added to the classes' construction must be added here.
 _new = object.__new__
-_role_slots = tuple(RolePrompt.__dict__[name].__set__ for name in ("role", "text", "source"))
-_set_version_id = RolePrompt.__dict__["version_id"].__set__
+_set_role, _set_text, _set_source, _set_version_id, _set_template, _set_version = (
+    RolePrompt.__dict__[name].__set__
+    for name in ("role", "text", "source", "version_id", "template", "version")
+)
 _set_session_id, _set_project, _set_variant, _set_system, _set_planner, _set_synthesis = (
     SessionPrompts.__dict__[name].__set__
     for name in ("session_id", "project", "variant", "system", "planner", "synthesis")
@@ -65,15 +72,22 @@ _set_session_id, _set_project, _set_variant, _set_system, _set_planner, _set_syn
 
 
 def new_role_prompt(
-    role: PromptRole, text: str | None, source: PromptSource, version_id: int | None = None
+    role: PromptRole,
+    text: str | None,
+    source: PromptSource,
+    version_id: int | None = None,
+    template: str | None = None,
+    version: int | None = None,
 ) -> RolePrompt:
-    """``RolePrompt(role, text, source, version_id)``, built faster (see above)."""
+    """``RolePrompt(role, text, source, version_id, template, version)``, built faster (see
+    above)."""
     prompt: RolePrompt = _new(RolePrompt)
-    set_role, set_text, set_source = _role_slots
-    set_role(prompt, role)
-    set_text(prompt, text)
-    set_source(prompt, source)
+    _set_role(prompt, role)
+    _set_text(prompt, text)
+    _set_source(prompt, source)
     _set_version_id(prompt, version_id)
+    _set_template(prompt, template)
+    _set_version(prompt, version)
     return prompt
 
 

@@ -6,7 +6,7 @@ text. Everything above it (the template manager, compat readers, the CLI) goes t
 engine).
 """
 
-from prompt_tool.core.cache import CacheStats, CompiledCache, content_hash
+from prompt_tool.core.cache import CompiledCache, CompiledCacheStats, content_hash
 from prompt_tool.core.engine import (
     TemplateEngine,
     TemplateInfo,
@@ -38,8 +38,8 @@ from prompt_tool.core.variables import (
 )
 
 __all__ = [
-    "CacheStats",
     "CompiledCache",
+    "CompiledCacheStats",
     "JSONValue",
     "PermissionDenied",
     "PromptTemplate",

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["CacheStats", "CompiledCache", "content_hash"]
+__all__ = ["CompiledCache", "CompiledCacheStats", "content_hash"]
 
 T = TypeVar("T")
 
@@ -28,7 +28,9 @@ def content_hash(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheStats:
+class CompiledCacheStats:
+    """The compiled cache's lookups (hits, misses) and fill (size of maxsize), a snapshot."""
+
     hits: int
     misses: int
     size: int
@@ -102,9 +104,9 @@ class CompiledCache(Generic[T]):
             self._hits = 0
             self._misses = 0
 
-    def stats(self) -> CacheStats:
+    def stats(self) -> CompiledCacheStats:
         with self._lock:
-            return CacheStats(
+            return CompiledCacheStats(
                 hits=self._hits,
                 misses=self._misses,
                 size=len(self._entries),

@@ -21,7 +21,7 @@ from typing import Final, Protocol
 from jinja2 import nodes
 from jinja2.exceptions import TemplateSyntaxError
 
-from prompt_tool.core.cache import CacheStats, CompiledCache, content_hash
+from prompt_tool.core.cache import CompiledCache, CompiledCacheStats, content_hash
 from prompt_tool.core.errors import (
     TemplateError,
     TemplateLimitError,
@@ -129,7 +129,7 @@ class TemplateEngine:
             max_stored_source_bytes=settings.template_max_stored_source_bytes,
         )
 
-    def cache_stats(self) -> CacheStats:
+    def cache_stats(self) -> CompiledCacheStats:
         return self.cache.stats()
 
     # -- compile ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from prompt_tool.errors import PromptToolError
+from prompt_tool.errors import NotFoundError, PromptToolError
 
 __all__ = [
     "PermissionDenied",
@@ -119,8 +119,12 @@ class VariableSpecError(TemplateValidationError):
     default_hint = "fix the variable declarations and try again"
 
 
-class TemplateNotFound(TemplateError):  # noqa: N818 - the name callers know from Jinja
-    """A template (or a template it includes, imports or extends) does not exist."""
+class TemplateNotFound(TemplateError, NotFoundError):  # noqa: N818 - the name known from Jinja
+    """A template (or a template it includes, imports or extends) does not exist.
+
+    A template error (one line naming where, exit code 2) and, like every "does not exist" of
+    the package, a :class:`~prompt_tool.errors.NotFoundError`.
+    """
 
     exit_code = 2
     default_hint = "create the template first or fix its name"

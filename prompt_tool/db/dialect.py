@@ -1,5 +1,6 @@
 """Where PostgreSQL and SQLite differ, in one place: hashing in SQL, upserts, advisory locks,
-per-transaction timeouts, lock-timeout errors."""
+per-transaction timeouts and planner settings, lock-timeout errors, which file a URL names.
+Moving many rows at once (export, restore, scratch copies) is :mod:`prompt_tool.db.bulk_io`'s."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import getpass
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, overload
 
 from sqlalchemy import (
+    URL,
     Connection,
     Engine,
     any_,
@@ -33,10 +36,14 @@ from prompt_tool.errors import DatabaseUnavailableError
 
 __all__ = [
     "BulkInsert",
+    "PairLookup",
     "UnsupportedEncodingError",
     "acquire_advisory_lock",
+    "allows_worker_processes",
     "comma_joined",
     "comma_joined_array",
+    "database_key",
+    "dialect_of",
     "has_added_checks",
     "ids_parameter",
     "insert_for",
@@ -50,6 +57,7 @@ __all__ = [
     "register_sqlite_functions",
     "release_advisory_lock",
     "require_utf8_database",
+    "set_local_planner",
     "set_local_timeouts",
     "sha256_hex",
     "stale_statistics",
@@ -332,6 +340,29 @@ def set_local_timeouts(
         connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
 
 
+def set_local_planner(connection: Connection, *, jit: bool, work_mem_mb: int) -> None:
+    """Plan this transaction's queries with or without JIT, sorting and hashing in up to
+    ``work_mem_mb`` MB of memory each (PostgreSQL; SQLite has no such settings)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL jit = {'on' if jit else 'off'}")
+        connection.exec_driver_sql(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
+
+
+def dialect_of(db: Engine | Connection) -> str:
+    """Which kind of database ``db`` is (``postgresql``, ``sqlite``): for manifests and
+    messages, and to tell two databases apart; a behaviour that differs asks a function here."""
+    return str(db.dialect.name)
+
+
+def database_key(db: Engine | URL) -> str:
+    """One name per database, whatever engine, spelling of its URL or password reaches it: a
+    SQLite file by its resolved absolute path (``./a.db`` and a symlink to it are one)."""
+    url = (db.url if isinstance(db, Engine) else db).set(password=None)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        url = url.set(database=str(Path(str(url.database)).resolve()))
+    return url.render_as_string(hide_password=True)
+
+
 def _sqlstate(error: BaseException) -> str | None:
     origin = error.orig if isinstance(error, DBAPIError) else error
     return getattr(origin, "sqlstate", None)
@@ -557,3 +588,47 @@ def read_only(db: Engine | Connection) -> Engine | Connection:
     if not event.contains(db.pool, "checkin", _query_only_off):
         event.listen(db.pool, "checkin", _query_only_off)
     return reading
+
+
+class PairLookup:
+    """Many (a, b) keys looked up at once, each key as one index lookup whatever the planner's
+    statistics say (a table a bulk write fills from nothing is otherwise planned as empty).
+
+    PostgreSQL: the keys become a table (two comma-joined arrays, unnested: see
+    :class:`BulkInsert`) and ``per_key(a, b)``, a scalar subquery, runs once per key; the
+    statement is built once. SQLite plans an ``IN`` list as index lookups: ``matching(keys)``
+    is the whole query for the keys given. Both give rows (a, b, value). Keys never hold a comma
+    nor are NULL.
+    """
+
+    def __init__(
+        self,
+        types: tuple[TypeEngine[Any], TypeEngine[Any]],
+        per_key: Callable[[Any, Any], Any],
+        matching: Callable[[list[tuple[Any, Any]]], Any],
+    ) -> None:
+        keys = (
+            func.unnest(
+                comma_joined_array("keys_a", types[0]), comma_joined_array("keys_b", types[1])
+            )
+            .table_valued("a", "b")
+            .render_derived()
+        )
+        self._postgresql = select(keys.c.a, keys.c.b, per_key(keys.c.a, keys.c.b))
+        self._matching = matching
+
+    def execute(self, connection: Connection, keys: Sequence[tuple[Any, Any]]) -> Sequence[Any]:
+        """The rows (a, b, value) of ``keys`` (at least one)."""
+        if connection.dialect.name != "postgresql":
+            return connection.execute(self._matching(list(keys))).all()
+        firsts, seconds = zip(*keys, strict=True)
+        return connection.execute(
+            self._postgresql, {"keys_a": comma_joined(firsts), "keys_b": comma_joined(seconds)}
+        ).all()
+
+
+def allows_worker_processes(db: Engine | Connection) -> bool:
+    """Whether processes of their own can share one run's writes, each claiming its rows with
+    ``FOR UPDATE SKIP LOCKED``: PostgreSQL, reached through an Engine. SQLite has one writer at
+    a time and no ``SKIP LOCKED``; a caller's Connection is one transaction of one process."""
+    return isinstance(db, Engine) and db.dialect.name == "postgresql"

@@ -10,7 +10,6 @@ in-process flag cache learns at once that its snapshot is out of date.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from prompt_tool.db.dialect import database_key
 from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
 from prompt_tool.db.models import FeatureFlagEvent, FeatureFlagState, Project
 from prompt_tool.db.projects import get_project, list_projects
@@ -76,14 +76,6 @@ def connected(db: Database) -> Iterator[Engine]:
 
 _generations: dict[str, int] = {}
 _generations_lock = threading.Lock()
-
-
-def database_key(engine: Engine) -> str:
-    """One name per database, whatever engine object or password reaches it."""
-    url = engine.url.set(password=None)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        url = url.set(database=os.path.abspath(url.database))
-    return url.render_as_string(hide_password=True)
 
 
 def generation(key: str) -> int:

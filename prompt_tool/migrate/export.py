@@ -31,7 +31,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine
 
 import prompt_tool
-from prompt_tool.db.dialect import read_only
+from prompt_tool.db.bulk_io import DialectIO, dialect_io, quoted
+from prompt_tool.db.dialect import dialect_of, read_only
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.url import redact
@@ -41,18 +42,16 @@ from prompt_tool.migrate.archive import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     ArchivedFile,
-    DialectIO,
     Manifest,
     ProgressCallback,
     TableSpec,
     database_state,
-    dialect_io,
     existing_table_specs,
 )
 from prompt_tool.migrate.runs import (
+    MigrationRunStatus,
     ReadRun,
     RunKind,
-    RunStatus,
     finish_run,
     outcome_of,
     start_read_run,
@@ -266,16 +265,21 @@ def _write_table(
     spec: TableSpec,
     where: str | None,
     output: _LinesFile,
-    jobs: int,
-    progress: ProgressCallback | None,
-    total: int | None = None,
+    job: _ExportJob,
 ) -> None:
     """Stream one table into ``output``: in one go, or in key ranges read in parallel."""
-    ranges = dialect.split(connection, spec, where, jobs)
+    progress = job.progress
+    total = None
+    if progress is not None:
+        total = _count_rows(connection, spec, where)
+        progress(spec.name, 0, total)
+    ranges = dialect.split(connection, spec, where, job.jobs)
     readers: _RangeReaders | None = None
     if ranges:
         conditions = [_and(where, key_range) for key_range in ranges]
-        readers = _RangeReaders(connection.engine, dialect, spec, conditions, jobs, output.encode)
+        readers = _RangeReaders(
+            connection.engine, dialect, spec, conditions, job.jobs, output.encode
+        )
         blocks = readers.blocks()
     else:
         blocks = _encoded(dialect.stream_lines(connection, spec, where), output.encode)
@@ -420,33 +424,20 @@ def _project_ids(engine: Engine, slugs: list[str] | None) -> list[int] | None:
 
 
 def _write_tables(
-    connection: Connection,
-    dialect: DialectIO,
-    staging: Path,
-    project_ids: list[int] | None,
-    rows: Mapping[str, str | None] | None,
-    compress: bool,
-    jobs: int,
-    progress: ProgressCallback | None,
+    connection: Connection, dialect: DialectIO, staging: Path, job: _ExportJob
 ) -> tuple[str | None, list[ArchivedFile]]:
     revision = MigrationContext.configure(connection).get_current_revision()
     specs = existing_table_specs(connection)
-    conditions = _scope_conditions(project_ids, {spec.name for spec in specs})
-    if rows is not None:
-        conditions = {name: rows.get(name) for name in conditions}
+    conditions = _scope_conditions(job.project_ids, {spec.name for spec in specs})
+    if job.rows is not None:
+        conditions = {name: job.rows.get(name) for name in conditions}
     files = []
     for spec in specs:
         output = _LinesFile(
-            staging / (f"{spec.name}.jsonl" + (".gz" if compress else "")), compress
+            staging / (f"{spec.name}.jsonl" + (".gz" if job.compress else "")), job.compress
         )
         try:
-            total = None
-            if progress is not None:
-                total = _count_rows(connection, spec, conditions[spec.name])
-                progress(spec.name, 0, total)
-            _write_table(
-                connection, dialect, spec, conditions[spec.name], output, jobs, progress, total
-            )
+            _write_table(connection, dialect, spec, conditions[spec.name], output, job)
         finally:
             output.close()
         files.append(
@@ -467,9 +458,12 @@ def _write_tables(
 def _count_rows(connection: Connection, spec: TableSpec, where: str | None) -> int:
     """The rows the export of a table will hold, for its progress: counted in the export's
     snapshot, so the total is exact (one scan, far cheaper than writing the rows out)."""
-    name = '"' + spec.name.replace('"', '""') + '"'  # a model's table name, never a file's
     condition = f" WHERE {where}" if where else ""
-    return int(connection.exec_driver_sql(f"SELECT count(*) FROM {name}{condition}").scalar_one())
+    return int(
+        connection.exec_driver_sql(
+            f"SELECT count(*) FROM {quoted(spec.name)}{condition}"
+        ).scalar_one()
+    )
 
 
 def _write_manifest(staging: Path, manifest: Manifest) -> None:
@@ -477,7 +471,7 @@ def _write_manifest(staging: Path, manifest: Manifest) -> None:
         file.write(manifest.to_json())
 
 
-def export(
+def export(  # noqa: PLR0913 - keyword-only options; commands.export takes one ExportOptions
     engine: Engine,
     target: Path | str,
     *,
@@ -528,7 +522,7 @@ def export(
     started = time.perf_counter()
     slugs = list(dict.fromkeys(projects)) if projects else None
     project_ids = _project_ids(engine, slugs)
-    scope = _Scope(slugs, project_ids, rows)
+    job = _ExportJob(target, slugs, project_ids, rows, compress, jobs, progress, started)
     run = (
         start_read_run(
             engine,
@@ -542,7 +536,7 @@ def export(
     )
     run_id = run.id
     try:
-        result = _export(engine, target, scope, compress, jobs, progress, started)
+        result = _export(engine, job)
     except OSError as error:
         # Named by the directory the operator gave, not the staging directory beside it.
         failure = InvalidInputError(
@@ -550,7 +544,7 @@ def export(
             "there: free space or fix the permissions, then export again"
         )
         if run_id is not None:
-            finish_run(engine, run_id, RunStatus.FAILED, error=str(failure))
+            finish_run(engine, run_id, MigrationRunStatus.FAILED, error=str(failure))
         raise failure from None
     except BaseException as error:
         if run_id is not None:
@@ -558,51 +552,41 @@ def export(
         raise
     result = replace(result, run_id=run_id, not_recorded=run.not_recorded)
     if run_id is not None:
-        finish_run(engine, run_id, RunStatus.COMPLETED, summary=_summary(result))
+        finish_run(engine, run_id, MigrationRunStatus.COMPLETED, summary=_summary(result))
     return result
 
 
 @dataclass(frozen=True, slots=True)
-class _Scope:
-    """Which rows an export holds: some projects' (slugs and ids), or rows meeting conditions."""
+class _ExportJob:
+    """One export: where it goes, which rows it holds (some projects' by slugs and ids, or rows
+    meeting conditions) and how it writes them."""
 
+    target: Path
     projects: list[str] | None
     project_ids: list[int] | None
     rows: Mapping[str, str | None] | None
+    compress: bool
+    jobs: int
+    progress: ProgressCallback | None
+    started: float
 
 
-def _export(
-    engine: Engine,
-    target: Path,
-    scope: _Scope,
-    compress: bool,
-    jobs: int,
-    progress: ProgressCallback | None,
-    started: float,
-) -> ExportResult:
+def _export(engine: Engine, job: _ExportJob) -> ExportResult:
+    target, compress = job.target, job.compress
     leftovers = remove_leftovers(target)
     with staging_directory(target) as staging:
         with engine.connect() as connection:
             dialect = dialect_io(connection)
             with dialect.snapshot(connection):
-                revision, files = _write_tables(
-                    connection,
-                    dialect,
-                    staging,
-                    scope.project_ids,
-                    scope.rows,
-                    compress,
-                    jobs,
-                    progress,
-                )
+                revision, files = _write_tables(connection, dialect, staging, job)
         manifest = Manifest(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
             tool_version=prompt_tool.__version__,
             alembic_revision=revision,
-            source_dialect=engine.dialect.name,
+            source_dialect=dialect_of(engine),
             created_at=datetime.now(UTC).isoformat(),
-            projects=scope.projects,
+            projects=job.projects,
             compression="gzip" if compress else None,
             files=files,
         )
@@ -613,12 +597,12 @@ def _export(
         directory=str(target),
         alembic_revision=revision,
         tool_version=manifest.tool_version,
-        projects=scope.projects,
+        projects=job.projects,
         compression=manifest.compression,
         tables=[ExportedTable(f.table, f.file, f.rows, f.bytes, f.sha256) for f in files],
         rows=sum(f.rows for f in files),
         bytes=sum(f.bytes for f in files),
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(time.perf_counter() - job.started, 3),
         run_id=None,
         leftovers_removed=leftovers.removed,
         leftover_bytes_removed=leftovers.bytes,

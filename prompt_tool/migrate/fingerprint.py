@@ -119,7 +119,7 @@ class _Digest:
         )
 
 
-def _stream(
+def _stream(  # noqa: PLR0913 - a SELECT's parts, the optional ones keyword-only
     connection: Connection,
     table: str,
     columns: Sequence[str],

@@ -88,12 +88,8 @@ from sqlalchemy import (
     Connection,
     Engine,
     MetaData,
-    column,
-    insert,
     inspect,
-    literal_column,
     select,
-    table,
     text,
 )
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -102,7 +98,14 @@ from prompt_tool.compat.writes import CreatedSession, create_session
 from prompt_tool.core import content_hash
 from prompt_tool.core.errors import PermissionDenied, TemplateNotFound
 from prompt_tool.db import schema
-from prompt_tool.db.dialect import refresh_statistics, set_local_timeouts, sha256_hex
+from prompt_tool.db.bulk_io import copy_table, dialect_io, quoted
+from prompt_tool.db.dialect import (
+    database_key,
+    dialect_of,
+    refresh_statistics,
+    set_local_timeouts,
+    sha256_hex,
+)
 from prompt_tool.db.engine import (
     Connectable,
     begin,
@@ -277,10 +280,6 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _legacy_digests(connection: Connection) -> dict[str, tuple[int, str]]:
     """(rows, sha256) of each whole legacy table."""
     digests: dict[str, tuple[int, str]] = {}
@@ -312,7 +311,7 @@ def _rows_written_by_the_new_system(connection: Connection) -> dict[str, int]:
     return {
         name: int(
             connection.execute(
-                text(f"SELECT count(*) FROM {_quote(name)} WHERE NOT ({condition})")
+                text(f"SELECT count(*) FROM {quoted(name)} WHERE NOT ({condition})")
             ).scalar_one()
         )
         for name, condition in _LEGACY_ROWS.items()
@@ -335,7 +334,7 @@ def _snapshot(
     inspector = inspect(connection)
     names = sorted(inspector.get_table_names())
     rows = {
-        name: int(connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one())
+        name: int(connection.execute(text(f"SELECT count(*) FROM {quoted(name)}")).scalar_one())
         for name in names
     }
     return _Snapshot(
@@ -874,64 +873,6 @@ class _Journey:
 # --- copying into a scratch database ----------------------------------------------------------
 
 
-def _same_database(first: Engine, second: Engine) -> bool:
-    def key(engine: Engine) -> str:
-        url = engine.url.set(password=None)
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            url = url.set(database=str(Path(str(url.database)).resolve()))
-        return url.render_as_string(hide_password=True)
-
-    return key(first) == key(second)
-
-
-@contextmanager
-def _read_only_snapshot(connection: Connection) -> Iterator[None]:
-    """One consistent, read-only view of the source for every table."""
-    if connection.dialect.name == "postgresql":
-        snapshot = connection.execution_options(
-            isolation_level="REPEATABLE READ", postgresql_readonly=True
-        )
-        with snapshot.begin():
-            yield
-        return
-    connection.exec_driver_sql("PRAGMA query_only = ON")
-    connection.exec_driver_sql("BEGIN")
-    try:
-        yield
-    finally:
-        connection.rollback()
-        connection.exec_driver_sql("PRAGMA query_only = OFF")
-
-
-def _copy_select(name: str, columns: Sequence[str], order: Sequence[str], dialect: str) -> Any:
-    """Every column as the database stores it: raw on SQLite, its text form on PostgreSQL.
-
-    PostgreSQL parses each text back with the column's own type (the insert's parameters are
-    untyped), so timestamps keep their microseconds and json its exact spelling.
-    """
-    form = "CAST({} AS TEXT)" if dialect == "postgresql" else "{}"
-    expressions: list[Any] = [literal_column(form.format(_quote(c))).label(c) for c in columns]
-    return (
-        select(*expressions)
-        .select_from(table(name))
-        .order_by(*(literal_column(_quote(c)) for c in order))
-    )
-
-
-def _advance_identity(connection: Connection, name: str) -> None:
-    """PostgreSQL: move the id sequence past the copied ids (SQLite hands out max + 1)."""
-    if connection.dialect.name != "postgresql":
-        return
-    connection.execute(
-        text(
-            "SELECT setval(s.seq, s.top) FROM (SELECT pg_get_serial_sequence(:name, 'id') AS seq, "
-            f"(SELECT max(id) FROM {_quote(name)}) AS top) AS s "
-            "WHERE s.seq IS NOT NULL AND s.top IS NOT NULL"
-        ),
-        {"name": _quote(name)},
-    )
-
-
 def copy_database(source_url: str, scratch_url: str) -> dict[str, int]:
     """Copy every table of ``source_url`` into the empty ``scratch_url``; returns rows per table.
 
@@ -952,7 +893,7 @@ def copy_database(source_url: str, scratch_url: str) -> dict[str, int]:
         schema.upgrade(scratch_url, str(revision))
         scratch.dispose()
         copied: dict[str, int] = {}
-        with source.connect() as reader, _read_only_snapshot(reader):
+        with source.connect() as reader, dialect_io(reader).source_snapshot(reader):
             metadata = MetaData()
             metadata.reflect(reader)
             with scratch.begin() as writer:
@@ -967,12 +908,12 @@ def copy_database(source_url: str, scratch_url: str) -> dict[str, int]:
 
 
 def _check_copy(source: Engine, scratch: Engine, source_url: str, scratch_url: str) -> None:
-    if source.dialect.name != scratch.dialect.name:
+    if dialect_of(source) != dialect_of(scratch):
         raise RehearsalRefusedError(
-            f"--scratch must be the same kind of database as the source ({source.dialect.name}, "
-            f"not {scratch.dialect.name}): the rehearsal is about that database's DDL"
+            f"--scratch must be the same kind of database as the source ({dialect_of(source)}, "
+            f"not {dialect_of(scratch)}): the rehearsal is about that database's DDL"
         )
-    if _same_database(source, scratch):
+    if database_key(source) == database_key(scratch):
         raise RehearsalRefusedError(
             "--scratch names the source database itself; give an empty database to copy into"
         )
@@ -1004,19 +945,7 @@ def _copy_table(reader: Connection, writer: Connection, source_table: Any) -> in
             "its revision, so a copy would not be the same database"
         )
     order = [c.name for c in source_table.primary_key.columns] or columns
-    rows = reader.execute(
-        _copy_select(name, columns, order, reader.dialect.name).execution_options(
-            stream_results=True, yield_per=_COPY_BATCH_ROWS
-        )
-    )
-    statement = insert(table(name, *(column(c) for c in columns)))
-    copied = 0
-    for batch in rows.partitions():
-        writer.execute(statement, [dict(zip(columns, row, strict=True)) for row in batch])
-        copied += len(batch)
-    if "id" in columns:
-        _advance_identity(writer, name)
-    return copied
+    return copy_table(reader, writer, name, columns, order, batch_rows=_COPY_BATCH_ROWS)
 
 
 # --- the public face --------------------------------------------------------------------------
@@ -1034,7 +963,7 @@ def _refuse_in_place_data_loss(engine: Engine, url: str) -> None:
         holding = [
             name
             for name in sorted(names)
-            if connection.execute(text(f"SELECT count(*) FROM {_quote(name)}")).scalar_one()
+            if connection.execute(text(f"SELECT count(*) FROM {quoted(name)}")).scalar_one()
         ]
     if holding:
         raise RehearsalRefusedError(

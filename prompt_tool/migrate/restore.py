@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from prompt_tool.db.bulk_io import DialectIO, dialect_io, update_sql
 from prompt_tool.db.dialect import refresh_statistics
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect
 from prompt_tool.db.revision_guard import require_known_revision
@@ -50,20 +51,17 @@ from prompt_tool.migrate.archive import (
     MANIFEST_NAME,
     TABLES_AT_REVISION,
     ArchivedFile,
-    DialectIO,
     ExportRevisionMismatchError,
     InvalidExportError,
     Manifest,
     ProgressCallback,
     TableSpec,
     database_state,
-    dialect_io,
     normalizer,
     undecodable_text,
-    update_sql,
 )
 from prompt_tool.migrate.lock_waits import lock_waits_told
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, finish_run, start_run
 from prompt_tool.settings import get_settings
 
 __all__ = [
@@ -583,11 +581,40 @@ class _Pass:
             ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """The export being restored: its directory, its checked manifest and its tables' shapes
+    (parents first)."""
+
+    directory: Path
+    manifest: Manifest
+    specs: dict[str, TableSpec]
+
+    def read_by(
+        self,
+        connection: Connection,
+        dialect: DialectIO,
+        differing: DifferingRows,
+        *,
+        write: bool,
+        progress: ProgressCallback | None,
+    ) -> list[_Tally]:
+        """Compare every row with the database's (and write unless ``write`` is off)."""
+        reading = _Pass(
+            connection,
+            dialect,
+            self.directory,
+            self.manifest.compression == "gzip",
+            differing,
+            write=write,
+            progress=progress,
+        )
+        return reading.tables(self.manifest, self.specs)
+
+
 def _restore(
     db: Connectable,
-    directory: Path,
-    manifest: Manifest,
-    specs: dict[str, TableSpec],
+    source: _Source,
     differing: DifferingRows,
     progress: ProgressCallback | None,
     run_params: dict[str, Any] | None,
@@ -605,20 +632,11 @@ def _restore(
                 if run_params is None
                 else start_run(connection, RunKind.RESTORE, params=run_params)
             )
-            writing = _Pass(
-                connection,
-                dialect,
-                directory,
-                manifest.compression == "gzip",
-                differing,
-                write=True,
-                progress=progress,
-            )
-            tallies = writing.tables(manifest, specs)
+            tallies = source.read_by(connection, dialect, differing, write=True, progress=progress)
             if differing is DifferingRows.REFUSE and any(t.different for t in tallies):
                 raise _RefusedError(tallies)
-            for spec in specs.values():
-                dialect.advance_identity(connection, spec)
+            for spec in source.specs.values():
+                dialect.advance_identity(connection, spec.name, spec.columns)
             overwrite = differing is DifferingRows.OVERWRITE
             written = [t.spec.name for t in tallies if t.missing or (overwrite and t.different)]
             if written:
@@ -649,24 +667,10 @@ def _read_only(db: Connectable) -> Iterator[tuple[Connection, DialectIO]]:
 
 
 def _compare(
-    db: Connectable,
-    directory: Path,
-    manifest: Manifest,
-    specs: dict[str, TableSpec],
-    differing: DifferingRows,
-    progress: ProgressCallback | None,
+    db: Connectable, source: _Source, differing: DifferingRows, progress: ProgressCallback | None
 ) -> list[_Tally]:
     with _read_only(db) as (connection, dialect):
-        comparing = _Pass(
-            connection,
-            dialect,
-            directory,
-            manifest.compression == "gzip",
-            differing,
-            write=False,
-            progress=progress,
-        )
-        return comparing.tables(manifest, specs)
+        return source.read_by(connection, dialect, differing, write=False, progress=progress)
 
 
 def restore(
@@ -742,7 +746,7 @@ def restore(
             )
 
         if dry_run:
-            tallies = _compare(db, directory, manifest, specs, differing, progress)
+            tallies = _compare(db, _Source(directory, manifest, specs), differing, progress)
             return result(tallies, RestoreOutcome.DRY_RUN)
         run_params = (
             {
@@ -756,7 +760,7 @@ def restore(
         )
         try:
             tallies, run_id = _restore(
-                db, directory, manifest, specs, differing, progress, run_params
+                db, _Source(directory, manifest, specs), differing, progress, run_params
             )
         except _RefusedError as refused:
             raise DifferingRowsError(result(refused.tallies, RestoreOutcome.REFUSED)) from None
@@ -766,7 +770,7 @@ def restore(
             raise
         restored = result(tallies, RestoreOutcome.RESTORED, run_id)
         if run_id is not None:
-            finish_run(db, run_id, RunStatus.COMPLETED, summary=_summary(restored))
+            finish_run(db, run_id, MigrationRunStatus.COMPLETED, summary=_summary(restored))
         return restored
 
 
@@ -775,7 +779,7 @@ def _record_failure(db: Connectable, params: dict[str, Any], error: BaseExceptio
     take even that does not hide the error that stopped the restore."""
     with suppress(SQLAlchemyError):
         run_id = start_run(db, RunKind.RESTORE, params=params)
-        finish_run(db, run_id, RunStatus.FAILED, error=_one_line(error))
+        finish_run(db, run_id, MigrationRunStatus.FAILED, error=_one_line(error))
 
 
 def _summary(result: RestoreResult) -> dict[str, Any]:

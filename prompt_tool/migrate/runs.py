@@ -23,11 +23,11 @@ from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.db.models import MigrationRun
 
 __all__ = [
+    "MigrationRunStatus",
     "ReadRun",
     "RunKind",
     "RunLife",
     "RunState",
-    "RunStatus",
     "dead_runs",
     "finish_run",
     "life_of",
@@ -46,7 +46,7 @@ class RunKind(enum.StrEnum):
     REHEARSE = "rehearse"
 
 
-class RunStatus(enum.StrEnum):
+class MigrationRunStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -76,10 +76,14 @@ def _who() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"[:100]
 
 
-def outcome_of(error: BaseException) -> RunStatus:
+def outcome_of(error: BaseException) -> MigrationRunStatus:
     """How a run that raised ``error`` ends: Ctrl-C and SIGTERM (raised as KeyboardInterrupt)
     interrupt it, anything else fails it."""
-    return RunStatus.INTERRUPTED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+    return (
+        MigrationRunStatus.INTERRUPTED
+        if isinstance(error, KeyboardInterrupt)
+        else MigrationRunStatus.FAILED
+    )
 
 
 def _process_alive(pid: int) -> bool:
@@ -100,7 +104,7 @@ def dead_runs(connection: Connection, runs: Iterable[Any]) -> dict[int, str]:
     is no longer in ``pg_stat_activity`` (whichever host ran it); otherwise, on the same host,
     when its process no longer exists. A run of another host without a backend is assumed alive.
     """
-    running = [run for run in runs if run.status == RunStatus.RUNNING.value]
+    running = [run for run in runs if run.status == MigrationRunStatus.RUNNING.value]
     backends = {
         int(run.params["backend_pid"])
         for run in running
@@ -136,16 +140,20 @@ def reap_dead_runs(connection: Connection) -> int:
     is gone: a killed run is not left ``running`` for ever. How many were."""
     running = connection.execute(
         select(MigrationRun.id, MigrationRun.status, MigrationRun.params).where(
-            MigrationRun.status == RunStatus.RUNNING.value
+            MigrationRun.status == MigrationRunStatus.RUNNING.value
         )
     ).all()
     dead = dead_runs(connection, running) if running else {}
     for run_id, gone in dead.items():
         connection.execute(
             update(MigrationRun)
-            .where(MigrationRun.id == run_id, MigrationRun.status == RunStatus.RUNNING.value)
+            .where(
+                MigrationRun.id == run_id, MigrationRun.status == MigrationRunStatus.RUNNING.value
+            )
             .values(
-                status=RunStatus.ABANDONED.value, error=_dead_reason(gone), finished_at=func.now()
+                status=MigrationRunStatus.ABANDONED.value,
+                error=_dead_reason(gone),
+                finished_at=func.now(),
             )
         )
     return len(dead)
@@ -154,21 +162,25 @@ def reap_dead_runs(connection: Connection) -> int:
 def life_of(run: Any, dead: Mapping[int, str]) -> RunLife:
     """Where ``run`` (a ledger row) is, and why, given :func:`dead_runs` of its rows."""
     params = run.params if isinstance(run.params, dict) else {}
-    if run.status == RunStatus.RUNNING.value:
+    if run.status == MigrationRunStatus.RUNNING.value:
         if run.id in dead:
             return RunLife(RunState.DEAD, _dead_reason(dead[run.id]))
         where = f"process {params.get('pid', '?')} on {params.get('host', '?')}"
         if params.get("backend_pid"):
             where += f", server backend {params['backend_pid']}"
         return RunLife(RunState.LIVE, f"running as {where}")
-    if run.status == RunStatus.ABANDONED.value:
+    if run.status == MigrationRunStatus.ABANDONED.value:
         return RunLife(RunState.DEAD, run.error or _dead_reason("its process is gone"))
-    if run.status == RunStatus.INTERRUPTED.value:
-        why = run.error if run.error and run.error != "interrupted" else "Ctrl-C or SIGTERM"
+    if run.status == MigrationRunStatus.INTERRUPTED.value:
+        why = (
+            run.error
+            if run.error and run.error != MigrationRunStatus.INTERRUPTED.value
+            else "Ctrl-C or SIGTERM"
+        )
         return RunLife(
             RunState.INTERRUPTED, f"stopped by {why}; what it committed stands, a rerun carries on"
         )
-    if run.status == RunStatus.FAILED.value:
+    if run.status == MigrationRunStatus.FAILED.value:
         return RunLife(RunState.FINISHED, f"failed: {run.error or 'no reason recorded'}")
     summary = run.summary if isinstance(run.summary, dict) else {}
     if "passed" in summary:  # a check (verify): what it found
@@ -201,7 +213,7 @@ def start_run(
                 insert(MigrationRun)
                 .values(
                     kind=kind.value,
-                    status=RunStatus.RUNNING.value,
+                    status=MigrationRunStatus.RUNNING.value,
                     project_id=project_id,
                     params=params,
                     key_upper_bound=key_upper_bound,
@@ -260,7 +272,7 @@ def start_read_run(
 def finish_run(
     engine: Connectable,
     run_id: int | None,
-    status: RunStatus,
+    status: MigrationRunStatus,
     *,
     summary: dict[str, Any] | None = None,
     error: str | None = None,
@@ -274,9 +286,9 @@ def finish_run(
     """
     if run_id is None:
         return
-    if status is RunStatus.FAILED and isinstance(sys.exc_info()[1], KeyboardInterrupt):
-        status = RunStatus.INTERRUPTED
-        error = "interrupted"
+    if status is MigrationRunStatus.FAILED and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        status = MigrationRunStatus.INTERRUPTED
+        error = MigrationRunStatus.INTERRUPTED.value
     with begin(engine) as connection:
         connection.execute(
             update(MigrationRun)

@@ -43,7 +43,7 @@ from prompt_tool.db.models import (
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
 from prompt_tool.errors import PromptToolError, SchemaError
-from prompt_tool.migrate.runs import RunKind, RunStatus, dead_runs, life_of
+from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, dead_runs, life_of
 from prompt_tool.migrate.verify import corrupted_versions_by_project
 
 __all__ = [
@@ -101,7 +101,7 @@ class LastRun:
 
     def describe(self) -> str:
         outcome = self.status
-        if self.passed is not None and self.status == RunStatus.COMPLETED.value:
+        if self.passed is not None and self.status == MigrationRunStatus.COMPLETED.value:
             outcome = "passed" if self.passed else "FAILED"
         elif self.state and self.state != "finished":
             outcome = self.state
@@ -286,7 +286,7 @@ def _covered(run: Any, slugs: Mapping[int, str]) -> set[str] | None:
 def _verify_outcome(run: Any, slug: str) -> tuple[bool | None, bool]:
     """(passed for ``slug``, sampled) of a verify run."""
     sampled = (run.params or {}).get("sample") is not None
-    if run.status != RunStatus.COMPLETED.value:
+    if run.status != MigrationRunStatus.COMPLETED.value:
         return None, sampled
     summary = run.summary or {}
     per_project = summary.get("projects")
@@ -321,7 +321,7 @@ def _last_runs(connection: Connection, slugs: Mapping[int, str]) -> dict[str, di
             latest[slug][run.kind] = LastRun(
                 id=run.id,
                 kind=run.kind,
-                status=RunStatus.ABANDONED.value if run.id in dead else run.status,
+                status=MigrationRunStatus.ABANDONED.value if run.id in dead else run.status,
                 all_projects=covered is None,
                 started_at=run.started_at,
                 finished_at=run.finished_at,
@@ -350,7 +350,7 @@ def _recent_runs(connection: Connection) -> list[RecentRun]:
             or_(
                 ledger.c.id.in_(latest),
                 ledger.c.id.in_(latest_of_kind),
-                ledger.c.status == RunStatus.RUNNING.value,
+                ledger.c.status == MigrationRunStatus.RUNNING.value,
             )
         )
         .order_by(ledger.c.id.desc())
@@ -365,7 +365,7 @@ def _recent_runs(connection: Connection) -> list[RecentRun]:
             RecentRun(
                 id=run.id,
                 kind=run.kind,
-                status=RunStatus.ABANDONED.value if run.id in dead else run.status,
+                status=MigrationRunStatus.ABANDONED.value if run.id in dead else run.status,
                 state=life.state.value,
                 scope="all" if scope == _ALL else str(scope),
                 started_at=run.started_at,
@@ -436,7 +436,7 @@ def _readiness_of(
     backfill = runs.get(RunKind.BACKFILL.value)
     if verify is None:
         reasons.append(f"no verify has checked it: run {verify_command}")
-    elif verify.status != RunStatus.COMPLETED.value:
+    elif verify.status != MigrationRunStatus.COMPLETED.value:
         reasons.append(
             f"its last verify (run {verify.id}) is {verify.status}: run {verify_command}"
         )

@@ -31,7 +31,7 @@ from sqlalchemy.types import Text
 from prompt_tool.core import content_hash
 from prompt_tool.core.errors import TemplateError
 from prompt_tool.core.textdiff import unified_diff
-from prompt_tool.db.dialect import read_only, sha256_hex, unreadable_text
+from prompt_tool.db.dialect import read_only, set_local_planner, sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
     OrchestrationSession,
@@ -43,7 +43,7 @@ from prompt_tool.db.models import (
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.revisions import EXPAND
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_read_run
+from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, finish_run, start_read_run
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
 __all__ = [
@@ -379,7 +379,7 @@ def verify(
             "allow_unmigrated": options.allow_unmigrated,
         },
     )
-    per_project = {slug: ProjectVerification(slug) for slug in sorted(projects.values())}
+    counts_of = {project_id: ProjectVerification(slug) for project_id, slug in projects.items()}
     run_id = run.id
     report = VerifyReport(run_id, False, options.allow_unmigrated, options.sample, [])
     report.not_recorded = run.not_recorded
@@ -400,13 +400,13 @@ def verify(
             after = last
             seen += count
             for group in groups:
-                _classify(engine, group, projects, per_project, renders, report, options)
+                _classify(engine, group, counts_of[group.project_id], renders, report, options)
             if progress is not None:
                 progress(seen, total)
     except BaseException as error:
-        finish_run(engine, run_id, RunStatus.FAILED, error=str(error)[:2000])
+        finish_run(engine, run_id, MigrationRunStatus.FAILED, error=str(error)[:2000])
         raise
-    report.projects = list(per_project.values())
+    report.projects = sorted(counts_of.values(), key=lambda counts: counts.project)
     with connect(engine) as connection:
         report.corrupted_versions = corrupted_versions(connection, scope)
     report.passed = not report.corrupted_versions and all(
@@ -416,7 +416,7 @@ def verify(
     finish_run(
         engine,
         run_id,
-        RunStatus.COMPLETED,
+        MigrationRunStatus.COMPLETED,
         summary={
             "passed": report.passed,
             "corrupted_versions": report.corrupted_versions,
@@ -474,12 +474,10 @@ def corrupted_versions_by_project(
 
 
 def _tune(connection: Connection) -> None:
-    """PostgreSQL, for this batch's transaction: no JIT (it spent most of a second compiling
-    each batch's query, measured 854 ms of 4.2 s, and the query runs once), and room to hash
-    the batch's join in memory (the default 4 MB spilled it to disk in four batches)."""
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql("SET LOCAL jit = off")
-        connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+    """For this batch's transaction: no JIT (it spent most of a second compiling each batch's
+    query, measured 854 ms of 4.2 s, and the query runs once), and room to hash the batch's
+    join in memory (the default 4 MB spilled it to disk in four batches)."""
+    set_local_planner(connection, jit=False, work_mem_mb=64)
 
 
 def _render_batch(
@@ -509,15 +507,13 @@ def _render_batch(
 def _classify(
     engine: Connectable,
     group: Any,
-    projects: dict[int, str],
-    per_project: dict[str, ProjectVerification],
+    counts: ProjectVerification,
     renders: _RenderedDigests,
     report: VerifyReport,
     options: VerifyOptions,
 ) -> None:
-    """Count one group of session roles (see :func:`_groups_query`)."""
-    project = projects[group.project_id]
-    counts = per_project[project]
+    """Count one group of session roles (see :func:`_groups_query`) in its project's counts."""
+    project = counts.project
     counts.checked += group.n
     if group.kind == _UNREADABLE:
         counts.unreadable += group.n
@@ -546,7 +542,13 @@ def _classify(
     if isinstance(digest, TemplateError):
         counts.render_errors += group.n
         error = digest
-        _keep_failure(report, options, group, project, role, "render_error", lambda: str(error))
+        _keep_failure(
+            report,
+            options,
+            lambda: Mismatch(
+                group.session_id, project, role.value, group.version_id, "render_error", str(error)
+            ),
+        )
     elif digest == group.legacy_hash:
         counts.matched += group.n
     else:
@@ -560,20 +562,18 @@ def _classify(
             rendered = renders.text(shown, variables, project)
             return _diff(engine, group.session_id, role, rendered)
 
-        _keep_failure(report, options, group, project, role, "mismatch", diff)
+        _keep_failure(
+            report,
+            options,
+            lambda: Mismatch(
+                group.session_id, project, role.value, group.version_id, "mismatch", diff()
+            ),
+        )
 
 
 def _keep_failure(
-    report: VerifyReport,
-    options: VerifyOptions,
-    group: Any,
-    project: str,
-    role: PromptRole,
-    kind: str,
-    detail: Callable[[], str],
+    report: VerifyReport, options: VerifyOptions, failure: Callable[[], Mismatch]
 ) -> None:
     """Keep the first few failures, with their detail (a diff is only made for those)."""
     if len(report.mismatches) < options.show_diffs:
-        report.mismatches.append(
-            Mismatch(group.session_id, project, role.value, group.version_id, kind, detail())
-        )
+        report.mismatches.append(failure())

@@ -42,9 +42,7 @@ from prompt_tool.db.models import (
     OrchestrationSession,
     OrchestrationStep,
     Project,
-    Prompt,
     PromptRole,
-    PromptVersion,
 )
 from prompt_tool.db.projects import get_project
 from prompt_tool.errors import InvalidInputError, NotFoundError
@@ -273,8 +271,8 @@ class Orchestrator:
 
     def show(self, session_id: int) -> SessionDetail:
         """A session's prompts as the shim serves them (with their sources) and its steps."""
-        prompts = self.reader.read(session_id)
         with self.engine.connect() as connection:
+            prompts = self.reader.read(session_id, connection=connection)
             row = connection.execute(
                 select(
                     OrchestrationSession.name,
@@ -287,7 +285,7 @@ class Orchestrator:
             if row is None:
                 raise NotFoundError(f"no orchestration session with id {session_id}")
             steps = self._recorded_steps(connection, session_id)
-            infos = self._prompt_infos(connection, prompts)
+        infos = self._prompt_infos(prompts)
         name, status, variables, created, updated = row
         return SessionDetail(
             session_id=session_id,
@@ -345,33 +343,20 @@ class Orchestrator:
         )
 
     @staticmethod
-    def _prompt_infos(connection: Connection, prompts: SessionPrompts) -> tuple[PromptInfo, ...]:
-        """The shim's answer per role, with the referenced template's name where there is one."""
+    def _prompt_infos(prompts: SessionPrompts) -> tuple[PromptInfo, ...]:
+        """The shim's answer per role, with the referenced template's name where there is one
+        (the shim read it with the version)."""
         by_role = prompts.by_role()
-        version_ids = [p.version_id for p in by_role.values() if p.version_id is not None]
-        names: dict[int, tuple[str, int]] = {}
-        if version_ids:
-            names = {
-                version_id: (name, number)
-                for version_id, name, number in connection.execute(
-                    select(PromptVersion.id, Prompt.name, PromptVersion.version)
-                    .join(Prompt, Prompt.id == PromptVersion.prompt_id)
-                    .where(PromptVersion.id.in_(version_ids))
-                )
-            }
         infos = []
         for role in _ROLES:
             prompt = by_role[role]
-            name, number = (
-                names.get(prompt.version_id, (None, None)) if prompt.version_id else (None, None)
-            )
             infos.append(
                 PromptInfo(
                     role=role.value,
                     text=prompt.text,
                     source=prompt.source.value,
-                    template=name,
-                    version=number,
+                    template=prompt.template,
+                    version=prompt.version,
                     version_id=prompt.version_id,
                 )
             )
@@ -395,8 +380,7 @@ class Orchestrator:
             # Read once the run owns the session: a refused run costs no read (and no shadow
             # comparison), and the prompts are those of the moment it ran.
             prompts = self.reader.read(session_id)
-            with self.engine.connect() as connection:
-                infos = self._prompt_infos(connection, prompts)
+            infos = self._prompt_infos(prompts)
             by_role = prompts.by_role()
             plan = [PlannedStep(role, by_role[role].text) for role in _ROLES]
             status, steps = run_steps(

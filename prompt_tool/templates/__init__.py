@@ -1,14 +1,21 @@
-"""The template manager: scopes, versions, labels, permissions and name caches."""
+"""The template manager: scopes, versions, labels, permissions and name caches.
 
-from prompt_tool.templates.manager import (
+The public face: :class:`TemplateManager` for everything that keeps state (caches, units of
+work), and the plain lookups of :mod:`prompt_tool.templates.lookup` for code that already holds
+a transaction (verify, matching, compat, ab_testing).
+"""
+
+from prompt_tool.templates.catalog import TemplateDetail
+from prompt_tool.templates.lookup import (
     VERSION_COLUMNS,
-    TemplateDetail,
-    TemplateManager,
     find_template,
+    find_version,
     load_versions,
     resolved_from_row,
 )
+from prompt_tool.templates.manager import TemplateManager
 from prompt_tool.templates.permissions import Action, Grant, grant_role, list_grants, revoke_role
+from prompt_tool.templates.projects import ProjectInfo
 from prompt_tool.templates.types import (
     DEFAULT_LABEL,
     LATEST_LABEL,
@@ -30,6 +37,7 @@ __all__ = [
     "Grant",
     "HistoryEntry",
     "LabelMove",
+    "ProjectInfo",
     "PublishResult",
     "RenderedTemplate",
     "ResolvedTemplate",
@@ -39,6 +47,7 @@ __all__ = [
     "TemplateSummary",
     "VersionInfo",
     "find_template",
+    "find_version",
     "grant_role",
     "list_grants",
     "load_versions",

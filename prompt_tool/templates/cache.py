@@ -33,7 +33,7 @@ from prompt_tool.settings import Settings
 if TYPE_CHECKING:
     from redis import Redis
 
-__all__ = ["CacheStats", "NameCache", "RedisSourceCache", "Refresher"]
+__all__ = ["NameCache", "NameCacheStats", "RedisSourceCache", "Refresher"]
 
 logger = logging.getLogger("prompt_tool.templates.cache")
 
@@ -50,8 +50,8 @@ _UNREACHABLE = (DatabaseUnavailableError, OperationalError, InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
-class CacheStats:
-    """Counters since the cache was built; a snapshot, so reading it takes no lock later."""
+class NameCacheStats:
+    """The name cache's counters since it was built; a snapshot, so reading it takes no lock."""
 
     hits: int = 0
     stale_hits: int = 0
@@ -188,9 +188,9 @@ class NameCache(Generic[K, V]):
         return self._ttl_s
 
     @property
-    def stats(self) -> CacheStats:
+    def stats(self) -> NameCacheStats:
         with self._lock:
-            return CacheStats(
+            return NameCacheStats(
                 hits=self._hits,
                 stale_hits=self._stale_hits,
                 misses=self._misses,

@@ -8,6 +8,7 @@ Global admins may do everything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -17,17 +18,20 @@ from sqlalchemy import CursorResult, delete, exists, select
 from sqlalchemy.orm import Session
 
 from prompt_tool.core.errors import PermissionDenied
-from prompt_tool.db.models import PermissionRole, Project, Scope, TemplatePermission
+from prompt_tool.db.models import PermissionRole, Project, Prompt, Scope, TemplatePermission
 from prompt_tool.db.projects import get_project
 from prompt_tool.errors import InvalidInputError, NotFoundError
+from prompt_tool.templates.types import TemplateAddress
 
 __all__ = [
     "Action",
     "Grant",
+    "check_access",
     "check_template_access",
     "grant_role",
     "list_grants",
     "revoke_role",
+    "viewable_by",
 ]
 
 _RANK = {PermissionRole.VIEWER: 1, PermissionRole.EDITOR: 2, PermissionRole.ADMIN: 3}
@@ -104,6 +108,47 @@ def check_template_access(
         hint=f"a project admin can run `prompt-tool roles grant {actor} {needed.value} "
         f"--project {project.slug}`",
     )
+
+
+def check_access(
+    session: Session, actor: str, action: Action, address: TemplateAddress
+) -> Project | None:
+    """:func:`check_template_access` for the template at ``address``; its project, if any."""
+    project = get_project(session, address.project) if address.project else None
+    check_template_access(
+        session,
+        actor,
+        action,
+        what=address.describe(),
+        scope=address.scope,
+        project=project,
+        owner=address.owner,
+    )
+    return project
+
+
+def viewable_by(session: Session, actor: str) -> Callable[[Prompt], bool]:
+    """Whether ``actor`` may view a template, by the rules above, for filtering a listing:
+    the actor's roles are read once, not once per template."""
+    roles = {
+        project_id: role
+        for project_id, role in session.execute(
+            select(TemplatePermission.project_id, TemplatePermission.role).where(
+                TemplatePermission.user_name == actor
+            )
+        )
+    }
+    if roles.get(None) == "admin":
+        return lambda prompt: True
+
+    def can_view(prompt: Prompt) -> bool:
+        if prompt.scope == Scope.GLOBAL.value:
+            return True
+        if prompt.scope == Scope.CUSTOM.value:
+            return prompt.owner == actor
+        return prompt.project_id in roles
+
+    return can_view
 
 
 def _require_admin(session: Session, actor: str, project: Project | None) -> None:

@@ -215,7 +215,7 @@ def _worker_processes(url: str) -> list[str]:
         check=True,
     ).stdout.splitlines()
     del url
-    return [line for line in found if "backfill_plan import worker_main" in line]
+    return [line for line in found if "backfill.workers import worker_main" in line]
 
 
 def test_a_run_killed_with_sigkill_shows_as_dead_in_status(

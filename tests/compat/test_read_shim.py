@@ -439,3 +439,31 @@ def test_a_global_template_whose_include_differs_per_project_reads_each_projects
     assert {read[s].system.source for s in read} == {PromptSource.TEMPLATE}
     report = verify(db_engine)
     assert report.passed, report.mismatches
+
+
+def test_a_read_names_each_roles_template_version_and_needs_no_connection_of_its_own(
+    db_engine: Engine, manager: TemplateManager, reader: SessionReader, set_flag: Any
+) -> None:
+    created = create_session(manager, "acme", ROLES, {"topic": "x"}, name="s")
+    set_flag("acme", "templates")
+    reader.read(created.session_id)  # warm the flag cache: flags are read on connections apart
+    with db_engine.connect() as connection:
+        checkouts: list[object] = []
+
+        def checked_out(*args: object) -> None:
+            checkouts.append(args)
+
+        event.listen(db_engine.pool, "checkout", checked_out)
+        try:
+            read = reader.read(created.session_id, connection=connection)
+        finally:
+            event.remove(db_engine.pool, "checkout", checked_out)
+    assert checkouts == []  # every statement on the caller's connection
+    for role, prompt in read.by_role().items():
+        assert prompt.source is PromptSource.TEMPLATE
+        assert (prompt.template, prompt.version) == (role.value, 1)
+        assert prompt.version_id is not None
+
+    set_flag("acme", "legacy")
+    legacy = reader.read(created.session_id).planner
+    assert (legacy.version_id, legacy.template, legacy.version) == (None, None, None)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from prompt_tool.core import CacheStats, CompiledCache, TemplateEngine, content_hash
+from prompt_tool.core import CompiledCache, CompiledCacheStats, TemplateEngine, content_hash
 from prompt_tool.settings import Settings
 
 
@@ -39,10 +39,10 @@ def test_counters_track_hits_and_misses() -> None:
     cache.put("x", "X")
     assert cache.get("x") == "X"
     assert cache.get("x") == "X"
-    assert cache.stats() == CacheStats(hits=2, misses=1, size=1, maxsize=4)
+    assert cache.stats() == CompiledCacheStats(hits=2, misses=1, size=1, maxsize=4)
     assert cache.stats().hit_rate == pytest.approx(2 / 3)
     cache.clear()
-    assert cache.stats() == CacheStats(hits=0, misses=0, size=0, maxsize=4)
+    assert cache.stats() == CompiledCacheStats(hits=0, misses=0, size=0, maxsize=4)
 
 
 def test_first_writer_wins_so_every_reader_shares_one_entry() -> None:

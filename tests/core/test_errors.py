@@ -15,7 +15,7 @@ from prompt_tool.core import (
     VariableError,
     VariableSpecError,
 )
-from prompt_tool.errors import PromptToolError
+from prompt_tool.errors import NotFoundError, PromptToolError
 
 
 @pytest.mark.parametrize(
@@ -28,6 +28,7 @@ from prompt_tool.errors import PromptToolError
         (VariableError, TemplateRenderError, 2),
         (VariableSpecError, TemplateValidationError, 2),
         (TemplateNotFound, TemplateError, 2),
+        (TemplateNotFound, NotFoundError, 2),
         (PermissionDenied, TemplateError, 2),
     ],
 )

@@ -204,7 +204,7 @@ def test_writes_from_another_connection_during_the_run_are_handled(
 def test_a_second_concurrent_run_exits_with_a_clear_message_or_waits(
     legacy_engine: Engine,
 ) -> None:
-    from prompt_tool.migrate.backfill import _lock_key
+    from prompt_tool.migrate.backfill.command import _lock_key
 
     with legacy_engine.connect() as holder:
         project_ids = holder.execute(text("SELECT id FROM projects ORDER BY id")).scalars().all()

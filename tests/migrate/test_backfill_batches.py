@@ -13,14 +13,12 @@ from prompt_tool.db.models import (
     PromptRole,
     SessionPromptRef,
 )
-from prompt_tool.migrate.backfill import (
-    BackfillOptions,
-    ImportedVersions,
+from prompt_tool.migrate.backfill import BackfillOptions, ImportedVersions, backfill
+from prompt_tool.migrate.backfill.batch import (
     _find_imported,
     _import_templates,
     _link,
     _RoleState,
-    backfill,
 )
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from prompt_tool.db.models import PromptRole
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, backfill
-from prompt_tool.migrate.backfill_plan import effective_workers
+from prompt_tool.migrate.backfill.workers import effective_workers
 from prompt_tool.migrate.verify import verify
 from tests.migrate.test_backfill import _state, unlink_everything
 
@@ -191,9 +191,9 @@ def test_every_role_of_every_session_is_linked_once(legacy_engine: Engine) -> No
 def test_a_big_run_refreshes_the_statistics_readers_plan_with(
     legacy_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import prompt_tool.migrate.backfill as backfill_module
+    from prompt_tool.migrate.backfill import command
 
-    monkeypatch.setattr(backfill_module, "_ANALYZE_AFTER", 100)  # 600 sessions count as big
+    monkeypatch.setattr(command, "_ANALYZE_AFTER", 100)  # 600 sessions count as big
     backfill(legacy_engine, BackfillOptions(workers=2))
 
     with legacy_engine.connect() as connection:

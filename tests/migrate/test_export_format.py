@@ -7,6 +7,10 @@ import json
 
 import pytest
 
+from prompt_tool.db.bulk_io import (
+    _portable_timestamp_to_sqlite,
+    _sqlite_timestamp_to_portable,
+)
 from prompt_tool.db.models import Base
 from prompt_tool.migrate.archive import (
     ARCHIVED_TABLES,
@@ -14,8 +18,6 @@ from prompt_tool.migrate.archive import (
     InvalidExportError,
     Manifest,
     TableSpec,
-    _file_timestamp_to_sqlite,
-    _sqlite_timestamp_to_file,
     normalizer,
 )
 
@@ -37,21 +39,21 @@ def _through_a_file(value: object) -> object:
     ],
 )
 def test_a_sqlite_timestamp_comes_back_as_exactly_the_text_it_was(stored: object) -> None:
-    written = _through_a_file(_sqlite_timestamp_to_file(stored))
-    assert _file_timestamp_to_sqlite(written) == stored
+    written = _through_a_file(_sqlite_timestamp_to_portable(stored))
+    assert _portable_timestamp_to_sqlite(written) == stored
 
 
 def test_a_sqlite_utc_timestamp_is_written_as_iso_8601_with_an_offset() -> None:
-    assert _sqlite_timestamp_to_file("2026-01-31 12:00:00.123456") == (
+    assert _sqlite_timestamp_to_portable("2026-01-31 12:00:00.123456") == (
         "2026-01-31T12:00:00.123456+00:00"
     )
 
 
 def test_a_postgresql_timestamp_reaches_sqlite_as_the_same_instant_in_utc() -> None:
-    assert _file_timestamp_to_sqlite("2026-01-31T18:00:00.5+05:30") == (
+    assert _portable_timestamp_to_sqlite("2026-01-31T18:00:00.5+05:30") == (
         "2026-01-31 12:30:00.500000"
     )
-    assert _file_timestamp_to_sqlite("2026-01-31T12:00:00.5+00:00") == "2026-01-31 12:00:00.5"
+    assert _portable_timestamp_to_sqlite("2026-01-31T12:00:00.5+00:00") == "2026-01-31 12:00:00.5"
 
 
 def _normal(table: str, row: list[object]) -> list[object]:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from prompt_tool.cli._runtime import new_app
 from prompt_tool.cli.transfer_commands import export_command, restore_command
-from prompt_tool.db import schema
+from prompt_tool.db import bulk_io, schema
 from prompt_tool.db.engine import make_engine
 from prompt_tool.db.models import (
     ABAssignment,
@@ -38,7 +38,7 @@ from prompt_tool.db.models import (
     TemplateLabel,
 )
 from prompt_tool.errors import NotFoundError, PromptToolError
-from prompt_tool.migrate import archive, load_legacy_sample
+from prompt_tool.migrate import load_legacy_sample
 from prompt_tool.migrate.archive import (
     ARCHIVED_TABLES,
     ExportRevisionMismatchError,
@@ -910,7 +910,7 @@ def test_parallel_key_ranges_write_exactly_what_one_reader_writes(
     target = _new_head_db("postgresql", request, tmp_path, "target")
 
     one = _export(source, tmp_path / "one", jobs=1)
-    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(bulk_io, "PARALLEL_MIN_BYTES", 0)
     parallel = _export(source, tmp_path / "parallel", jobs=3)
     parallel_gzip = _export(source, tmp_path / "parallel-gzip", jobs=3, compress=True)
 
@@ -933,8 +933,8 @@ def read_in_many_ranges(
     """A PostgreSQL source whose every table is read in key ranges of a few rows each."""
     source = _new_head_db("postgresql", request, tmp_path, "source")
     _load_rich_data(source, sessions=120)
-    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(archive, "RANGE_BYTES", 1)
+    monkeypatch.setattr(bulk_io, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(bulk_io, "RANGE_BYTES", 1)
     return source
 
 
@@ -942,7 +942,7 @@ def read_in_many_ranges(
 def test_a_range_reader_that_fails_fails_the_export_and_leaves_nothing(
     read_in_many_ranges: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stream_lines = archive.PostgresIO.stream_lines
+    stream_lines = bulk_io.PostgresIO.stream_lines
     calls = iter(range(1_000_000))
 
     def fails_on_the_fifth_range(self: Any, connection: Any, spec: Any, where: Any) -> Any:
@@ -950,7 +950,7 @@ def test_a_range_reader_that_fails_fails_the_export_and_leaves_nothing(
             raise _RangeReadFailedError("the connection went away")
         return stream_lines(self, connection, spec, where)
 
-    monkeypatch.setattr(archive.PostgresIO, "stream_lines", fails_on_the_fifth_range)
+    monkeypatch.setattr(bulk_io.PostgresIO, "stream_lines", fails_on_the_fifth_range)
     threads_before = threading.active_count()
     parent = tmp_path / "exports"
     parent.mkdir()
@@ -983,11 +983,11 @@ def test_a_table_keyed_by_session_and_role_is_split_on_its_session_ids(
 ) -> None:
     source = _new_head_db("postgresql", request, tmp_path, "source")
     _load_rich_data(source, sessions=30)
-    monkeypatch.setattr(archive, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(bulk_io, "PARALLEL_MIN_BYTES", 0)
     engine = make_engine(source)
     try:
         with engine.connect() as connection:
-            dialect = archive.dialect_io(connection)
+            dialect = bulk_io.dialect_io(connection)
             with dialect.snapshot(connection):
                 ranges = dialect.split(
                     connection, TableSpec.from_model("session_prompt_refs"), None, 3

@@ -22,7 +22,7 @@ from prompt_tool.db.models import MigrationRun
 from prompt_tool.migrate import load_legacy_sample
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, backfill
 from prompt_tool.migrate.export import export
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, finish_run, start_run
 from prompt_tool.migrate.status import natural_key, status
 from tests.cli_run import run_cli
 from tests.migrate.test_backfill import _state, unlink_everything
@@ -67,7 +67,7 @@ def test_an_interrupted_backfill_is_marked_interrupted_and_the_next_run_ends_whe
     with legacy_engine.connect() as connection:
         run_id = connection.execute(text("SELECT max(id) FROM migration_runs")).scalar_one()
     status_, finished, params, error = _run_row(legacy_engine, run_id)
-    assert (status_, finished, error) == (RunStatus.INTERRUPTED.value, True, "interrupted")
+    assert (status_, finished, error) == (MigrationRunStatus.INTERRUPTED.value, True, "interrupted")
     assert params["pid"] == os.getpid() and params["host"]
     if legacy_engine.dialect.name == "postgresql":
         assert isinstance(params["backend_pid"], int)
@@ -76,7 +76,7 @@ def test_an_interrupted_backfill_is_marked_interrupted_and_the_next_run_ends_whe
 
     assert _state(legacy_engine) == expected
     assert resumed.sessions_scanned < 600  # it carried on, it did not start over
-    assert _run_row(legacy_engine, resumed.run_id or 0)[0] == RunStatus.COMPLETED.value
+    assert _run_row(legacy_engine, resumed.run_id or 0)[0] == MigrationRunStatus.COMPLETED.value
     again = backfill(legacy_engine, BackfillOptions(batch_size=40, workers=workers))
     assert not again.changed
     assert again.resumed_after is None  # an interrupted run is resumed once
@@ -99,12 +99,12 @@ def test_finish_run_records_an_interruption_as_interrupted(legacy_engine: Engine
     try:
         raise KeyboardInterrupt
     except KeyboardInterrupt:
-        finish_run(legacy_engine, run_id, RunStatus.FAILED, error="KeyboardInterrupt")
-    assert _run_row(legacy_engine, run_id)[0:2] == (RunStatus.INTERRUPTED.value, True)
+        finish_run(legacy_engine, run_id, MigrationRunStatus.FAILED, error="KeyboardInterrupt")
+    assert _run_row(legacy_engine, run_id)[0:2] == (MigrationRunStatus.INTERRUPTED.value, True)
 
     failed = start_run(legacy_engine, RunKind.VERIFY, params={"scope": "*"})
-    finish_run(legacy_engine, failed, RunStatus.FAILED, error="boom")
-    assert _run_row(legacy_engine, failed)[0] == RunStatus.FAILED.value
+    finish_run(legacy_engine, failed, MigrationRunStatus.FAILED, error="boom")
+    assert _run_row(legacy_engine, failed)[0] == MigrationRunStatus.FAILED.value
 
 
 def test_an_interrupted_export_is_marked_interrupted(legacy_engine: Engine, tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_an_interrupted_export_is_marked_interrupted(legacy_engine: Engine, tmp_
         kind, status_ = connection.execute(
             text("SELECT kind, status FROM migration_runs ORDER BY id DESC LIMIT 1")
         ).one()
-    assert (kind, status_) == ("export", RunStatus.INTERRUPTED.value)
+    assert (kind, status_) == ("export", MigrationRunStatus.INTERRUPTED.value)
 
 
 def test_export_progress_has_each_tables_total_from_the_first_update(
@@ -155,7 +155,9 @@ def test_status_tells_a_dead_run_from_a_live_one(legacy_engine: Engine) -> None:
     live = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "*"})
     found = {p.project: p for p in status(legacy_engine).projects}
     assert found["project-1"].last_backfill is not None
-    assert found["project-1"].last_backfill.status == RunStatus.RUNNING.value  # we are alive
+    assert (
+        found["project-1"].last_backfill.status == MigrationRunStatus.RUNNING.value
+    )  # we are alive
 
     # The same run as a process that is gone would have left it (SIGKILL, a crash).
     with legacy_engine.begin() as connection:
@@ -171,7 +173,7 @@ def test_status_tells_a_dead_run_from_a_live_one(legacy_engine: Engine) -> None:
         )
     found = {p.project: p for p in status(legacy_engine).projects}
     last = found["project-1"].last_backfill
-    assert last is not None and last.status == RunStatus.ABANDONED.value
+    assert last is not None and last.status == MigrationRunStatus.ABANDONED.value
     assert last.state == "dead"
     assert "dead" in last.describe()
     assert "is gone: killed or crashed" in last.reason
@@ -190,7 +192,7 @@ def test_a_live_postgresql_run_is_told_by_its_backend(
         )
         found = {p.project: p for p in status(legacy_engine).projects}
         assert found["project-1"].last_backfill is not None
-        assert found["project-1"].last_backfill.status == RunStatus.RUNNING.value
+        assert found["project-1"].last_backfill.status == MigrationRunStatus.RUNNING.value
     finally:
         holder.close()
         legacy_engine.dispose()  # the backend goes away with the pool's connection
@@ -201,7 +203,10 @@ def test_a_live_postgresql_run_is_told_by_its_backend(
         ).projects
     }
     last = found["project-1"].last_backfill
-    assert last is not None and (last.id, last.status) == (run_id, RunStatus.ABANDONED.value)
+    assert last is not None and (last.id, last.status) == (
+        run_id,
+        MigrationRunStatus.ABANDONED.value,
+    )
 
 
 def test_projects_sort_naturally() -> None:
@@ -266,10 +271,10 @@ def test_the_next_run_records_killed_runs_as_abandoned_and_leaves_live_ones(
 
     for run_id in (killed_restore, killed_backfill):
         state, finished, _params, error = _run_row(legacy_engine, run_id)
-        assert (state, finished) == (RunStatus.ABANDONED.value, True)
+        assert (state, finished) == (MigrationRunStatus.ABANDONED.value, True)
         assert "is gone: killed or crashed" in error
-    assert _run_row(legacy_engine, live)[:2] == (RunStatus.RUNNING.value, False)
-    assert _run_row(legacy_engine, next_run)[:2] == (RunStatus.RUNNING.value, False)
+    assert _run_row(legacy_engine, live)[:2] == (MigrationRunStatus.RUNNING.value, False)
+    assert _run_row(legacy_engine, next_run)[:2] == (MigrationRunStatus.RUNNING.value, False)
 
 
 def test_an_abandoned_backfill_is_carried_on_by_the_next_one(legacy_engine: Engine) -> None:
@@ -289,7 +294,7 @@ def test_an_abandoned_backfill_is_carried_on_by_the_next_one(legacy_engine: Engi
         )
     _as_if_killed(legacy_engine, run_id)
     start_run(legacy_engine, RunKind.VERIFY)  # reaps it
-    assert _run_row(legacy_engine, run_id)[0] == RunStatus.ABANDONED.value
+    assert _run_row(legacy_engine, run_id)[0] == MigrationRunStatus.ABANDONED.value
 
     resumed = backfill(legacy_engine)
 
@@ -301,11 +306,13 @@ def test_status_lists_the_latest_runs_live_finished_interrupted_dead_with_why(
     legacy_engine: Engine,
 ) -> None:
     finished = start_run(legacy_engine, RunKind.EXPORT)
-    finish_run(legacy_engine, finished, RunStatus.COMPLETED)
+    finish_run(legacy_engine, finished, MigrationRunStatus.COMPLETED)
     failed = start_run(legacy_engine, RunKind.RESTORE)
-    finish_run(legacy_engine, failed, RunStatus.FAILED, error="checksum of sessions differs")
+    finish_run(
+        legacy_engine, failed, MigrationRunStatus.FAILED, error="checksum of sessions differs"
+    )
     interrupted = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "*"})
-    finish_run(legacy_engine, interrupted, RunStatus.INTERRUPTED, error="interrupted")
+    finish_run(legacy_engine, interrupted, MigrationRunStatus.INTERRUPTED, error="interrupted")
     dead = start_run(legacy_engine, RunKind.BACKFILL, params={"scope": "project-2"})
     _as_if_killed(legacy_engine, dead)
     # Starting it records `dead` as abandoned: shown dead all the same.

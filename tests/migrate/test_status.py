@@ -29,7 +29,7 @@ from prompt_tool.db.projects import create_project
 from prompt_tool.errors import NotFoundError
 from prompt_tool.migrate import load_legacy_sample
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
-from prompt_tool.migrate.runs import RunKind, RunStatus, finish_run, start_run
+from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, finish_run, start_run
 from prompt_tool.migrate.status import ProjectStatus, readiness, status
 from prompt_tool.migrate.verify import VerifyOptions, verify
 
@@ -188,7 +188,7 @@ def test_a_failed_sampled_or_unfinished_verify_does_not_make_a_project_ready(
 
     running = start_run(legacy_engine, RunKind.VERIFY, params={"scope": "*"})
     assert f"(run {running}) is running" in readiness(legacy_engine, "project-1").reasons[0]
-    finish_run(legacy_engine, running, RunStatus.FAILED, error="killed")
+    finish_run(legacy_engine, running, MigrationRunStatus.FAILED, error="killed")
     assert f"(run {running}) is failed" in readiness(legacy_engine, "project-1").reasons[0]
 
 
@@ -224,7 +224,7 @@ def test_a_run_over_named_projects_counts_only_for_those(legacy_engine: Engine) 
 
 def test_an_export_run_is_reported_for_the_projects_it_covered(legacy_engine: Engine) -> None:
     run = start_run(legacy_engine, RunKind.EXPORT, params={"directory": "/x", "projects": None})
-    finish_run(legacy_engine, run, RunStatus.COMPLETED, summary={})
+    finish_run(legacy_engine, run, MigrationRunStatus.COMPLETED, summary={})
 
     found = _by_project(legacy_engine)
 

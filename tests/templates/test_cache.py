@@ -25,7 +25,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from prompt_tool.errors import ConfigurationError, DatabaseUnavailableError
 from prompt_tool.settings import Settings
-from prompt_tool.templates.cache import CacheStats, NameCache, RedisSourceCache
+from prompt_tool.templates.cache import NameCache, NameCacheStats, RedisSourceCache
 
 LOGGER = "prompt_tool.templates.cache"
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"
@@ -142,7 +142,7 @@ def test_fresh_entry_is_served_without_loading(
     load.version = 2
     assert cache.get("greeting", load) == Resolved("greeting", 1)
     assert load.calls == 1
-    assert cache.stats == CacheStats(hits=1, misses=1, loads=1)
+    assert cache.stats == NameCacheStats(hits=1, misses=1, loads=1)
 
 
 def test_expired_entry_is_served_stale_while_one_refresh_runs(

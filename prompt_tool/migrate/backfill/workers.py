@@ -4,8 +4,8 @@ The run's key range is planned up front into batches of ``--batch-size`` session
 ``pending`` row of ``migration_batches`` with its key range. Every worker process loops: in one
 short transaction it claims the first pending batch with ``SELECT ... FOR UPDATE SKIP LOCKED``
 (so no two workers ever hold the same batch, and none waits for another), links that range's
-sessions exactly as a single-worker batch does (:func:`prompt_tool.migrate.backfill._run_batch`)
-and marks the row ``done`` before COMMIT. A claim therefore lives exactly as long as the
+sessions exactly as a single-worker batch does (:func:`.batch.run_batch`) and marks the row
+``done`` before COMMIT. A claim therefore lives exactly as long as the
 batch's transaction: a worker killed at any point (SIGKILL included) leaves its batch
 ``pending``, and a later run of the same scope carries the run's pending ranges on, with any
 number of workers. The result is the same as a single-worker run: every step is idempotent, and
@@ -25,6 +25,7 @@ the calling process, with the same ledger (``--workers`` is accepted and has no 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -37,29 +38,43 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, or_, select
 
-import prompt_tool.migrate.backfill as backfill_module
+from prompt_tool.db.dialect import allows_worker_processes
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect, make_engine
 from prompt_tool.db.models import MigrationBatch, OrchestrationSession
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import PromptToolError
-from prompt_tool.migrate.matching import ExistingTemplateMatcher
-from prompt_tool.settings import Settings, get_settings
+from prompt_tool.migrate.backfill.batch import ImportedVersions, KeySpan, matcher_for, run_batch
+from prompt_tool.migrate.backfill.ledger import (
+    BatchStatus,
+    batches_done,
+    pending_ranges,
+    total_from_ledger,
+)
+from prompt_tool.migrate.backfill.types import (
+    BackfillOptions,
+    BackfillRun,
+    BackfillScope,
+    BackfillSummary,
+    BatchResult,
+    PlannedBatch,
+)
+from prompt_tool.migrate.backfill.walk import with_retries
+from prompt_tool.settings import get_settings
 
 __all__ = [
     "BackfillWorkerError",
     "effective_workers",
-    "pending_ranges",
     "walk_planned",
     "worker_main",
 ]
 
-PENDING = "pending"
 # Ctrl-C on a terminal reaches the whole foreground process group, workers included: a worker
 # ignores it from its first statement (before the imports, where it would print a traceback), so
 # the parent alone decides, and stops its workers with SIGTERM.
 _WORKER = (
     "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "import sys\nfrom prompt_tool.migrate.backfill_plan import worker_main\nsys.exit(worker_main())"
+    "import sys\nfrom prompt_tool.migrate.backfill.workers import worker_main\n"
+    "sys.exit(worker_main())"
 )
 _SESSIONS = OrchestrationSession.__table__
 
@@ -68,49 +83,32 @@ class BackfillWorkerError(PromptToolError):
     """A worker process of a ``--workers`` backfill failed."""
 
 
-def pending_ranges(connection: Connection, run_id: int | None) -> list[tuple[int, int]]:
-    """The key ranges a planned run left undone (none for an unplanned run)."""
-    if run_id is None:
-        return []
-    return [
-        (int(lo), int(hi))
-        for lo, hi in connection.execute(
-            select(MigrationBatch.key_lo, MigrationBatch.key_hi)
-            .where(MigrationBatch.run_id == run_id, MigrationBatch.status == PENDING)
-            .order_by(MigrationBatch.key_lo)
-        )
-    ]
-
-
 def effective_workers(engine: Connectable, wanted: int) -> int:
     """PostgreSQL runs ``wanted`` processes; SQLite, or the caller's own connection, one."""
-    if isinstance(engine, Connection) or engine.dialect.name != "postgresql":
-        return 1
-    return wanted
+    return wanted if allows_worker_processes(engine) else 1
 
 
-def _plan(
-    connection: Connection,
-    run_id: int,
-    after: int,
-    upper: int,
-    size: int,
-    limit: int | None,
-    project_ids: Sequence[int],
-    scoped: bool,
-) -> int:
-    """Cut (after, upper] into ranges of ``size`` sessions: pending ledger rows. Set-based."""
+def _pending_row(run_id: int, low: int, high: int) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "key_lo": low,
+        "key_hi": high,
+        "status": BatchStatus.PENDING.value,
+        "rows_seen": 0,
+    }
+
+
+def _plan(connection: Connection, run: BackfillRun, run_id: int) -> int:
+    """Cut (after, upper] into ranges of ``--batch-size`` sessions (at most ``--limit`` in
+    all): pending ledger rows. Set-based."""
     ids = (
         select(_SESSIONS.c.id)
-        .where(
-            _SESSIONS.c.id > after,
-            _SESSIONS.c.id <= upper,
-            backfill_module._session_filter(project_ids, scoped),
-        )
+        .where(_SESSIONS.c.id > run.after, _SESSIONS.c.id <= run.upper, run.scope.sessions())
         .order_by(_SESSIONS.c.id)
     )
-    if limit is not None:
-        ids = ids.limit(limit)
+    if run.options.limit is not None:
+        ids = ids.limit(run.options.limit)
+    size = run.options.batch_size
     chosen = ids.subquery()
     numbered = select(
         chosen.c.id,
@@ -123,11 +121,9 @@ def _plan(
         .order_by(numbered.c.id)
     ).scalars()
     rows: list[dict[str, Any]] = []
-    low = after
+    low = run.after
     for high in bounds:
-        rows.append(
-            {"run_id": run_id, "key_lo": low, "key_hi": high, "status": PENDING, "rows_seen": 0}
-        )
+        rows.append(_pending_row(run_id, low, high))
         low = high
     if rows:
         connection.execute(insert(MigrationBatch), rows)
@@ -136,13 +132,7 @@ def _plan(
 
 def _carry(connection: Connection, run_id: int, ranges: Sequence[tuple[int, int]]) -> None:
     """An interrupted planned run's pending ranges become this run's plan."""
-    connection.execute(
-        insert(MigrationBatch),
-        [
-            {"run_id": run_id, "key_lo": lo, "key_hi": hi, "status": PENDING, "rows_seen": 0}
-            for lo, hi in ranges
-        ],
-    )
+    connection.execute(insert(MigrationBatch), [_pending_row(run_id, lo, hi) for lo, hi in ranges])
 
 
 def _worker_name() -> str:
@@ -150,51 +140,37 @@ def _worker_name() -> str:
 
 
 def _claim_loop(
-    engine: Connectable,
-    run_id: int,
-    options: backfill_module.BackfillOptions,
-    settings: Settings,
-    summary: backfill_module.BackfillSummary,
-    project_ids: Sequence[int],
-    scoped: bool,
-    matcher: ExistingTemplateMatcher | None,
-    on_batch: Callable[[], None] | None = None,
-    parent: int | None = None,
+    run: BackfillRun, on_batch: Callable[[], None] | None = None, parent: int | None = None
 ) -> None:
-    """Claim pending batches of the run and do them, one transaction each, until none is left."""
+    """Claim pending batches of the run and do them, one transaction each, until none is left.
+
+    ``parent``: the planning process's pid; a worker whose parent is gone stops."""
+    assert run.run_id is not None, "a planned run is never a dry run"
     worker = _worker_name()
     claim = (
         select(MigrationBatch.id, MigrationBatch.key_lo, MigrationBatch.key_hi)
-        .where(MigrationBatch.run_id == run_id, MigrationBatch.status == PENDING)
+        .where(
+            MigrationBatch.run_id == run.run_id,
+            MigrationBatch.status == BatchStatus.PENDING.value,
+        )
         .order_by(MigrationBatch.key_lo)
         .limit(1)
         .with_for_update(skip_locked=True)
     )
+    imported = ImportedVersions()
 
-    imported = backfill_module.ImportedVersions()
-
-    def work(connection: Connection) -> backfill_module._BatchResult | None:
+    def work(connection: Connection) -> BatchResult | None:
         claimed = connection.execute(claim).first()
         if claimed is None:
             return None
         batch_id, low, high = claimed
-        return backfill_module._run_batch(
-            connection,
-            run_id=run_id,
-            after=int(low),
-            upper=int(high),
-            options=options,
-            size=max(1, int(high) - int(low)),  # ids are unique integers: at most this many
-            project_ids=project_ids,
-            scoped=scoped,
-            dry_run_seen=set(),
-            matcher=matcher,
-            planned=backfill_module.PlannedBatch(int(batch_id), worker),
-            imported=imported,
-        )
+        # Ids are unique integers: the range holds at most high - low sessions.
+        span = KeySpan(int(low), int(high), max(1, int(high) - int(low)))
+        return run_batch(connection, run, span, imported, PlannedBatch(int(batch_id), worker))
 
+    summary = run.summary
     while parent is None or os.getppid() == parent:  # an orphaned worker stops
-        result = backfill_module._with_retries(engine, options, summary, work)
+        result = with_retries(run, work)
         if result is None:
             return
         summary.batches += 1
@@ -203,12 +179,11 @@ def _claim_loop(
             on_batch()
 
 
-def _start_worker(
-    engine: Connectable, run_id: int, options: backfill_module.BackfillOptions, settings: Settings
-) -> subprocess.Popen[bytes]:
+def _start_worker(run: BackfillRun) -> subprocess.Popen[bytes]:
+    options, settings = run.options, run.settings
     config = {
-        "url": engine.engine.url.render_as_string(hide_password=False),
-        "run_id": run_id,
+        "url": run.engine.engine.url.render_as_string(hide_password=False),
+        "run_id": run.run_id,
         "parent": os.getpid(),
         "projects": list(options.projects),
         "match_existing": options.match_existing,
@@ -226,9 +201,7 @@ def _start_worker(
     return process
 
 
-def _planned_sessions(
-    connection: Connection, run_id: int, project_ids: Sequence[int], scoped: bool
-) -> int:
+def _planned_sessions(connection: Connection, run_id: int, scope: BackfillScope) -> int:
     """How many sessions the run's pending batches hold: the total to show progress against."""
     batches = MigrationBatch.__table__
     return int(
@@ -242,8 +215,8 @@ def _planned_sessions(
             )
             .where(
                 batches.c.run_id == run_id,
-                batches.c.status == PENDING,
-                backfill_module._session_filter(project_ids, scoped),
+                batches.c.status == BatchStatus.PENDING.value,
+                scope.sessions(),
             )
         ).scalar_one()
     )
@@ -256,18 +229,6 @@ def _reap(child: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-
-
-def _done_so_far(engine: Connectable, run_id: int) -> tuple[int, int]:
-    """(sessions, batches) the run's workers have done so far, from its ledger."""
-    with connect(engine) as connection:
-        sessions, batches = connection.execute(
-            select(func.coalesce(func.sum(MigrationBatch.rows_seen), 0), func.count()).where(
-                MigrationBatch.run_id == run_id,
-                MigrationBatch.status == backfill_module.BATCH_DONE,
-            )
-        ).one()
-    return int(sessions), int(batches)
 
 
 class _Stopped(BaseException):
@@ -295,88 +256,39 @@ def worker_main() -> int:
         return 128 + signal.SIGTERM
 
 
-def _totals(engine: Connectable, run_id: int, summary: backfill_module.BackfillSummary) -> None:
-    """The run's figures from its ledger: every worker's batches, not only ours."""
-    summary.batches = 0
-    summary.sessions_scanned = 0
-    summary.unreadable = 0
-    summary.unreadable_rows.clear()
-    with connect(engine) as connection:
-        rows = connection.execute(
-            select(MigrationBatch.rows_seen, MigrationBatch.counts).where(
-                MigrationBatch.run_id == run_id,
-                MigrationBatch.status == backfill_module.BATCH_DONE,
-            )
-        ).all()
-    for rows_seen, stored in rows:
-        counts = stored or {}
-        summary.batches += 1
-        summary.sessions_scanned += int(rows_seen)
-        summary.references_created += int(counts.get("created", 0))
-        summary.references_matched += int(counts.get("matched", 0))
-        summary.references_relinked += int(counts.get("relinked", 0))
-        summary.references_removed += int(counts.get("removed", 0))
-        summary.references_unchanged += int(counts.get("unchanged", 0))
-        summary.templates_created += int(counts.get("templates", 0))
-        backfill_module.note_unreadable(
-            summary, int(counts.get("unreadable", 0)), counts.get("unreadable_rows", [])
-        )
+def _plan_or_carry(run: BackfillRun, run_id: int) -> BackfillRun:
+    """Write the run's plan (or carry an interrupted one's pending ranges on); the run, with
+    the total of the carried ranges when there were some."""
+    with begin(run.engine) as connection:
+        if not run.carried:
+            _plan(connection, run, run_id)
+            return run
+        _carry(connection, run_id, run.carried)
+        return dataclasses.replace(run, total=_planned_sessions(connection, run_id, run.scope))
 
 
-def walk_planned(
-    engine: Connectable,
-    run_id: int | None,
-    options: backfill_module.BackfillOptions,
-    settings: Settings,
-    summary: backfill_module.BackfillSummary,
-    project_ids: Sequence[int],
-    scoped: bool,
-    after: int,
-    upper: int,
-    total: int,
-    started: float,
-    progress: Callable[[backfill_module.BackfillProgress], None] | None,
-    matcher: ExistingTemplateMatcher | None = None,
-    dry_run_seen: set[tuple[int, str, str]] | None = None,
-    *,
-    carried: Sequence[tuple[int, int]] = (),
-) -> None:
+def walk_planned(run: BackfillRun) -> None:
     """Plan the run (or carry an interrupted one's pending ranges on) and walk it with
-    ``options.workers`` processes. Same signature as the single-worker walk."""
+    ``--workers`` processes. Same signature as the single-worker walk."""
+    run_id = run.run_id
     assert run_id is not None, "a planned run is never a dry run"
-    del dry_run_seen  # a dry run is never planned
-    with begin(engine) as connection:
-        if carried:
-            _carry(connection, run_id, carried)
-            total = _planned_sessions(connection, run_id, project_ids, scoped)
-        else:
-            _plan(
-                connection,
-                run_id,
-                after,
-                upper,
-                options.batch_size,
-                options.limit,
-                project_ids,
-                scoped,
-            )
-    summary.workers = effective_workers(engine, options.workers)
+    run = _plan_or_carry(run, run_id)
+    summary = run.summary
+    summary.workers = effective_workers(run.engine, run.options.workers)
     children: list[subprocess.Popen[bytes]] = []
 
     def report() -> None:
-        if progress is None:
+        if run.progress is None:
             return
         done, batches = summary.sessions_scanned, summary.batches
         if children:  # the whole run's progress, every worker's batches
-            done, batches = _done_so_far(engine, run_id)
-        progress(backfill_module.BackfillProgress(done, total, batches, time.monotonic() - started))
+            done, batches = batches_done(run.engine, run_id)
+        run.report(done, batches)
 
     try:
         for _ in range(summary.workers - 1):
-            children.append(_start_worker(engine, run_id, options, settings))
-        _claim_loop(
-            engine, run_id, options, settings, summary, project_ids, scoped, matcher, report
-        )
+            children.append(_start_worker(run))
+        _claim_loop(run, report)
         while any(child.poll() is None for child in children):  # the last batches
             time.sleep(0.2)
             report()
@@ -392,10 +304,8 @@ def walk_planned(
         # A worker that died (killed, out of memory) rolled its open batch back to pending:
         # finish what it left here, so the run ends complete if everything else went well.
         summary.workers_lost = failed
-        _claim_loop(
-            engine, run_id, options, settings, summary, project_ids, scoped, matcher, report
-        )
-        with connect(engine) as connection:
+        _claim_loop(run, report)
+        with connect(run.engine) as connection:
             left = len(pending_ranges(connection, run_id))
         if left:
             raise BackfillWorkerError(
@@ -403,7 +313,7 @@ def walk_planned(
                 f"{', '.join(map(str, failed))}) and {left} batches are left; run "
                 "`orch-migrate backfill` again to finish: it carries on with them"
             )
-    _totals(engine, run_id, summary)
+    total_from_ledger(run.engine, run_id, summary)
     report()
 
 
@@ -412,7 +322,7 @@ def _worker(config: dict[str, Any]) -> int:
         migration_lock_timeout_ms=config["lock_timeout_ms"],
         migration_statement_timeout_ms=config["statement_timeout_ms"],
     )
-    options = backfill_module.BackfillOptions(
+    options = BackfillOptions(
         projects=tuple(config["projects"]),
         match_existing=config["match_existing"],
         max_retries=config["max_retries"],
@@ -424,21 +334,19 @@ def _worker(config: dict[str, Any]) -> int:
     )
     try:
         with connect(engine) as connection:
-            projects = projects_by_slug(connection, options.projects)
-        summary = backfill_module.BackfillSummary(
-            config["run_id"], False, sorted(projects.values()), 0
-        )
-        _claim_loop(
+            scope = BackfillScope(
+                projects_by_slug(connection, options.projects), bool(options.projects)
+            )
+        run = BackfillRun(
             engine,
-            config["run_id"],
-            options,
             settings,
-            summary,
-            list(projects),
-            bool(options.projects),
-            backfill_module._matcher(engine, options, projects),
-            parent=config["parent"],
+            options,
+            scope,
+            config["run_id"],
+            BackfillSummary(config["run_id"], False, scope.slugs, 0),
+            matcher=matcher_for(engine, options, scope),
         )
+        _claim_loop(run, parent=config["parent"])
     finally:
         base.dispose()
     return 0

@@ -1,0 +1,264 @@
+"""What a backfill run is made of: its options, the scope it walks, the one frozen object every
+step of the walk is handed (:class:`BackfillRun`), and the figures it reports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, true
+
+from prompt_tool.db.engine import Connectable
+from prompt_tool.db.models import OrchestrationSession, PromptRole
+from prompt_tool.errors import InvalidInputError
+from prompt_tool.migrate.matching import ExistingTemplateMatcher
+from prompt_tool.settings import Settings
+
+__all__ = [
+    "UNREADABLE_NAMED",
+    "BackfillOptions",
+    "BackfillProgress",
+    "BackfillRun",
+    "BackfillScope",
+    "BackfillSummary",
+    "BatchResult",
+    "PlannedBatch",
+    "TextKey",
+    "unreadable_name",
+]
+
+TextKey = tuple[int, str, str]  # (project id, role, sha256 of the legacy text)
+UNREADABLE_NAMED = 10  # unreadable legacy texts a summary names (all are counted)
+_SESSIONS = OrchestrationSession.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillOptions:
+    projects: Sequence[str] = ()
+    batch_size: int = 1000
+    sleep_ms: int = 0
+    limit: int | None = None
+    dry_run: bool = False
+    wait: bool = False
+    # Link to an existing template version that renders the legacy text before importing it.
+    match_existing: bool = False
+    max_retries: int = 5
+    # The batch size adapts so one batch's transaction stays near this (see walk.next_batch_size).
+    target_batch_ms: int = 200
+    # Processes sharing the run (PostgreSQL; SQLite has one writer and uses one): see workers.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InvalidInputError("--workers must be at least 1")
+        if self.batch_size < 1:
+            raise InvalidInputError("--batch-size must be at least 1")
+        if self.sleep_ms < 0 or (self.limit is not None and self.limit < 1):
+            raise InvalidInputError("--sleep-ms must be >= 0 and --limit >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillProgress:
+    done: int
+    total: int
+    batches: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillScope:
+    """The projects a run walks: ``projects`` (id -> slug), every project when not ``scoped``."""
+
+    projects: Mapping[int, str]
+    scoped: bool
+
+    @property
+    def project_ids(self) -> list[int]:
+        return list(self.projects)
+
+    @property
+    def slugs(self) -> list[str]:
+        return sorted(self.projects.values())
+
+    @property
+    def key(self) -> str:
+        """How the ledger names the scope: a run resumes the last run of the same key."""
+        return ",".join(self.slugs) if self.scoped else "*"
+
+    def sessions(self) -> ColumnElement[bool]:
+        """The condition on ``orchestration_sessions`` that keeps the scope's sessions."""
+        return _SESSIONS.c.project_id.in_(self.project_ids) if self.scoped else true()
+
+
+@dataclass
+class BatchResult:
+    """What one batch found and did: the figures its ledger row records."""
+
+    last_id: int
+    sessions: int
+    created: int = 0
+    matched: int = 0
+    relinked: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    templates: int = 0
+    unreadable_rows: list[tuple[int, str]] = field(default_factory=list)  # (session, role)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    """A planned batch (its ledger row) claimed by one worker for one transaction."""
+
+    batch_id: int
+    worker: str
+
+
+def unreadable_name(session_id: int, role: str) -> str:
+    """How a summary names an unreadable legacy text: table, id and column."""
+    return f"{OrchestrationSession.__tablename__} id {session_id} {PromptRole(role).legacy_column}"
+
+
+@dataclass
+class BackfillSummary:
+    run_id: int | None
+    dry_run: bool
+    projects: list[str]
+    key_upper_bound: int
+    resumed_after: int | None = None
+    batches: int = 0
+    sessions_scanned: int = 0
+    references_created: int = 0
+    references_matched: int = 0
+    references_relinked: int = 0
+    references_removed: int = 0
+    references_unchanged: int = 0
+    templates_created: int = 0
+    templates_adopted: int = 0
+    retried: int = 0
+    elapsed_s: float = 0.0
+    workers: int = 1
+    batch_seconds: list[float] = field(default_factory=list, repr=False)
+    # Tables analysed before the walk: the planner had no statistics, or stale ones.
+    statistics_refreshed: list[str] = field(default_factory=list)
+    # Exit codes of --workers processes that died; the run finished their batches itself.
+    workers_lost: list[int] = field(default_factory=list)
+    # Legacy texts that are not valid UTF-8: left as they are, on the legacy path, not linked.
+    unreadable: int = 0
+    unreadable_rows: list[str] = field(default_factory=list)  # the first few, named
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.references_created
+            or self.references_relinked
+            or self.references_removed
+            or self.templates_created
+            or self.templates_adopted
+        )
+
+    def add(self, result: BatchResult) -> None:
+        """Count one batch of this process's walk in."""
+        self.batches += 1
+        self.sessions_scanned += result.sessions
+        self.references_created += result.created
+        self.references_matched += result.matched
+        self.references_relinked += result.relinked
+        self.references_removed += result.removed
+        self.references_unchanged += result.unchanged
+        self.templates_created += result.templates
+        self.note_unreadable(len(result.unreadable_rows), result.unreadable_rows)
+
+    def note_unreadable(self, count: int, rows: Sequence[Sequence[Any]]) -> None:
+        """Add a batch's unreadable legacy texts (the first few by name)."""
+        self.unreadable += count
+        for session_id, role in rows:
+            if len(self.unreadable_rows) < UNREADABLE_NAMED:
+                self.unreadable_rows.append(unreadable_name(int(session_id), str(role)))
+
+    def describe(self) -> str:
+        refreshed = (
+            f"; planner statistics refreshed first ({', '.join(self.statistics_refreshed)})"
+            if self.statistics_refreshed
+            else ""
+        )
+        lost = (
+            f"; {len(self.workers_lost)} of {self.workers} workers ended early (exit "
+            f"{', '.join(map(str, self.workers_lost))}), their batches were finished by this one"
+            if self.workers_lost
+            else ""
+        )
+        return self._describe_changes() + self._describe_unreadable() + refreshed + lost
+
+    def _describe_unreadable(self) -> str:
+        if not self.unreadable:
+            return ""
+        shown = ", ".join(self.unreadable_rows)
+        more = ", ..." if self.unreadable > len(self.unreadable_rows) else ""
+        texts = "legacy text" if self.unreadable == 1 else "legacy texts"
+        return (
+            f"; {self.unreadable:,} {texts} unreadable (not valid UTF-8), left unchanged on "
+            f"the legacy path and not linked: {shown}{more}; fix their bytes and run backfill "
+            "again to link them"
+        )
+
+    def _describe_changes(self) -> str:
+        verb = "would change" if self.dry_run else "changed"
+        if not self.changed:
+            return (
+                f"backfill: nothing to do; {self.sessions_scanned:,} sessions already linked "
+                f"({self.batches} batches, {self.elapsed_s:.1f}s)"
+            )
+        return (
+            f"backfill {verb}: {self.references_created:,} references created"
+            + (
+                f" ({self.references_matched:,} to existing templates)"
+                if self.references_matched
+                else ""
+            )
+            + ", "
+            f"{self.references_relinked:,} re-linked (stale), {self.references_removed:,} removed, "
+            f"{self.templates_created:,} templates imported"
+            + (
+                f" ({self.templates_adopted:,} left by a downgrade taken back)"
+                if self.templates_adopted
+                else ""
+            )
+            + f"; {self.sessions_scanned:,} sessions in "
+            f"{self.batches} batches, {self.retried} retries, {self.elapsed_s:.1f}s"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillRun:
+    """One run as every step of its walk sees it, instead of a dozen threaded parameters.
+
+    Frozen: what changes as the run goes lives in objects of their own, the ``summary`` (its
+    figures) and ``dry_run_seen``. A worker process builds its own from the planning process's
+    configuration.
+    """
+
+    engine: Connectable  # its lock and statement waits bounded by ``settings``
+    settings: Settings
+    options: BackfillOptions
+    scope: BackfillScope
+    run_id: int | None  # None: a dry run, recorded nowhere
+    summary: BackfillSummary
+    after: int = 0  # the walk starts after this key: 0, or a resumed run's last checkpoint
+    upper: int = 0  # and ends at this one, fixed when the run started (newer are dual-written)
+    total: int = 0  # sessions to walk, what progress is shown against
+    started: float = field(default_factory=time.monotonic)
+    progress: Callable[[BackfillProgress], None] | None = None
+    matcher: ExistingTemplateMatcher | None = None
+    # The pending ranges of an interrupted planned run (--workers), carried on by this one.
+    carried: tuple[tuple[int, int], ...] = ()
+    # Texts a dry run counted as imports: later batches see them missing again, count them once.
+    dry_run_seen: set[TextKey] = field(default_factory=set)
+
+    def report(self, done: int, batches: int) -> None:
+        """Tell the progress callback, if any, how far the run is."""
+        if self.progress is not None:
+            self.progress(
+                BackfillProgress(done, self.total, batches, time.monotonic() - self.started)
+            )
