@@ -48,6 +48,7 @@ from prompt_tool.migrate.retract import (
     count_kept_rows,
     remove_derived_rows,
     remove_kept_rows,
+    remove_rows_written_since,
     require_archive_or_discard,
     require_nothing_new,
     write_archive,
@@ -348,6 +349,9 @@ def downgrade() -> None:
             config.attributes["retraction"] = retraction
     # Children before parents, as writers lock them: the new tables, then the legacy ones.
     lock_in_order([*EXPAND_TABLES, *reversed(LEGACY_TABLES)])
+    if retraction is not None:
+        with refusals_for_alembic():
+            remove_rows_written_since(op.get_bind(), retraction)
     for table in EXPAND_TABLES:
         op.drop_table(table, if_exists=True)
     for name, table, *_ in reversed(EXPAND_INDEXES):

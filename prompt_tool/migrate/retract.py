@@ -52,6 +52,7 @@ __all__ = [
     "count_kept_rows",
     "remove_derived_rows",
     "remove_kept_rows",
+    "remove_rows_written_since",
     "require_archive_or_discard",
     "require_nothing_new",
     "write_archive",
@@ -228,7 +229,13 @@ def require_nothing_new(connection: Connection, retraction: Retraction) -> None:
     if retraction.discarded:
         return
     now = count_kept_rows(connection)
-    newer = {table: rows - retraction.archived.get(table, 0) for table, rows in now.items()}
+    _refuse_newer(
+        {table: rows - retraction.archived.get(table, 0) for table, rows in now.items()},
+        retraction,
+    )
+
+
+def _refuse_newer(newer: Mapping[str, int], retraction: Retraction) -> None:
     if any(rows > 0 for rows in newer.values()):
         raise ArchiveOutdatedError(
             f"downgrade stopped, the schema is unchanged at 0002: {_describe(newer)} were "
@@ -379,3 +386,19 @@ def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
         rows = int(connection.execute(text(f"SELECT count(*) FROM {table}")).one()[0])
         if rows:
             stats.dropped[table] = rows
+
+
+def remove_rows_written_since(connection: Connection, stats: Retraction) -> None:
+    """In the last transaction, once it holds its ACCESS EXCLUSIVE locks: take back the rows
+    committed after :func:`remove_kept_rows` read the tables and before the locks were granted.
+
+    Its DELETEs see only what was committed when each began, and they lock no table against
+    writers; a backfill batch (or a template a person created) committing in between, whose
+    transaction the LOCK then waits for, would otherwise stay in the legacy tables as a stray
+    legacy prompt. Nobody can write now, so after this pass nothing of the new system is left.
+    Every row this transaction saw is gone, so whatever a person made that is found now is
+    newer than the archive: refused, as :func:`require_nothing_new` refuses it.
+    """
+    if not stats.discarded:
+        _refuse_newer(count_kept_rows(connection), stats)
+    remove_kept_rows(connection, stats)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ from sqlalchemy import Engine, text
 
 from prompt_tool.cli.orch_migrate import app as orch_migrate
 from prompt_tool.cli.prompt_tool import app as prompt_tool_app
-from prompt_tool.db import schema
+from prompt_tool.db import online_ddl, schema
 from prompt_tool.errors import MigrationRefusedError, SchemaError
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.fingerprint import changed_tables, fingerprint_connection
 from prompt_tool.migrate.restore import restore
-from prompt_tool.migrate.retract import UserDataWouldBeLostError
+from prompt_tool.migrate.retract import ArchiveOutdatedError, UserDataWouldBeLostError
 from prompt_tool.migrate.verify import verify
 from prompt_tool.settings import get_settings
 from tests.cli_run import run_cli
@@ -338,6 +339,74 @@ def test_a_downgrade_beside_a_running_backfill_ends_consistent(
         engine.dispose()
         outcome = schema.downgrade(url)
     assert _revision(url) == "0001", outcome
+    assert changed_tables(before, _fingerprint(url)) == []
+
+
+def _written_just_before_the_locks(
+    monkeypatch: pytest.MonkeyPatch, write: Callable[[], object]
+) -> None:
+    """Run ``write`` (it commits on its own connections) once the downgrade's last transaction
+    has removed the new system's rows and before it takes its table locks: a commit there is
+    what the LOCK waits for, and what that transaction's DELETEs never saw."""
+    lock_in_order = online_ddl.lock_in_order
+
+    def write_then_lock(tables: Any) -> None:
+        write()
+        lock_in_order(tables)
+
+    monkeypatch.setattr(online_ddl, "lock_in_order", write_then_lock)
+
+
+def test_a_backfill_batch_committed_just_before_the_downgrade_locks_is_taken_back(
+    at_0001: tuple[str, Any], engine_for: Any, dialect: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("SQLite has one writer: nothing commits inside the downgrade")
+    url, before = at_0001
+    schema.upgrade(url)
+    batches: list[Any] = []
+    _written_just_before_the_locks(
+        monkeypatch,
+        lambda: batches.append(backfill(engine_for(url), BackfillOptions(batch_size=20, limit=20))),
+    )
+
+    state = schema.downgrade(url)
+
+    assert batches[0].templates_created > 0
+    assert state.current == "0001"
+    assert state.removed["prompts"] == batches[0].templates_created
+    assert changed_tables(before, _fingerprint(url)) == []
+    assert schema.check(url).consistent
+
+
+def test_a_template_created_just_before_the_downgrade_locks_refuses_it(
+    at_0001: tuple[str, Any], dialect: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("SQLite has one writer: nothing commits inside the downgrade")
+    url, before = at_0001
+    schema.upgrade(url)
+    (tmp_path / "v1.j2").write_text("Plan {{ goal }}.")
+    code, out, err = _cli(prompt_tool_app, "roles", "grant", "ops", "admin", "--global",
+                          "--as", "ops", "--db", url)  # fmt: skip
+    assert code == 0, out + err
+    created: list[tuple[int, str, str]] = []
+    _written_just_before_the_locks(
+        monkeypatch,
+        lambda: created.append(
+            _cli(prompt_tool_app, "templates", "create", "planner", "--project", "project-1",
+                 "--file", str(tmp_path / "v1.j2"), "--as", "ops", "--db", url)
+        ),
+    )  # fmt: skip
+
+    with pytest.raises(ArchiveOutdatedError, match=r"1 template, .* were written while it ran"):
+        schema.downgrade(url)
+
+    assert created[0][0] == 0, created
+    assert _revision(url) == "0002"
+    assert schema.check(url).consistent
+    monkeypatch.undo()
+    assert schema.downgrade(url, discard_user_templates=True).current == "0001"
     assert changed_tables(before, _fingerprint(url)) == []
 
 
