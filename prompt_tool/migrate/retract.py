@@ -52,8 +52,9 @@ __all__ = [
     "count_kept_rows",
     "remove_derived_rows",
     "remove_kept_rows",
-    "remove_rows_written_since",
+    "remove_template_rows_written_since",
     "require_archive_or_discard",
+    "require_no_work_since",
     "require_nothing_new",
     "write_archive",
 ]
@@ -151,6 +152,8 @@ class Retraction:
     # took its ACCESS EXCLUSIVE locks (held to the commit), by time.perf_counter().
     last_transaction_started: float | None = None
     exclusive_started: float | None = None
+    # The highest id of each _ID_WATCHED table when the last transaction began.
+    seen_ids: dict[str, int] = field(default_factory=dict)
 
     def add(self, table: str, rows: int) -> None:
         self.removed[table] = self.removed.get(table, 0) + rows
@@ -226,6 +229,9 @@ def require_nothing_new(connection: Connection, retraction: Retraction) -> None:
     """In the last transaction: nothing a person made was written since the downgrade began
     (after its archive was taken, or after it found nothing to archive)."""
     retraction.last_transaction_started = time.perf_counter()
+    for table in _ID_WATCHED:
+        seen = connection.execute(text(f"SELECT max(id) FROM {table}")).scalar()
+        retraction.seen_ids[table] = int(seen or 0)
     if retraction.discarded:
         return
     now = count_kept_rows(connection)
@@ -358,6 +364,28 @@ def remove_derived_rows(
         stats.add("prompts", _retried(templates, stats))
 
 
+# The template rows of the legacy tables, children first.
+_LEGACY_TEMPLATE_DELETES: Final = (
+    (
+        "ab_test_variants",
+        "DELETE FROM ab_test_variants WHERE ab_test_id IN (SELECT id FROM ab_tests"
+        f" WHERE prompt_id IN ({_TEMPLATE_PROMPTS})) OR prompt_version_id IN"
+        f" (SELECT id FROM prompt_versions WHERE prompt_id IN ({_TEMPLATE_PROMPTS}))",
+    ),
+    ("ab_tests", f"DELETE FROM ab_tests WHERE prompt_id IN ({_TEMPLATE_PROMPTS})"),
+    ("prompt_versions", f"DELETE FROM prompt_versions WHERE prompt_id IN ({_TEMPLATE_PROMPTS})"),
+    ("prompts", "DELETE FROM prompts WHERE prompt_type = 'orchestration_template'"),
+)
+# Rows a person's work always adds, in tables with increasing ids (see require_no_work_since):
+# a template (one with audit events: an imported one has none), any audit event, an A/B test.
+_ID_WATCHED: Final[Mapping[str, str]] = {
+    "prompts": "prompt_type = 'orchestration_template' AND EXISTS"
+    " (SELECT 1 FROM template_events e WHERE e.prompt_id = prompts.id)",
+    "template_events": "true",
+    "ab_tests": "true",
+}
+
+
 def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
     """In the downgrade's last transaction: every remaining row of the new tables that points
     into the legacy ones, then every template row of the legacy tables (what a person made,
@@ -367,18 +395,7 @@ def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
         ("template_events", "DELETE FROM template_events"),
         ("session_prompt_refs", "DELETE FROM session_prompt_refs"),
         ("ab_assignments", "DELETE FROM ab_assignments"),
-        (
-            "ab_test_variants",
-            "DELETE FROM ab_test_variants WHERE ab_test_id IN (SELECT id FROM ab_tests"
-            f" WHERE prompt_id IN ({_TEMPLATE_PROMPTS})) OR prompt_version_id IN"
-            f" (SELECT id FROM prompt_versions WHERE prompt_id IN ({_TEMPLATE_PROMPTS}))",
-        ),
-        ("ab_tests", f"DELETE FROM ab_tests WHERE prompt_id IN ({_TEMPLATE_PROMPTS})"),
-        (
-            "prompt_versions",
-            f"DELETE FROM prompt_versions WHERE prompt_id IN ({_TEMPLATE_PROMPTS})",
-        ),
-        ("prompts", "DELETE FROM prompts WHERE prompt_type = 'orchestration_template'"),
+        *_LEGACY_TEMPLATE_DELETES,
     )
     for table, statement in statements:
         stats.add(table, connection.execute(text(statement)).rowcount)
@@ -388,17 +405,37 @@ def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
             stats.dropped[table] = rows
 
 
-def remove_rows_written_since(connection: Connection, stats: Retraction) -> None:
-    """In the last transaction, once it holds its ACCESS EXCLUSIVE locks: take back the rows
-    committed after :func:`remove_kept_rows` read the tables and before the locks were granted.
+def require_no_work_since(connection: Connection, stats: Retraction) -> None:
+    """In the last transaction, once it holds its ACCESS EXCLUSIVE locks: refuse what a person
+    did after :func:`require_nothing_new` counted (its count and the DELETEs that follow see
+    only what was committed when each began, and lock no writer out).
 
-    Its DELETEs see only what was committed when each began, and they lock no table against
-    writers; a backfill batch (or a template a person created) committing in between, whose
-    transaction the LOCK then waits for, would otherwise stay in the legacy tables as a stray
-    legacy prompt. Nobody can write now, so after this pass nothing of the new system is left.
-    Every row this transaction saw is gone, so whatever a person made that is found now is
-    newer than the archive: refused, as :func:`require_nothing_new` refuses it.
+    Every change a person makes to a template writes an audit event, and a template or an A/B
+    test is a row of its own: all have increasing ids, so the rows past the highest id seen
+    then are read from an index, however big the tables (a full recount here held the locks
+    eight times longer).
     """
-    if not stats.discarded:
-        _refuse_newer(count_kept_rows(connection), stats)
-    remove_kept_rows(connection, stats)
+    if stats.discarded:
+        return
+    _refuse_newer(
+        {
+            table: int(
+                connection.execute(
+                    text(f"SELECT count(*) FROM {table} WHERE id > :seen AND {condition}"),
+                    {"seen": stats.seen_ids.get(table, 0)},
+                ).one()[0]
+            )
+            for table, condition in _ID_WATCHED.items()
+        },
+        stats,
+    )
+
+
+def remove_template_rows_written_since(connection: Connection, stats: Retraction) -> None:
+    """In the last transaction, once the new tables are dropped: take back the template rows of
+    the legacy tables committed after :func:`remove_kept_rows` read them (a backfill batch
+    running beside the downgrade commits its imported templates there; left, they would stay
+    as stray legacy prompts). The legacy tables hold few template rows, and nothing else can
+    write now: this is the pass that sees everything."""
+    for table, statement in _LEGACY_TEMPLATE_DELETES:
+        stats.add(table, connection.execute(text(statement)).rowcount)
