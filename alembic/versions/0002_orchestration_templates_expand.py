@@ -48,7 +48,7 @@ from prompt_tool.migrate.retract import (
     count_kept_rows,
     remove_derived_rows,
     remove_kept_rows,
-    remove_template_rows_written_since,
+    remove_template_rows,
     require_archive_or_discard,
     require_no_work_since,
     require_nothing_new,
@@ -350,16 +350,16 @@ def downgrade() -> None:
             config.attributes["retraction"] = retraction
     # Children before parents, as writers lock them: the new tables, then the legacy ones.
     lock_in_order([*EXPAND_TABLES, *reversed(LEGACY_TABLES)])
-    # Nobody else can write now. What was committed after the DELETEs above began (they saw
-    # only what was committed before) is refused if a person made it, else taken back once the
-    # new tables, whose rows point at it, are gone.
+    # Nobody else can write now. What a person did after the last transaction began is refused;
+    # the template rows of the legacy tables go once the new tables, whose rows point at them,
+    # are dropped.
     if retraction is not None:
         with refusals_for_alembic():
             require_no_work_since(op.get_bind(), retraction)
     for table in EXPAND_TABLES:
         op.drop_table(table, if_exists=True)
     if retraction is not None:
-        remove_template_rows_written_since(op.get_bind(), retraction)
+        remove_template_rows(op.get_bind(), retraction)
     for name, table, *_ in reversed(EXPAND_INDEXES):
         drop_index_in_transaction(name, table)
     drop_check("ck_prompts_scope", "prompts")

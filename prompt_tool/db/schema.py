@@ -477,7 +477,9 @@ def _raise_database_error(url: str, action: str, error: DBAPIError) -> None:
             f"it.{_PARTLY_UNDONE} Run it again when that transaction ends, or raise "
             "PROMPT_TOOL_LOCK_TIMEOUT_MS"
         ) from None
-    if sqlstate == "40P01":  # deadlock_detected: a concurrent writer (a backfill) in the way
+    # deadlock_detected, or foreign_key_violation: a row a concurrent writer (a backfill)
+    # committed points at one the downgrade removes.
+    if sqlstate in ("40P01", "23503"):
         raise SchemaError(
             f"{action} met a concurrent writer ({first_line}).{_PARTLY_UNDONE} Stop running "
             "backfills and run it again"

@@ -52,7 +52,7 @@ __all__ = [
     "count_kept_rows",
     "remove_derived_rows",
     "remove_kept_rows",
-    "remove_template_rows_written_since",
+    "remove_template_rows",
     "require_archive_or_discard",
     "require_no_work_since",
     "require_nothing_new",
@@ -387,15 +387,15 @@ _ID_WATCHED: Final[Mapping[str, str]] = {
 
 
 def remove_kept_rows(connection: Connection, stats: Retraction) -> None:
-    """In the downgrade's last transaction: every remaining row of the new tables that points
-    into the legacy ones, then every template row of the legacy tables (what a person made,
-    archived or discarded by then, and anything imported since the batches ran)."""
+    """In the downgrade's last transaction, before its locks: every remaining row of the new
+    tables that points into the legacy ones (what a person made, archived or discarded by then).
+    The template rows of the legacy tables wait for :func:`remove_template_rows`: a writer may
+    still commit a row of a new table pointing at one of them until the locks are held."""
     statements = (
         ("template_labels", "DELETE FROM template_labels"),
         ("template_events", "DELETE FROM template_events"),
         ("session_prompt_refs", "DELETE FROM session_prompt_refs"),
         ("ab_assignments", "DELETE FROM ab_assignments"),
-        *_LEGACY_TEMPLATE_DELETES,
     )
     for table, statement in statements:
         stats.add(table, connection.execute(text(statement)).rowcount)
@@ -431,11 +431,12 @@ def require_no_work_since(connection: Connection, stats: Retraction) -> None:
     )
 
 
-def remove_template_rows_written_since(connection: Connection, stats: Retraction) -> None:
-    """In the last transaction, once the new tables are dropped: take back the template rows of
-    the legacy tables committed after :func:`remove_kept_rows` read them (a backfill batch
-    running beside the downgrade commits its imported templates there; left, they would stay
-    as stray legacy prompts). The legacy tables hold few template rows, and nothing else can
-    write now: this is the pass that sees everything."""
+def remove_template_rows(connection: Connection, stats: Retraction) -> None:
+    """In the last transaction, under its locks and once the new tables are dropped: every
+    template row of the legacy tables (what a person made, archived or discarded by then, and
+    what was imported since the batches ran). Nothing else can write now, so this pass sees
+    everything: a DELETE before the locks missed a backfill batch committed after it began,
+    whose imported templates stayed as stray legacy prompts, and a link that batch committed
+    to one of them made deleting it fail. The legacy tables hold few template rows by now."""
     for table, statement in _LEGACY_TEMPLATE_DELETES:
         stats.add(table, connection.execute(text(statement)).rowcount)
