@@ -56,7 +56,7 @@ from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.revisions import EXPAND
 from prompt_tool.errors import InvalidInputError, NotFoundError
 from prompt_tool.templates import Action, TemplateAddress, find_template
-from prompt_tool.templates.permissions import check_template_access
+from prompt_tool.templates.permissions import check_access as check_template_access
 
 __all__ = [
     "create_ab_test",
@@ -122,15 +122,7 @@ def _address_of(session: Session, prompt: Prompt) -> TemplateAddress:
 def check_access(session: Session, actor: str, action: Action, prompt: Prompt) -> TemplateAddress:
     """Raise :class:`PermissionDenied` unless ``actor`` may ``action`` the template."""
     address = _address_of(session, prompt)
-    check_template_access(
-        session,
-        actor,
-        action,
-        what=address.describe(),
-        scope=address.scope,
-        project=session.get(Project, prompt.project_id) if prompt.project_id else None,
-        owner=prompt.owner,
-    )
+    check_template_access(session, actor, action, address)
     return address
 
 

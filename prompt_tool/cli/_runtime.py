@@ -31,9 +31,9 @@ from prompt_tool import __version__
 from prompt_tool.core.errors import TemplateRenderError
 from prompt_tool.core.variables import check_text_value, read_variables_file
 from prompt_tool.db.dialect import write_refusal
+from prompt_tool.db.engine import connected
 from prompt_tool.db.url import resolve_url
 from prompt_tool.errors import ConfigurationError, InvalidInputError, PromptToolError
-from prompt_tool.flags.store import connected
 from prompt_tool.settings import get_settings
 
 __all__ = [

@@ -59,14 +59,11 @@ class CompiledCache(Generic[T]):
         self._misses = 0
 
     def get(self, key: str) -> T | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is None:
+        value = self.find(key)
+        if value is None:
+            with self._lock:
                 self._misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self._hits += 1
-            return value
+        return value
 
     def find(self, key: str) -> T | None:
         """Like :meth:`get`, but a miss is not counted: the caller may have no use for the

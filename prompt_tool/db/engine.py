@@ -21,6 +21,7 @@ __all__ = [
     "bounded_waits",
     "check_connection",
     "connect",
+    "connected",
     "make_engine",
     "make_session_factory",
     "session_scope",
@@ -57,6 +58,20 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # line instead of failing later, somewhere, on text psycopg hands back as bytes.
         event.listen(engine, "connect", _prepare_postgresql, insert=True)
     return engine
+
+
+@contextmanager
+def connected(db: Engine | str) -> Iterator[Engine]:
+    """``db`` as an Engine: an Engine as it is (never disposed here), or a URL's engine made for
+    the block and disposed after it, whatever the block raised."""
+    if isinstance(db, Engine):
+        yield db
+        return
+    engine = make_engine(db)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def transactional_ddl(engine: Engine) -> Engine:

@@ -43,6 +43,7 @@ from openfeature.provider import FeatureProvider
 from openfeature.provider.no_op_provider import NoOpProvider
 from sqlalchemy import Engine
 
+from prompt_tool.db.engine import connected
 from prompt_tool.errors import ConfigurationError
 from prompt_tool.flags import config
 from prompt_tool.flags.provider import (
@@ -52,7 +53,7 @@ from prompt_tool.flags.provider import (
     DatabaseFlagProvider,
     GuardedProvider,
 )
-from prompt_tool.flags.store import Database, connected, list_flags, project_ids, read_states
+from prompt_tool.flags.store import Database, list_flags, project_ids, read_states
 from prompt_tool.flags.types import (
     BUILTIN_DEFAULT,
     DEFAULT_SHADOW_SAMPLE_RATE,

@@ -11,8 +11,6 @@ in-process flag cache learns at once that its snapshot is out of date.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from prompt_tool.db.dialect import database_key
-from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
+from prompt_tool.db.engine import connected, make_session_factory, session_scope
 from prompt_tool.db.models import FeatureFlagEvent, FeatureFlagState, Project
 from prompt_tool.db.projects import get_project, list_projects
 from prompt_tool.db.revision_guard import require_known_revision
@@ -45,7 +43,6 @@ __all__ = [
     "Database",
     "Snapshot",
     "StoredRow",
-    "connected",
     "database_key",
     "flag_history",
     "generation",
@@ -58,18 +55,6 @@ __all__ = [
 
 Database = Engine | str
 """An engine, or a URL for a one-off call (the engine is made and disposed of here)."""
-
-
-@contextmanager
-def connected(db: Database) -> Iterator[Engine]:
-    if isinstance(db, Engine):
-        yield db
-        return
-    engine = make_engine(db)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 # --- invalidation ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ refused before anything is written, with a one-line
 
 from __future__ import annotations
 
+from prompt_tool.db.engine import connected
 from prompt_tool.flags.config import check_writes_reach_readers
-from prompt_tool.flags.store import Database, connected, write_change
+from prompt_tool.flags.store import Database, write_change
 from prompt_tool.flags.types import FLAG_KEY, FlagChange, Guard
 
 __all__ = ["set_default", "set_variant", "unset_default", "unset_variant"]

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-# An Engine as it is, a URL's engine made for the call and disposed after it, whatever it raised.
-from prompt_tool.flags.store import connected
+from prompt_tool.db.engine import connected
 from prompt_tool.migrate.archive import ProgressCallback
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, BackfillSummary
 from prompt_tool.migrate.backfill import backfill as backfill_sessions

@@ -229,11 +229,11 @@ def require_nothing_new(connection: Connection, retraction: Retraction) -> None:
     """In the last transaction: nothing a person made was written since the downgrade began
     (after its archive was taken, or after it found nothing to archive)."""
     retraction.last_transaction_started = time.perf_counter()
+    if retraction.discarded:
+        return
     for table in _ID_WATCHED:
         seen = connection.execute(text(f"SELECT max(id) FROM {table}")).scalar()
         retraction.seen_ids[table] = int(seen or 0)
-    if retraction.discarded:
-        return
     now = count_kept_rows(connection)
     _refuse_newer(
         {table: rows - retraction.archived.get(table, 0) for table, rows in now.items()},
