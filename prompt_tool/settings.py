@@ -13,7 +13,13 @@ from functools import lru_cache
 
 from prompt_tool.errors import ConfigurationError
 
-__all__ = ["DEFAULT_DATABASE_URL", "RENDER_LIMIT_FIELDS", "Settings", "get_settings"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "RENDER_LIMIT_FIELDS",
+    "HealthLimits",
+    "Settings",
+    "get_settings",
+]
 
 DEFAULT_DATABASE_URL = "sqlite:///prompt_tool.db"
 
@@ -96,6 +102,50 @@ def _render_limits(env: Mapping[str, str]) -> dict[str, int]:
     return limits
 
 
+def _optional_limit(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """A limit that ``off`` (or ``none``) turns off."""
+    raw = env.get(name, "").strip().lower()
+    if raw in {"off", "none"}:
+        return None
+    return default if not raw else _int(env, name, 0)
+
+
+def _health_limits(env: Mapping[str, str]) -> HealthLimits:
+    base = HealthLimits()
+    return HealthLimits(
+        replica_lag_ms=_optional_limit(
+            env, "PROMPT_TOOL_BACKFILL_MAX_REPLICA_LAG_MS", base.replica_lag_ms
+        ),
+        wal_bytes_per_s=_optional_limit(
+            env, "PROMPT_TOOL_BACKFILL_MAX_WAL_BYTES_PER_S", base.wal_bytes_per_s
+        ),
+        autovacuum=_flag(env, "PROMPT_TOOL_BACKFILL_PAUSE_ON_AUTOVACUUM", base.autovacuum),
+        blocked_sessions=_optional_limit(
+            env, "PROMPT_TOOL_BACKFILL_MAX_BLOCKED_SESSIONS", base.blocked_sessions
+        ),
+        transaction_age_s=_optional_limit(
+            env, "PROMPT_TOOL_BACKFILL_MAX_TRANSACTION_AGE_S", base.transaction_age_s
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthLimits:
+    """When a backfill waits (see migrate/backfill/health.py): a signal past its limit holds the
+    run until it is back under. ``None`` turns that signal off."""
+
+    # Replay lag of the most lagging replica (pg_stat_replication; no replica reads as healthy).
+    replica_lag_ms: int | None = 1_500
+    # WAL the server writes per second, measured between two readings (pg_current_wal_lsn).
+    wal_bytes_per_s: int | None = 64 * 1024 * 1024
+    # An (auto)vacuum running on a table the run writes (pg_stat_progress_vacuum).
+    autovacuum: bool = True
+    # Sessions waiting on a lock the run holds (pg_blocking_pids): more than this holds it.
+    blocked_sessions: int | None = 0
+    # The oldest open transaction on the server, in seconds (it keeps dead rows from vacuum).
+    transaction_age_s: int | None = 3_600
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Process-wide configuration. Build with :meth:`from_env`; override with :meth:`with_`."""
@@ -105,6 +155,7 @@ class Settings:
     # waits longer than this for a lock gives up instead of queueing every writer behind it.
     migration_lock_timeout_ms: int = 5_000
     migration_statement_timeout_ms: int = 60_000
+    backfill_health: HealthLimits = field(default_factory=HealthLimits)
     redis_url: str | None = None
     templates_enabled: bool = True
     template_max_source_bytes: int = 64 * 1024
@@ -143,6 +194,7 @@ class Settings:
             database_url=env.get("PROMPT_TOOL_DATABASE_URL") or DEFAULT_DATABASE_URL,
             migration_lock_timeout_ms=_int(env, "PROMPT_TOOL_LOCK_TIMEOUT_MS", 5_000),
             migration_statement_timeout_ms=_int(env, "PROMPT_TOOL_STATEMENT_TIMEOUT_MS", 60_000),
+            backfill_health=_health_limits(env),
             redis_url=env.get("PROMPT_TOOL_REDIS_URL") or None,
             templates_enabled=_flag(env, "PROMPT_TOOL_TEMPLATES_ENABLED", True),
             template_max_source_bytes=_int(env, "PROMPT_TOOL_TEMPLATE_MAX_SOURCE_BYTES", 64 * 1024),

@@ -14,7 +14,7 @@ from prompt_tool.db.engine import Connectable
 from prompt_tool.db.models import OrchestrationSession, PromptRole
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
-from prompt_tool.settings import Settings
+from prompt_tool.settings import HealthLimits, Settings
 
 __all__ = [
     "UNREADABLE_NAMED",
@@ -25,6 +25,7 @@ __all__ = [
     "BackfillSummary",
     "BatchResult",
     "PlannedBatch",
+    "RunWindow",
     "TextKey",
     "unreadable_name",
 ]
@@ -49,6 +50,21 @@ class BackfillOptions:
     target_batch_ms: int = 200
     # Processes sharing the run (PostgreSQL; SQLite has one writer and uses one): see workers.
     workers: int = 1
+    # The steered batch size never goes below this (nor above batch_size): see steering.
+    min_batch_size: int = 50
+    # Health signals (see health): limits (None: settings.backfill_health); all off when False.
+    health: HealthLimits | None = None
+    health_checks: bool = True
+    # SQL returning true while the run should wait (the operator's own signal).
+    throttle_query: str | None = None
+    # The hours the run may work, local time, e.g. "22:00-06:00"; outside them it waits.
+    window: RunWindow | None = None
+    # Rows that cannot be imported are quarantined; past this many the run stops.
+    max_errors: int = 100
+    # Walk only the quarantined sessions of the scope, again.
+    retry_quarantined: bool = False
+    # Prometheus text file, rewritten atomically every few seconds (node_exporter textfile).
+    metrics_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -57,6 +73,60 @@ class BackfillOptions:
             raise InvalidInputError("--batch-size must be at least 1")
         if self.sleep_ms < 0 or (self.limit is not None and self.limit < 1):
             raise InvalidInputError("--sleep-ms must be >= 0 and --limit >= 1")
+        if self.target_batch_ms < 1 or self.min_batch_size < 1 or self.max_errors < 0:
+            raise InvalidInputError(
+                "--target-ms and --min-batch-size must be at least 1, --max-errors at least 0"
+            )
+
+    @property
+    def smallest_batch(self) -> int:
+        """The lower bound of the steered batch size (never above --batch-size)."""
+        return min(self.min_batch_size, self.batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class RunWindow:
+    """The hours of the day (local time) a run may work: ``22:00-06:00`` spans midnight."""
+
+    start_minute: int
+    end_minute: int
+
+    @classmethod
+    def parse(cls, text: str) -> RunWindow:
+        """``HH:MM-HH:MM``; anything else is refused in one line."""
+        try:
+            start, end = (part.strip() for part in text.split("-"))
+            minutes = [_minute_of_day(start), _minute_of_day(end)]
+        except ValueError:
+            raise InvalidInputError(
+                f"--window {text!r} is not HH:MM-HH:MM (local time, e.g. 22:00-06:00)"
+            ) from None
+        if minutes[0] == minutes[1]:
+            raise InvalidInputError(
+                f"--window {text!r} is empty: its start and end are the same time"
+            )
+        return cls(minutes[0], minutes[1])
+
+    def contains(self, minute_of_day: int) -> bool:
+        if self.start_minute < self.end_minute:
+            return self.start_minute <= minute_of_day < self.end_minute
+        return minute_of_day >= self.start_minute or minute_of_day < self.end_minute
+
+    def __str__(self) -> str:
+        return f"{_clock(self.start_minute)}-{_clock(self.end_minute)}"
+
+
+def _minute_of_day(clock: str) -> int:
+    hours, minutes = clock.split(":")
+    if not (hours.isdigit() and minutes.isdigit() and len(minutes) == 2):
+        raise ValueError(clock)
+    if int(hours) > 23 or int(minutes) > 59:
+        raise ValueError(clock)
+    return int(hours) * 60 + int(minutes)
+
+
+def _clock(minute_of_day: int) -> str:
+    return f"{minute_of_day // 60:02d}:{minute_of_day % 60:02d}"
 
 
 @dataclass(frozen=True, slots=True)
