@@ -35,6 +35,7 @@ def test_wheel_ships_the_schema_history(wheel: Path) -> None:
     assert "prompt_tool/_alembic/env.py" in names
     assert "prompt_tool/_alembic/versions/0001_legacy_schema.py" in names
     assert "prompt_tool/_alembic/versions/0002_orchestration_templates_expand.py" in names
+    assert "prompt_tool/_alembic/versions/0003_backfill_quarantine.py" in names
     assert "prompt_tool/_alembic/alembic.ini" in names
 
 
@@ -166,7 +167,7 @@ def test_installed_wheel_upgrades_a_database_outside_any_checkout(
         text=True,
         check=True,
     )
-    assert "at 0002" in current.stdout
+    assert "at 0003" in current.stdout
 
     # The plain alembic CLI, with the ini the wheel ships beside the scripts.
     ini = subprocess.run(
@@ -196,3 +197,4 @@ def test_installed_wheel_upgrades_a_database_outside_any_checkout(
     )
     assert plain.returncode == 0, plain.stderr
     assert "Running upgrade 0001 -> 0002" in plain.stderr
+    assert "Running upgrade 0002 -> 0003" in plain.stderr

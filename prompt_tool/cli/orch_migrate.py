@@ -21,7 +21,7 @@ from prompt_tool.cli._runtime import (
     write_out,
 )
 from prompt_tool.cli.flag_commands import flag_app
-from prompt_tool.cli.migrate_commands import backfill_command, verify_command
+from prompt_tool.cli.migrate_commands import backfill_app, verify_command
 from prompt_tool.cli.readiness_commands import rehearse_command, status_command
 from prompt_tool.cli.transfer_commands import export_command, restore_command
 from prompt_tool.db import schema
@@ -44,7 +44,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(flag_app, name="flag")
 app.command("export")(export_command)
 app.command("restore")(restore_command)
-app.command("backfill")(backfill_command)
+app.add_typer(backfill_app, name="backfill")
 app.command("verify")(verify_command)
 app.command("status")(status_command)
 app.command("rehearse")(rehearse_command)

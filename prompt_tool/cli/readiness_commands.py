@@ -23,6 +23,7 @@ from rich.text import Text
 
 from prompt_tool.ab_testing import LegacyABTest
 from prompt_tool.cli._runtime import DbOption, JsonOption, emit, fail, opened_engine, table
+from prompt_tool.cli.run_view import REFRESH_S, backfills_table, watch
 from prompt_tool.db.url import resolve_url
 from prompt_tool.flags.config import require_flagd_file
 from prompt_tool.migrate import (
@@ -32,6 +33,7 @@ from prompt_tool.migrate import (
     StatusReport,
     commands,
 )
+from prompt_tool.migrate.backfill.observe import check_metrics_path, write_metrics
 from prompt_tool.migrate.rehearse import LOCK_TIMEOUT, STATEMENT_TIMEOUT
 from prompt_tool.migrate.status import LastRun
 
@@ -75,6 +77,7 @@ def _render_status(report: StatusReport) -> Any:
         return Text(f"{report.database} at revision {at}{behind}")
     # Shown only where there is any: text that is not valid UTF-8 (SQLite) is rare.
     unreadable = any(p.unreadable for p in report.projects)
+    quarantined = any(p.quarantined for p in report.projects)
     rows = [
         (
             p.project,
@@ -83,6 +86,7 @@ def _render_status(report: StatusReport) -> Any:
             p.unmigrated,
             p.stale,
             *((p.unreadable,) if unreadable else ()),
+            *((p.quarantined,) if quarantined else ()),
             f"{p.flag} ({p.flag_source})",
             _run(p.last_export),
             _run(p.last_backfill),
@@ -102,6 +106,11 @@ def _render_status(report: StatusReport) -> Any:
             style="" if p.readiness.ready else "yellow",
         )
         for p in report.projects
+    ]
+    lines += [
+        Text(f"{p.project}: quarantined {reason}", style="yellow")
+        for p in report.projects
+        for reason in p.quarantine_reasons
     ]
     lines += [Text(line, style="yellow") for line in _legacy_ab_notice(report.legacy_ab_tests)]
     runs = []
@@ -124,6 +133,8 @@ def _render_status(report: StatusReport) -> Any:
                 ],
             )
         )
+    if report.backfills:
+        runs.append(backfills_table(report.backfills))
     return Group(
         Text(f"{report.database} at revision {at}{behind}"),
         table(
@@ -135,6 +146,7 @@ def _render_status(report: StatusReport) -> Any:
                 "unmigrated",
                 "stale",
                 *(("unreadable",) if unreadable else ()),
+                *(("quarantined",) if quarantined else ()),
                 "flag",
                 "last export",
                 "last backfill",
@@ -155,12 +167,41 @@ def status_command(
     ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    watch_runs: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Follow the running and latest backfills (done/total, rows/s, ETA range, batch "
+            "size, why a run waits, lock hold, errors) until Ctrl-C: a live table on a terminal, "
+            "a line per refresh through a pipe, a JSON object per line with --json.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, metavar="SECONDS", help="--watch refresh.")
+    ] = REFRESH_S,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-file",
+            metavar="PATH",
+            help="Write the backfills' figures to PATH in the Prometheus text format (for "
+            "node_exporter's textfile collector), atomically, at every refresh.",
+        ),
+    ] = None,
 ) -> None:
     """Where the move stands per project (sessions migrated, flag, last runs) and whether each
     may be switched to templates."""
+    if metrics_file is not None:
+        check_metrics_path(metrics_file)
+    if watch_runs:
+        with opened_engine(db) as engine:
+            watch(engine, interval_s=interval, as_json=as_json, metrics_file=metrics_file)
+        return
     require_flagd_file()  # a configured flag file that is not there fails here, not silently
     with opened_engine(db) as engine:
         report = commands.status(engine, StatusOptions(projects=project or ()))
+    if metrics_file is not None:
+        write_metrics(metrics_file, report.backfills)
     emit(report, as_json=as_json, render=_render_status)
     if report.problem is not None:
         fail(report.problem, 1)

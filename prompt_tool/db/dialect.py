@@ -50,6 +50,7 @@ __all__ = [
     "invalid_indexes",
     "is_lock_timeout",
     "is_retryable",
+    "is_statement_timeout",
     "lock_holders",
     "one_of",
     "one_of_ids",
@@ -63,6 +64,7 @@ __all__ = [
     "stale_statistics",
     "text_as_stored",
     "unreadable_text",
+    "wal_insert_position",
     "wall_clock",
     "write_refusal",
 ]
@@ -370,6 +372,25 @@ def _sqlstate(error: BaseException) -> str | None:
 
 def is_lock_timeout(error: BaseException) -> bool:
     return _sqlstate(error) == "55P03"
+
+
+def is_statement_timeout(error: BaseException) -> bool:
+    """A statement cancelled by ``statement_timeout`` (PostgreSQL's query_canceled)."""
+    return _sqlstate(error) == "57014"
+
+
+def wal_insert_position(connection: Connection) -> int | None:
+    """Bytes of WAL the server has inserted so far (PostgreSQL): the difference of two readings
+    in one transaction is what that transaction wrote, committed or not. None elsewhere, and on
+    a standby."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return connection.execute(
+        text(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL "
+            "ELSE pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint END"
+        )
+    ).scalar()
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -20,6 +20,8 @@ from prompt_tool.db.revisions import (
     EXPAND_INDEXES,
     EXPAND_TABLES,
     LEGACY_TABLES,
+    QUARANTINE,
+    QUARANTINE_TABLE,
 )
 
 __all__ = ["SchemaObjects", "drift", "expand_objects_present"]
@@ -33,6 +35,8 @@ class SchemaObjects:
     missing: list[str]
     invalid: list[str]
     legacy_missing: list[str]
+    # Revision 0003's one table (the backfill quarantine): whether it is here.
+    quarantine: bool = False
 
 
 def expand_objects_present(connection: Connection) -> SchemaObjects:
@@ -63,6 +67,7 @@ def expand_objects_present(connection: Connection) -> SchemaObjects:
         missing=[name for name, here in wanted if not here],
         invalid=[f"index {spec[0]}" for spec in EXPAND_INDEXES if spec[0] in broken],
         legacy_missing=[t for t in LEGACY_TABLES if t not in tables],
+        quarantine=QUARANTINE_TABLE in tables,
     )
 
 
@@ -81,9 +86,9 @@ def drift(connection: Connection, revision: str | None) -> list[str]:
             f"(e.g. {objects.present[0]}): an upgrade was interrupted; run `orch-migrate db "
             "upgrade` to finish it (every step of 0002 tolerates its own leftovers)"
         )
-    if revision == EXPAND and objects.missing:
+    if revision in (EXPAND, QUARANTINE) and objects.missing:
         problems.append(
-            f"{len(objects.missing)} of 0002's objects are missing at 0002 (e.g. "
+            f"{len(objects.missing)} of 0002's objects are missing at {revision} (e.g. "
             f"{objects.missing[0]}); put them back: `orch-migrate db stamp 0001` then "
             "`orch-migrate db upgrade` (it only adds what is missing)"
         )
@@ -91,6 +96,22 @@ def drift(connection: Connection, revision: str | None) -> list[str]:
         problems.append(
             f"invalid indexes (an interrupted concurrent build): {', '.join(objects.invalid)}; "
             "`orch-migrate db upgrade` drops and rebuilds them"
-            + (" (after `orch-migrate db stamp 0001`)" if revision == EXPAND else "")
+            + (" (after `orch-migrate db stamp 0001`)" if revision in (EXPAND, QUARANTINE) else "")
         )
+    problems += _quarantine_drift(objects, revision)
     return problems
+
+
+def _quarantine_drift(objects: SchemaObjects, revision: str | None) -> list[str]:
+    """Revision 0003's table against the revision recorded."""
+    if revision == QUARANTINE and not objects.quarantine:
+        return [
+            f"table {QUARANTINE_TABLE} is missing at {QUARANTINE}; put it back: `orch-migrate db "
+            f"stamp {EXPAND}` then `orch-migrate db upgrade` (it only adds what is missing)"
+        ]
+    if revision in (None, BASELINE, EXPAND) and objects.quarantine:
+        return [
+            f"table {QUARANTINE_TABLE} (of {QUARANTINE}) is here at {revision or 'no revision'}: "
+            f"an upgrade was interrupted; run `orch-migrate db upgrade` to finish it"
+        ]
+    return []

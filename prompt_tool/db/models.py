@@ -37,6 +37,7 @@ __all__ = [
     "FeatureFlagEvent",
     "FeatureFlagState",
     "MigrationBatch",
+    "MigrationQuarantine",
     "MigrationRun",
     "OrchestrationSession",
     "OrchestrationStep",
@@ -466,3 +467,32 @@ class MigrationBatch(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     started_at: Mapped[datetime] = _created_at()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# --- revision 0003: the backfill quarantine --------------------------------------------------
+
+
+class MigrationQuarantine(Base):
+    """A session role a backfill could not import (its text over the template size limit, or
+    not a template that renders back to it), and why: it keeps reading its legacy text."""
+
+    __tablename__ = "migration_quarantine"
+    __table_args__ = (
+        UniqueConstraint("session_id", "role"),
+        Index("ix_migration_quarantine_project_id", "project_id"),
+    )
+
+    id: Mapped[int] = _id()
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("migration_runs.id", ondelete="SET NULL"), nullable=True
+    )
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("orchestration_sessions.id", ondelete="CASCADE"), nullable=False
+    )
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
+    )
+    role: Mapped[str] = mapped_column(String(20), nullable=False)
+    legacy_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _created_at()

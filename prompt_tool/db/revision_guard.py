@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from prompt_tool.db import schema
 from prompt_tool.db.engine import Connectable, connect
+from prompt_tool.db.revisions import EXPAND, QUARANTINE, QUARANTINE_TABLE
 from prompt_tool.db.url import redact, require_existing_sqlite_file
 from prompt_tool.errors import SchemaError, UnknownRevisionError
 
@@ -31,6 +32,8 @@ __all__ = ["require_known_revision"]
 # Engine -> (schema.generation() when checked, the revision it was at: one this tool knows).
 _checked: WeakKeyDictionary[Engine, tuple[int, str]] = WeakKeyDictionary()
 _checked_lock = threading.Lock()
+# What a revision after the templates tables adds, as a refusal names it.
+_ADDS = {QUARANTINE: f"the backfill quarantine table {QUARANTINE_TABLE}"}
 
 
 def _recorded(db: Connectable) -> tuple[str, ...]:
@@ -50,9 +53,14 @@ def _require_at_least(database: str, action: str, revision: str | None, needs: s
             "Alembic (no alembic_version); run `orch-migrate db upgrade` (or `orch-migrate db "
             "stamp 0001` first for a legacy deployment); nothing was written"
         )
+    missing = (
+        "the templates tables"
+        if known.index(revision) < known.index(EXPAND)
+        else f"what {needs} adds ({_ADDS.get(needs, 'its schema')})"
+    )
     raise SchemaError(
         f"cannot {action}: it needs schema revision {needs} but {database} is at {revision}, "
-        "before the templates tables; run `orch-migrate db upgrade` first; nothing was written"
+        f"before {missing}; run `orch-migrate db upgrade` first; nothing was written"
     )
 
 

@@ -19,11 +19,16 @@ __all__ = [
     "EXPAND_INDEXES",
     "EXPAND_TABLES",
     "LEGACY_TABLES",
+    "QUARANTINE",
+    "QUARANTINE_TABLE",
     "IndexSpec",
 ]
 
 BASELINE: Final = "0001"
 EXPAND: Final = "0002"
+# The backfill quarantine: one table, rows a backfill could not import, with the reason.
+QUARANTINE: Final = "0003"
+QUARANTINE_TABLE: Final = "migration_quarantine"
 
 # (name, table, columns, unique, partial-index predicate): 0002's indexes on legacy tables.
 IndexSpec = tuple[str, str, tuple[str, ...], bool, str | None]
@@ -76,3 +81,4 @@ EXPAND_TABLES: Final[tuple[str, ...]] = (
 )
 
 assert not set(EXPAND_TABLES) & set(LEGACY_TABLES)
+assert QUARANTINE_TABLE not in (*EXPAND_TABLES, *LEGACY_TABLES)

@@ -24,7 +24,9 @@ from prompt_tool.migrate.backfill import (
     BackfillSummary,
     BackfillWorkerError,
 )
+from prompt_tool.migrate.backfill.remote import ControlAction, ControlOutcome, ControlRequest
 from prompt_tool.migrate.commands import (
+    BackfillControlOptions,
     ExportOptions,
     FingerprintOptions,
     RehearseOptions,
@@ -57,10 +59,14 @@ from prompt_tool.migrate.verify import VerifyOptions, VerifyReport
 __all__ = [
     "ArchiveOutdatedError",
     "BackfillBusyError",
+    "BackfillControlOptions",
     "BackfillOptions",
     "BackfillProgress",
     "BackfillSummary",
     "BackfillWorkerError",
+    "ControlAction",
+    "ControlOutcome",
+    "ControlRequest",
     "DifferingRows",
     "DifferingRowsError",
     "ExportOptions",

@@ -52,7 +52,7 @@ from sqlalchemy import Connection, Engine, inspect
 from prompt_tool.db.bulk_io import RAW, ColumnKind, TableShape, converter, kind_of
 from prompt_tool.db.engine import Connectable, check_connection, connect
 from prompt_tool.db.models import Base
-from prompt_tool.db.revisions import BASELINE, EXPAND, EXPAND_TABLES, LEGACY_TABLES
+from prompt_tool.db.revisions import BASELINE, EXPAND, EXPAND_TABLES, LEGACY_TABLES, QUARANTINE
 from prompt_tool.db.url import require_existing_sqlite_file
 from prompt_tool.errors import InvalidInputError, SchemaError
 
@@ -69,6 +69,7 @@ __all__ = [
     "Manifest",
     "ProgressCallback",
     "TableSpec",
+    "archived_data_revision",
     "database_state",
     "existing_table_specs",
     "normalizer",
@@ -107,8 +108,22 @@ TABLES_AT_REVISION: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         EXPAND: tuple(
             name for name in ARCHIVED_TABLES if name in LEGACY_TABLES or name in EXPAND_TABLES
         ),
+        # The quarantine is this database's own ledger, not archived.
+        QUARANTINE: tuple(
+            name for name in ARCHIVED_TABLES if name in LEGACY_TABLES or name in EXPAND_TABLES
+        ),
     }
 )
+
+# Revisions that changed no archived table or column: an export at one restores into the other
+# as it is (0003 adds only the backfill quarantine, which is not archived).
+_SAME_ARCHIVED_DATA: Final[Mapping[str, str]] = MappingProxyType({QUARANTINE: EXPAND})
+
+
+def archived_data_revision(revision: str) -> str:
+    """The oldest revision whose archived tables and columns are exactly ``revision``'s."""
+    return _SAME_ARCHIVED_DATA.get(revision, revision)
+
 
 # (table, rows done so far, rows in all or None when not known in advance)
 ProgressCallback = Callable[[str, int, int | None], None]

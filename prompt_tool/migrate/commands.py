@@ -25,6 +25,10 @@ from prompt_tool.db.engine import connected
 from prompt_tool.migrate.archive import ProgressCallback
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, BackfillSummary
 from prompt_tool.migrate.backfill import backfill as backfill_sessions
+from prompt_tool.migrate.backfill.estimate import BackfillEstimate
+from prompt_tool.migrate.backfill.estimate import estimate as estimate_run
+from prompt_tool.migrate.backfill.remote import ControlAction, ControlOutcome
+from prompt_tool.migrate.backfill.remote import request as request_control
 from prompt_tool.migrate.export import ExportResult
 from prompt_tool.migrate.export import export as export_data
 from prompt_tool.migrate.fingerprint import LegacyFingerprint, fingerprint_legacy_tables
@@ -39,6 +43,8 @@ from prompt_tool.migrate.verify import VerifyOptions, VerifyReport
 from prompt_tool.migrate.verify import verify as verify_texts
 
 __all__ = [
+    "BackfillControlOptions",
+    "BackfillEstimate",
     "BackfillOptions",
     "ExportOptions",
     "FingerprintOptions",
@@ -48,6 +54,8 @@ __all__ = [
     "StatusOptions",
     "VerifyOptions",
     "backfill",
+    "backfill_control",
+    "estimate_backfill",
     "export",
     "fingerprint",
     "rehearse",
@@ -78,6 +86,14 @@ class RestoreOptions:
     source: Path | str
     differing: DifferingRows = DifferingRows.REFUSE
     dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillControlOptions:
+    """`orch-migrate backfill pause|resume|cancel`: ``run_id`` None asks the one live run."""
+
+    action: ControlAction
+    run_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +176,20 @@ def backfill(
     """Turn legacy prompt texts into imported templates and link every session to them."""
     with connected(db) as engine:
         return backfill_sessions(engine, options, progress=progress)
+
+
+def estimate_backfill(db: Engine | str, options: BackfillOptions | None = None) -> BackfillEstimate:
+    """Project a backfill's duration, WAL, templates and lock hold from sample batches that are
+    rolled back (``orch-migrate backfill --estimate``); nothing stays written."""
+    with connected(db) as engine:
+        return estimate_run(engine, options)
+
+
+def backfill_control(db: Engine | str, options: BackfillControlOptions) -> ControlOutcome:
+    """Ask a running backfill (from any process or host) to pause, resume or cancel: it
+    notices before its next batch."""
+    with connected(db) as engine:
+        return request_control(engine, options.action, options.run_id)
 
 
 def verify(

@@ -24,10 +24,11 @@ legacy deployment about to migrate; head: one already migrated) and back to it:
     the bootstrap global admin (when another global admin exists already, it may not, and uses
     custom templates of its own in each project instead: no permission is taken from anyone).
 ``downgrade``
-    ``-1``. What people made with templates (here: the rehearsal's templates, their versions,
-    labels, audit events, the links of its sessions) goes into an archive in a temporary
-    directory, in place and in ``scratch``; ``rollback`` discards it (nothing is kept anyway, and
-    an archive cannot be taken of rows that are never committed). Then ``after_downgrade
+    to 0001, through every revision above it (0003's quarantine, then 0002). What people made
+    with templates (here: the rehearsal's templates, their versions, labels, audit events, the
+    links of its sessions) goes into an archive in a temporary directory, in place and in
+    ``scratch``; ``rollback`` discards it (nothing is kept anyway, and an archive cannot be
+    taken of rows that are never committed). Then ``after_downgrade
     (connection)`` if given.
 ``legacy_intact``
     every legacy table equals the baseline: projects, prompts, prompt_versions, ab_tests and
@@ -122,6 +123,7 @@ from prompt_tool.db.models import (
     PromptRole,
     Scope,
 )
+from prompt_tool.db.revisions import BASELINE
 from prompt_tool.db.url import normalize_url, redact
 from prompt_tool.errors import InvalidInputError, PromptToolError, SchemaError
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
@@ -665,7 +667,8 @@ class _Journey:
         if self.archiving:
             self.archive_root = Path(tempfile.mkdtemp(prefix="prompt-tool-rehearsal-"))
             self.archive = self.archive_root / "archive"
-        state = self.target.downgrade("-1", self.archive)
+        # Below the expand step: each revision above it comes off first (0003, the quarantine).
+        state = self.target.downgrade(BASELINE, self.archive)
         if self.after_downgrade is not None:
             with self.target.unit() as connection:
                 self.after_downgrade(connection)

@@ -56,6 +56,7 @@ from prompt_tool.migrate.archive import (
     Manifest,
     ProgressCallback,
     TableSpec,
+    archived_data_revision,
     database_state,
     normalizer,
     undecodable_text,
@@ -386,6 +387,12 @@ def _check_nothing_else(directory: Path, manifest: Manifest) -> None:
 def _check_revision(database: str, current: str | None, exported: str | None) -> None:
     if current == exported:
         return
+    if (
+        current is not None
+        and exported is not None
+        and archived_data_revision(current) == archived_data_revision(exported)
+    ):
+        return  # revisions apart only in tables no export holds (e.g. 0002 and 0003)
     if current is None:
         raise ExportRevisionMismatchError(
             f"the export is at schema revision {exported} but {database} is not under Alembic; "

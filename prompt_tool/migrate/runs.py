@@ -52,6 +52,9 @@ class MigrationRunStatus(enum.StrEnum):
     FAILED = "failed"
     # Stopped by Ctrl-C or SIGTERM: what it committed stands, a rerun carries on from there.
     INTERRUPTED = "interrupted"
+    # Stopped between batches by `orch-migrate backfill cancel`: what it committed stands, and
+    # the next run of its scope carries on from there.
+    CANCELLED = "cancelled"
     # Its process ended without recording an end (SIGKILL, a crash, a lost host): stored by the
     # next run to start (reap_dead_runs); `status` shows such a run as dead before that too.
     ABANDONED = "abandoned"

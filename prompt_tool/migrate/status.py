@@ -26,7 +26,19 @@ from datetime import datetime
 from typing import Any
 
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, and_, case, func, inspect, not_, or_, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    inspect,
+    not_,
+    or_,
+    select,
+)
 
 from prompt_tool import flags
 from prompt_tool.ab_testing import LegacyABTest, legacy_orchestration_ab_tests
@@ -34,6 +46,7 @@ from prompt_tool.db import schema
 from prompt_tool.db.dialect import sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
+    MigrationQuarantine,
     MigrationRun,
     OrchestrationSession,
     Project,
@@ -43,6 +56,9 @@ from prompt_tool.db.models import (
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.url import redact
 from prompt_tool.errors import PromptToolError, SchemaError
+from prompt_tool.migrate.backfill import quarantine
+from prompt_tool.migrate.backfill.observe import RunView, recent_backfills
+from prompt_tool.migrate.backfill.types import QUARANTINED_SCOPE
 from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, dead_runs, life_of
 from prompt_tool.migrate.verify import corrupted_versions_by_project
 
@@ -63,6 +79,8 @@ _SESSIONS = OrchestrationSession.__table__
 _REFS = SessionPromptRef.__table__
 # The tables the expand step (0002) adds that status reads; below it there is nothing migrated.
 _TEMPLATES_TABLES = ("session_prompt_refs", "migration_runs", "feature_flag_states")
+_QUARANTINE = MigrationQuarantine.__table__
+_QUARANTINE_NAMED = 3  # quarantined rows a project's status names, with the reason
 _REPORTED_KINDS = (RunKind.EXPORT, RunKind.BACKFILL, RunKind.VERIFY)
 _ALL = "*"
 
@@ -141,6 +159,10 @@ class ProjectStatus:
     readiness: Readiness
     # Of ``sessions`` too: a legacy text that is not valid UTF-8 and so cannot be linked.
     unreadable: int = 0
+    # Of ``sessions`` too (wins over the others): a legacy text a backfill could not import
+    # (revision 0003's quarantine), read from the legacy column; the first few, with the reason.
+    quarantined: int = 0
+    quarantine_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +178,8 @@ class StatusReport:
     legacy_ab_tests: list[LegacyABTest] = field(default_factory=list)
     # The latest runs, the latest of each kind, and every run still marked running, newest first.
     runs: list[RecentRun] = field(default_factory=list)
+    # The running backfills and the latest ones: progress, rate, ETA, lock hold (observe).
+    backfills: list[RunView] = field(default_factory=list)
     # Set when this prompt-tool does not know the revision (or several are recorded): what to do;
     # nothing else is read then.
     problem: str | None = None
@@ -167,6 +191,8 @@ class _Counts:
     unmigrated: int = 0
     stale: int = 0
     unreadable: int = 0
+    quarantined: int = 0
+    quarantine_reasons: tuple[str, ...] = ()
     # Versions its sessions reference whose stored digest is not their text's (changed in SQL).
     corrupted: tuple[int, ...] = ()
 
@@ -189,8 +215,12 @@ def _database_name(db: Connectable) -> str:
     return redact(engine.url)
 
 
-def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[int, _Counts]:
-    """Sessions, unmigrated and stale per project: one grouped query, hashes in SQL."""
+def _session_counts(
+    connection: Connection, project_ids: Sequence[int], with_quarantine: bool
+) -> dict[int, _Counts]:
+    """Sessions, unmigrated and stale per project: one grouped query, hashes in SQL.
+    ``with_quarantine`` (revision 0003): a session not fully linked that holds a quarantined
+    role counts as quarantined, not as one of the others."""
     links = {role: _REFS.alias(f"ref_{role.value}") for role in PromptRole}
     stale = or_(
         *(
@@ -218,6 +248,14 @@ def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[
             for role in PromptRole
         )
     )
+    held = (
+        and_(
+            or_(stale, unmigrated),
+            exists().where(_QUARANTINE.c.session_id == _SESSIONS.c.id),
+        )
+        if with_quarantine
+        else false()
+    )
     joined: Any = _SESSIONS
     for role, link in links.items():
         joined = joined.outerjoin(
@@ -227,11 +265,14 @@ def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[
         select(
             _SESSIONS.c.project_id,
             func.count().label("sessions"),
-            func.sum(case((stale, 1), else_=0)).label("stale"),
-            func.sum(case((and_(not_(stale), unreadable), 1), else_=0)).label("unreadable"),
-            func.sum(case((and_(not_(stale), not_(unreadable), unmigrated), 1), else_=0)).label(
-                "unmigrated"
+            func.sum(case((held, 1), else_=0)).label("quarantined"),
+            func.sum(case((and_(not_(held), stale), 1), else_=0)).label("stale"),
+            func.sum(case((and_(not_(held), not_(stale), unreadable), 1), else_=0)).label(
+                "unreadable"
             ),
+            func.sum(
+                case((and_(not_(held), not_(stale), not_(unreadable), unmigrated), 1), else_=0)
+            ).label("unmigrated"),
         )
         .select_from(joined)
         .where(_SESSIONS.c.project_id.in_(list(project_ids)))
@@ -243,9 +284,20 @@ def _session_counts(connection: Connection, project_ids: Sequence[int]) -> dict[
             int(row.unmigrated or 0),
             int(row.stale or 0),
             int(row.unreadable or 0),
+            int(row.quarantined or 0),
         )
         for row in connection.execute(query)
     }
+
+
+def _name_quarantined(connection: Connection, counts: dict[int, _Counts]) -> None:
+    """The first few quarantined rows of each project that has any, with the reason."""
+    for project_id, count in counts.items():
+        if count.quarantined:
+            named = quarantine.named(connection, [project_id], limit=_QUARANTINE_NAMED)
+            counts[project_id] = dataclasses.replace(
+                count, quarantine_reasons=tuple(line for _, line in named)
+            )
 
 
 def _legacy_counts(connection: Connection, project_ids: Sequence[int]) -> dict[int, _Counts]:
@@ -276,6 +328,7 @@ def _covered(run: Any, slugs: Mapping[int, str]) -> set[str] | None:
     params = run.params or {}
     scope = params.get("scope")
     if isinstance(scope, str):
+        scope = scope.removesuffix(QUARANTINED_SCOPE)  # a --retry-quarantined run's scope
         return None if scope in ("", _ALL) else set(scope.split(","))
     named = params.get("projects")
     if isinstance(named, list) and named:
@@ -430,6 +483,14 @@ def _readiness_of(
             f"can link (`orch-migrate backfill --project {slug}` names them): correct those "
             "bytes, then backfill"
         )
+    if counts.quarantined:
+        noun = "session holds" if counts.quarantined == 1 else "sessions hold"
+        reasons.append(
+            f"{counts.quarantined} {noun} legacy text a backfill could not import (quarantined, "
+            "read from the legacy column; the reasons are listed): fix the cause (e.g. raise "
+            f"{quarantine.LIMIT_SETTING}), then `orch-migrate backfill --retry-quarantined "
+            f"--project {slug}`"
+        )
     if counts.sessions == 0:
         return Readiness(not reasons, reasons)
     verify = runs.get(RunKind.VERIFY.value)
@@ -482,10 +543,13 @@ def _collect(
             )
         revision = MigrationContext.configure(connection).get_current_revision()
         templates_schema = all(table in tables for table in _TEMPLATES_TABLES)
+        # Revision 0003: a database at 0002 has no quarantine (and status still works there).
+        with_quarantine = templates_schema and MigrationQuarantine.__tablename__ in tables
         by_id = projects_by_slug(connection, only)
         slugs = dict(sorted(by_id.items(), key=lambda project: natural_key(project[1])))
         if templates_schema:
-            counts = _session_counts(connection, list(slugs))
+            counts = _session_counts(connection, list(slugs), with_quarantine)
+            _name_quarantined(connection, counts)
             for project_id, versions in corrupted_versions_by_project(
                 connection, list(slugs)
             ).items():
@@ -507,10 +571,18 @@ def _collect(
             ProjectStatus(
                 project=slug,
                 sessions=count.sessions,
-                migrated=count.sessions - count.unmigrated - count.stale - count.unreadable,
+                migrated=(
+                    count.sessions
+                    - count.unmigrated
+                    - count.stale
+                    - count.unreadable
+                    - count.quarantined
+                ),
                 unmigrated=count.unmigrated,
                 stale=count.stale,
                 unreadable=count.unreadable,
+                quarantined=count.quarantined,
+                quarantine_reasons=list(count.quarantine_reasons),
                 flag=variant,
                 flag_source=source,
                 last_export=project_runs.get(RunKind.EXPORT.value),
@@ -533,9 +605,11 @@ def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
     revision, templates_schema, found = _collect(db, projects)
     selected = {p.project for p in found}
     recent: list[RecentRun] = []
+    backfills: list[RunView] = []
     if templates_schema:
         with connect(db) as connection:
             recent = _recent_runs(connection)
+            backfills = recent_backfills(connection)
     return StatusReport(
         database=_database_name(db),
         revision=revision,
@@ -547,6 +621,7 @@ def status(db: Connectable, *, projects: Sequence[str] = ()) -> StatusReport:
             key=lambda test: (natural_key(test.project), test.id),
         ),
         runs=recent,
+        backfills=backfills,
     )
 
 

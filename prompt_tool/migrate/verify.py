@@ -25,7 +25,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, cast, func, literal, null, select, true, union_all
+from sqlalchemy import (
+    Connection,
+    and_,
+    case,
+    cast,
+    false,
+    func,
+    inspect,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    union_all,
+)
 from sqlalchemy.types import Text
 
 from prompt_tool.core import content_hash
@@ -34,6 +48,7 @@ from prompt_tool.core.textdiff import unified_diff
 from prompt_tool.db.dialect import read_only, set_local_planner, sha256_hex, unreadable_text
 from prompt_tool.db.engine import Connectable, connect
 from prompt_tool.db.models import (
+    MigrationQuarantine,
     OrchestrationSession,
     Prompt,
     PromptRole,
@@ -43,6 +58,7 @@ from prompt_tool.db.models import (
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.revisions import EXPAND
+from prompt_tool.migrate.backfill.quarantine import named
 from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, finish_run, start_read_run
 from prompt_tool.templates import ResolvedTemplate, TemplateManager, load_versions
 
@@ -88,11 +104,14 @@ class ProjectVerification:
     # path serves them from the legacy column, as it does unmigrated ones; they block as those
     # do (``--allow-unmigrated`` accepts both) and the report names them.
     unreadable: int = 0
+    # Texts a backfill could not import (the quarantine, revision 0003): served from the legacy
+    # column, unlinked (or linked to an older text); they block as unmigrated ones do.
+    quarantined: int = 0
 
     def passed(self, allow_unmigrated: bool) -> bool:
         blocking = self.mismatched + self.render_errors
         if not allow_unmigrated:
-            blocking += self.unmigrated + self.stale + self.unreadable
+            blocking += self.unmigrated + self.stale + self.unreadable + self.quarantined
         return blocking == 0
 
 
@@ -122,6 +141,8 @@ class VerifyReport:
     # Versions whose stored digest is not the sha256 of their text (changed in the database
     # behind the tool's back): they fail the verify whatever they render to.
     corrupted_versions: list[int] = field(default_factory=list)
+    # The first quarantined rows, each as "table id N column: reason" (all are counted).
+    quarantined: list[str] = field(default_factory=list)
 
     def totals(self) -> ProjectVerification:
         total = ProjectVerification("(all)")
@@ -134,6 +155,7 @@ class VerifyReport:
                 "stale",
                 "render_errors",
                 "unreadable",
+                "quarantined",
             ):
                 setattr(total, name, getattr(total, name) + getattr(p, name))
         return total
@@ -201,6 +223,8 @@ def _batch_bounds(
 
 _UNMIGRATED, _STALE, _CHECK, _MATCHED = "unmigrated", "stale", "check", "matched"
 _UNREADABLE = "unreadable"
+_QUARANTINED = "quarantined"
+_QUARANTINE = MigrationQuarantine.__table__
 _UNREADABLE_NAMED = 20
 
 
@@ -225,7 +249,9 @@ def _literal_versions() -> Any:
     )
 
 
-def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids: Any) -> Any:
+def _groups_query(
+    after: int, last: int, project_ids: Sequence[int], sample_ids: Any, quarantine: bool
+) -> Any:
     """Every (session, role) of the key range (after, last], classified and grouped in SQL.
 
     Settled in SQL, without a digest: a role whose text equals, byte for byte, the source of
@@ -236,7 +262,8 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     comes back digested and grouped by (project, role, version, variables, legacy digest), for
     Python to render each distinct pair once and compare. One row per group with how many
     session roles it stands for and one of them (for diffs). Roles whose text is NULL and that
-    have no reference are left out: NULL stays NULL.
+    have no reference are left out: NULL stays NULL. With ``quarantine`` (revision 0003), a
+    role in the backfill quarantine that is unlinked or linked to another text is quarantined.
     """
     in_range = and_(_SESSIONS.c.id > after, _SESSIONS.c.id <= last)
     if project_ids:
@@ -261,7 +288,8 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
         legacy_text == literal_versions.c.content,
         _REFS.c.legacy_hash == literal_versions.c.content_hash,
     )
-    rows = (
+    held = _QUARANTINE.c.session_id.is_not(None) if quarantine else false()
+    joined = (
         select(
             _SESSIONS.c.id.label("session_id"),
             _SESSIONS.c.project_id.label("project_id"),
@@ -274,6 +302,7 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
             _REFS.c.prompt_version_id.label("version_id"),
             _REFS.c.legacy_hash.label("linked_hash"),
             cast(_REFS.c.variables, Text).label("variables"),
+            held.label("held"),
         )
         .select_from(_SESSIONS.join(role_names, true()))
         .outerjoin(
@@ -288,7 +317,19 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
             ),
         )
         .outerjoin(literal_versions, literal_versions.c.id == _REFS.c.prompt_version_id)
-        .where(in_range, ~and_(legacy_text.is_(None), _REFS.c.prompt_version_id.is_(None)))
+    )
+    if quarantine:
+        joined = joined.outerjoin(
+            _QUARANTINE,
+            and_(
+                _QUARANTINE.c.session_id == _SESSIONS.c.id,
+                _QUARANTINE.c.role == role,
+                _QUARANTINE.c.session_id > after,
+                _QUARANTINE.c.session_id <= last,
+            ),
+        )
+    rows = (
+        joined.where(in_range, ~and_(legacy_text.is_(None), _REFS.c.prompt_version_id.is_(None)))
         # A fence (OFFSET 0 keeps PostgreSQL from pulling the subquery up): the digest
         # compares and hashes texts, and pulled up, that would be repeated wherever the
         # classification below names it.
@@ -297,9 +338,15 @@ def _groups_query(after: int, last: int, project_ids: Sequence[int], sample_ids:
     )
     # A linked role with a text and no digest was settled (a NULL text has no digest either).
     is_settled = and_(rows.c.legacy_hash.is_(None), ~rows.c.no_text)
+    not_linked_to_it = or_(
+        rows.c.version_id.is_(None),
+        and_(~is_settled, rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash)),
+    )
     kind = case(
         # Not valid UTF-8: never read or rendered; each such role is its own group, to be named.
         (rows.c.unreadable, literal(_UNREADABLE)),
+        # In the quarantine and not linked to its text: served from the legacy column.
+        (and_(rows.c.held, not_linked_to_it), literal(_QUARANTINED)),
         (rows.c.version_id.is_(None), literal(_UNMIGRATED)),
         (is_settled, literal(_MATCHED)),
         (rows.c.linked_hash.is_distinct_from(rows.c.legacy_hash), literal(_STALE)),
@@ -348,6 +395,7 @@ def verify(
     """Compare the templates path with the legacy text for the selected sessions."""
     require_known_revision(engine, "verify", needs=EXPAND)
     options = options or VerifyOptions()
+    quarantine = _has_quarantine(engine)
     engine = read_only(engine) if options.readonly else engine
     manager = manager if manager is not None else TemplateManager(engine)
     started = time.monotonic()
@@ -395,7 +443,9 @@ def verify(
                 )
                 if last is None:
                     break
-                groups = connection.execute(_groups_query(after, last, scope, sample_ids)).all()
+                groups = connection.execute(
+                    _groups_query(after, last, scope, sample_ids, quarantine)
+                ).all()
                 _render_batch(connection, groups, renders, projects)
             after = last
             seen += count
@@ -407,8 +457,7 @@ def verify(
         finish_run(engine, run_id, MigrationRunStatus.FAILED, error=str(error)[:2000])
         raise
     report.projects = sorted(counts_of.values(), key=lambda counts: counts.project)
-    with connect(engine) as connection:
-        report.corrupted_versions = corrupted_versions(connection, scope)
+    _name_what_fails(engine, report, scope)
     report.passed = not report.corrupted_versions and all(
         p.passed(options.allow_unmigrated) for p in report.projects
     )
@@ -427,6 +476,20 @@ def verify(
         },
     )
     return report
+
+
+def _has_quarantine(engine: Connectable) -> bool:
+    """Whether revision 0003's quarantine table is here (a database at 0002 has none)."""
+    with connect(engine) as connection:
+        return inspect(connection).has_table(MigrationQuarantine.__tablename__)
+
+
+def _name_what_fails(engine: Connectable, report: VerifyReport, scope: Sequence[int]) -> None:
+    """The versions whose text was changed in the database, and the first quarantined rows."""
+    with connect(engine) as connection:
+        report.corrupted_versions = corrupted_versions(connection, scope)
+        if any(p.quarantined for p in report.projects):
+            report.quarantined = [line for _, line in named(connection, scope, _UNREADABLE_NAMED)]
 
 
 _VERSION_CHUNK = 2_000
@@ -524,6 +587,9 @@ def _classify(
         return
     if group.kind == _UNMIGRATED:
         counts.unmigrated += group.n
+        return
+    if group.kind == _QUARANTINED:
+        counts.quarantined += group.n
         return
     if group.kind == _STALE:
         counts.stale += group.n

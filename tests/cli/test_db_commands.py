@@ -87,23 +87,23 @@ def test_relative_revisions_are_still_arguments(tmp_path: Path) -> None:
     assert _orch("db", "upgrade", "--db", url)[0] == 0
     code, out, err = _orch("db", "downgrade", "-1", "--discard-user-templates", "--db", url)
     assert code == 0, err
-    assert "0002 -> 0001" in out
+    assert "0003 -> 0002" in out
     code, out, err = _orch("db", "upgrade", "+1", "--db", url)
     assert code == 0, err
-    assert "0001 -> 0002" in out
+    assert "0002 -> 0003" in out
 
 
 def test_heads_and_show() -> None:
     code, out, _ = _orch("db", "heads")
-    assert code == 0 and out.startswith("0002 (head): Expand")
+    assert code == 0 and out.startswith("0003 (head): Backfill quarantine")
     code, out, _ = _orch("db", "heads", "--json")
-    assert [r["revision"] for r in json.loads(out)] == ["0002"]
+    assert [r["revision"] for r in json.loads(out)] == ["0003"]
     code, out, _ = _orch("db", "show", "0001")
     assert code == 0
     assert "Rev: 0001" in out and "Parent: <base>" in out and "0001_legacy_schema.py" in out
     code, out, _ = _orch("db", "show", "head", "--json")
     shown = json.loads(out)
-    assert (shown["revision"], shown["down_revision"], shown["is_head"]) == ("0002", "0001", True)
+    assert (shown["revision"], shown["down_revision"], shown["is_head"]) == ("0003", "0002", True)
     code, _, err = _orch("db", "show", "zz")
     assert code == 2 and "no revision 'zz'" in err
 
@@ -120,7 +120,7 @@ def test_alembic_ini_drives_the_plain_alembic_cli(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert schema.current(url).current == "0002"
+    assert schema.current(url).current == schema.heads()[0].revision
 
 
 # --- messages: the flagd file, install hints ------------------------------------------------

@@ -31,19 +31,19 @@ def test_db_upgrade_creates_the_embedded_default_in_the_current_directory(tmp_pa
     result = _orch_migrate("db", "upgrade", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "prompt_tool.db").exists()
-    assert "-> 0002" in result.stdout
+    assert "-> 0003" in result.stdout
 
 
 def test_db_current_as_json(empty_db_url: str) -> None:
     runner.invoke(app, ["db", "upgrade", "--db", empty_db_url])
     result = runner.invoke(app, ["db", "current", "--db", empty_db_url, "--json"])
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["current"] == "0002"
+    assert json.loads(result.stdout)["current"] == "0003"
 
 
-def test_db_history_lists_both_revisions() -> None:
+def test_db_history_lists_every_revision() -> None:
     result = runner.invoke(app, ["db", "history", "--json"])
-    assert [r["revision"] for r in json.loads(result.stdout)] == ["0001", "0002"]
+    assert [r["revision"] for r in json.loads(result.stdout)] == ["0001", "0002", "0003"]
 
 
 @pytest.mark.parametrize(

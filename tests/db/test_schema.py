@@ -11,18 +11,22 @@ from sqlalchemy import text
 from prompt_tool.db import schema
 from prompt_tool.errors import DatabaseUnavailableError, SchemaError
 
+HEAD = "0003"
+
 
 def test_history_is_one_line_from_legacy_to_head() -> None:
     revisions = schema.history()
-    assert [r.revision for r in revisions] == ["0001", "0002"]
-    assert revisions[1].down_revision == "0001"
-    assert [r.is_head for r in revisions] == [False, True]
+    assert [r.revision for r in revisions] == ["0001", "0002", "0003"]
+    assert [r.down_revision for r in revisions] == [None, "0001", "0002"]
+    assert [r.is_head for r in revisions] == [False, False, True]
 
 
 def test_upgrade_downgrade_and_current_report_where_the_database_stands(empty_db_url: str) -> None:
     assert schema.current(empty_db_url).current is None
     up = schema.upgrade(empty_db_url)
-    assert (up.previous, up.current, up.head) == (None, "0002", "0002")
+    assert (up.previous, up.current, up.head) == (None, HEAD, HEAD)
+    down = schema.downgrade(empty_db_url)
+    assert (down.previous, down.current) == ("0003", "0002")
     down = schema.downgrade(empty_db_url)
     assert (down.previous, down.current) == ("0002", "0001")
     assert schema.current(empty_db_url).current == "0001"
@@ -49,7 +53,7 @@ def test_legacy_tables_without_alembic_are_adopted_by_stamp(
         schema.upgrade(empty_db_url)
 
     assert schema.stamp(empty_db_url, "0001").current == "0001"
-    assert schema.upgrade(empty_db_url).current == "0002"
+    assert schema.upgrade(empty_db_url).current == HEAD
 
 
 def test_missing_sqlite_file_is_not_created_by_read_commands(tmp_path: Path) -> None:

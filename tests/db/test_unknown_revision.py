@@ -37,6 +37,7 @@ from prompt_tool.templates.types import TemplateAddress
 from tests.cli_run import run_cli
 
 FUTURE = "9f3a_future"
+HEAD = schema.history()[-1].revision
 # Every table a refused command could have written to.
 _COUNTED = (
     MigrationRun,
@@ -72,11 +73,11 @@ def _rows(engine: Engine) -> dict[str, int]:
 @pytest.fixture
 def deployment(empty_db_url: str, engine_for: Callable[[str], Engine], tmp_path: Path) -> Engine:
     """A legacy deployment upgraded to head (not backfilled), with an export of it taken at
-    0002 in ``tmp_path / "taken"``, then stamped with a revision from the future."""
+    head in ``tmp_path / "taken"``, then stamped with a revision from the future."""
     schema.upgrade(empty_db_url, "0001")
     load_legacy_sample(empty_db_url, sessions=12, projects=2, seed=3)
     schema.upgrade(empty_db_url)
-    exporting = engine_for(empty_db_url)  # an engine of its own: it remembers 0002
+    exporting = engine_for(empty_db_url)  # an engine of its own: it remembers head
     export(exporting, tmp_path / "taken")
     engine = engine_for(empty_db_url)
     _record(engine, FUTURE)
@@ -241,11 +242,11 @@ def test_db_stamp_purge_recovers_and_the_commands_work_again(
         backfill(deployment)  # refused, and not remembered as refused
 
     code, stdout, stderr = run_cli(
-        orch_migrate.app, ["orch-migrate", "db", "stamp", "0002", "--purge", "--db", url]
+        orch_migrate.app, ["orch-migrate", "db", "stamp", HEAD, "--purge", "--db", url]
     )
 
     assert code == 0, stderr
-    assert f"{FUTURE} -> 0002" in stdout
+    assert f"{FUTURE} -> {HEAD}" in stdout
     assert schema.current(url).problem is None
     assert backfill(deployment).references_created > 0
     assert verify(deployment).passed
@@ -261,8 +262,9 @@ def test_below_the_revision_a_command_needs_it_says_to_upgrade(
 ) -> None:
     _record(deployment, "0001")  # the 0002 tables are still there: only the refusal stops it
     before = _rows(deployment)
+    needs = "0003" if call == "backfill" else "0002"  # backfill writes 0003's quarantine
 
-    with pytest.raises(SchemaError, match=r"needs schema revision 0002 .* at 0001.*db upgrade"):
+    with pytest.raises(SchemaError, match=rf"needs schema revision {needs} .* at 0001.*db upgrade"):
         _LIBRARY[call](deployment, tmp_path)
 
     assert _rows(deployment) == before
@@ -287,8 +289,9 @@ def test_template_writes_check_the_revision_once_per_engine(deployment: Engine) 
 
 
 def test_a_schema_command_in_this_process_makes_engines_check_again(deployment: Engine) -> None:
-    _record(deployment, "0002")
+    _record(deployment, HEAD)
     url = deployment.url.render_as_string(hide_password=False)
+    schema.downgrade(url, "0002")
     flags.set_default(deployment, "shadow", actor="o")  # checked and remembered: 0002
     deployment.dispose()
     schema.downgrade(url, "0001", discard_user_templates=True)

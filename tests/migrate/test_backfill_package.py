@@ -26,7 +26,20 @@ from prompt_tool.settings import get_settings
 
 _FOLDER = Path(package.__file__).parent
 # Each module may import only those after it.
-_LAYERS = ("command", "workers", "walk", "batch", "ledger", "types")
+_LAYERS = (
+    "command",
+    "observe",
+    "estimate",
+    "workers",
+    "walk",
+    "steering",
+    "remote",
+    "health",
+    "batch",
+    "quarantine",
+    "ledger",
+    "types",
+)
 _MAX_PARAMETERS = 6
 
 

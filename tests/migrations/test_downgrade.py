@@ -1,5 +1,8 @@
 """`db downgrade` of 0002 is an exact inverse for the legacy tables, never half-applied, and loses
-nothing a person wrote: archived and restored, refused, or discarded only when asked."""
+nothing a person wrote: archived and restored, refused, or discarded only when asked.
+
+The head is above 0002 (0003, the backfill quarantine): each test goes down to 0001, through
+0003's downgrade (it only drops its table) to 0002's, the one under test."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from prompt_tool.settings import get_settings
 from tests.cli_run import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
+HEAD = schema.history()[-1].revision
 BIN = Path(sys.executable).parent
 # What people make with templates, compared row by row across the archive's round trip.
 PEOPLES_WORK = {
@@ -119,7 +123,7 @@ def test_every_revision_form_alembic_users_type_is_accepted(at_0001: tuple[str, 
     for args, reached in (
         (["db", "upgrade", "+1"], "0002"),
         (["db", "downgrade", "-1"], "0001"),
-        (["db", "upgrade", "head", "--json"], "0002"),
+        (["db", "upgrade", "head", "--json"], HEAD),
         (["db", "downgrade", "0001", "--json"], "0001"),
         (["db", "upgrade", "0002"], "0002"),
         (["db", "downgrade", "--json", "-1"], "0001"),
@@ -129,7 +133,7 @@ def test_every_revision_form_alembic_users_type_is_accepted(at_0001: tuple[str, 
         assert _revision(url) == reached, args
 
 
-@pytest.mark.parametrize("target", ["base", "-2"])
+@pytest.mark.parametrize("target", ["base", f"-{len(schema.history())}"])
 def test_going_below_0001_is_refused_unless_asked_and_changes_nothing(
     at_0001: tuple[str, Any], target: str
 ) -> None:
@@ -138,7 +142,7 @@ def test_going_below_0001_is_refused_unless_asked_and_changes_nothing(
     code, _, err = _cli(orch_migrate, "db", "downgrade", target, "--db", url)
     assert code == 2
     assert err.count("\n") == 1 and "i-understand-this-drops-legacy-tables" in err
-    assert _revision(url) == "0001"  # 0002 -> 0001 done, the step below refused
+    assert _revision(url) == "0001"  # down to 0001 done, the step below refused
     assert changed_tables(before, _fingerprint(url)) == []
     code, _, err = _cli(
         orch_migrate, "db", "downgrade", "base", "--i-understand-this-drops-legacy-tables",
@@ -178,7 +182,7 @@ def test_the_fingerprint_at_0001_equals_the_one_after_upgrade_backfill_downgrade
     assert summary.templates_created > 0
     engine.dispose()
 
-    state = schema.downgrade(url)
+    state = schema.downgrade(url, "0001")
 
     assert state.current == "0001"
     assert state.removed["prompts"] == summary.templates_created
@@ -198,8 +202,8 @@ def test_peoples_work_without_an_archive_is_refused_and_nothing_changes(
     engine.dispose()
 
     with pytest.raises(UserDataWouldBeLostError, match="--archive DIR"):
-        schema.downgrade(url)
-    code, _, err = _cli(orch_migrate, "db", "downgrade", "-1", "--db", url)
+        schema.downgrade(url, "0001")
+    code, _, err = _cli(orch_migrate, "db", "downgrade", "-1", "--db", url)  # 0002 -> 0001
 
     assert code == 2 and err.count("\n") == 1 and "2 template versions" in err
     assert _revision(url) == "0002"
@@ -220,7 +224,7 @@ def test_peoples_work_is_archived_and_restored_exactly_after_a_reupgrade(
     assert all(work.values()), work
     engine.dispose()
 
-    state = schema.downgrade(url, archive=tmp_path / "archive")
+    state = schema.downgrade(url, "0001", archive=tmp_path / "archive")
 
     assert state.archive is not None and state.current == "0001"
     assert state.dropped["template_permissions"] == 1  # the grant: said, not archived
@@ -249,7 +253,7 @@ def test_discarding_peoples_work_is_an_explicit_choice(
     schema.upgrade(url)
     _peoples_work(url, dialect)
 
-    state = schema.downgrade(url, discard_user_templates=True)
+    state = schema.downgrade(url, "0001", discard_user_templates=True)
 
     assert state.discarded and state.current == "0001"
     assert changed_tables(before, _fingerprint(url)) == ["orchestration_sessions"]
@@ -265,8 +269,8 @@ def test_an_archive_that_cannot_be_written_refuses_the_downgrade(
     (tmp_path / "full" / "something").write_text("x")
     middle = _fingerprint(url)
 
-    code, _, err = _cli(orch_migrate, "db", "downgrade", "--archive", str(tmp_path / "full"),
-                        "--db", url)  # fmt: skip
+    code, _, err = _cli(orch_migrate, "db", "downgrade", "0001", "--archive",
+                        str(tmp_path / "full"), "--db", url)  # fmt: skip
 
     assert code == 2 and err.count("\n") == 1 and "not empty" in err
     assert _revision(url) == "0002"
@@ -299,16 +303,17 @@ def test_a_downgrade_held_up_by_a_lock_leaves_the_schema_whole_and_runs_again(
     holder.execute(text(f"SELECT count(*) FROM {locked}"))  # ACCESS SHARE until rollback
 
     with pytest.raises(SchemaError, match="gave up waiting for a table lock"):
-        schema.downgrade(url)
+        schema.downgrade(url, "0001")
 
     assert _revision(url) == "0002"
     assert schema.check(url).consistent
+    schema.upgrade(url)  # back to head: a backfill writes 0003's quarantine
     backfill(engine)  # the ON CONFLICT indexes are all there
     assert verify(engine).passed
     holder.rollback()
     holder.close()
     engine.dispose()
-    assert schema.downgrade(url).current == "0001"
+    assert schema.downgrade(url, "0001").current == "0001"
     assert changed_tables(before, _fingerprint(url)) == []
 
 
@@ -329,7 +334,7 @@ def test_a_downgrade_beside_a_running_backfill_ends_consistent(
     writer = threading.Thread(target=run_backfill)
     writer.start()
     try:
-        outcome: Any = schema.downgrade(url)
+        outcome: Any = schema.downgrade(url, "0001")
     except SchemaError as error:
         outcome = error
     writer.join()
@@ -337,7 +342,7 @@ def test_a_downgrade_beside_a_running_backfill_ends_consistent(
     assert schema.check(url).consistent
     if _revision(url) == "0002":  # the downgrade gave way: the schema is whole, run it again
         engine.dispose()
-        outcome = schema.downgrade(url)
+        outcome = schema.downgrade(url, "0001")
     assert _revision(url) == "0001", outcome
     assert changed_tables(before, _fingerprint(url)) == []
 
@@ -370,7 +375,7 @@ def test_a_backfill_batch_committed_just_before_the_downgrade_locks_is_taken_bac
         lambda: batches.append(backfill(engine_for(url), BackfillOptions(batch_size=20, limit=20))),
     )
 
-    state = schema.downgrade(url)
+    state = schema.downgrade(url, "0001")
 
     assert batches[0].templates_created > 0
     assert state.current == "0001"
@@ -400,13 +405,13 @@ def test_a_template_created_just_before_the_downgrade_locks_refuses_it(
     )  # fmt: skip
 
     with pytest.raises(ArchiveOutdatedError, match=r"1 template, .* were written while it ran"):
-        schema.downgrade(url)
+        schema.downgrade(url, "0001")
 
     assert created[0][0] == 0, created
     assert _revision(url) == "0002"
     assert schema.check(url).consistent
     monkeypatch.undo()
-    assert schema.downgrade(url, discard_user_templates=True).current == "0001"
+    assert schema.downgrade(url, "0001", discard_user_templates=True).current == "0001"
     assert changed_tables(before, _fingerprint(url)) == []
 
 
@@ -428,19 +433,19 @@ def test_a_downgrade_or_upgrade_killed_anywhere_leaves_a_consistent_schema(
     schema.upgrade(url)
     backfill(engine_for(url))
     for delay in (0.3, 0.6, 0.9, 1.2, 1.6, 2.2):
-        action = ["downgrade", "-1"] if _revision(url) == "0002" else ["upgrade"]
+        action = ["downgrade", "0001"] if _revision(url) == HEAD else ["upgrade"]
         _killed_at(url, delay, action)
         assert schema.check(url).drift == [] or _revision(url) == "0001", schema.check(url)
         if _revision(url) == "0001" and not schema.check(url).consistent:
             schema.upgrade(url)  # an upgrade killed in its concurrent part: finish it
         assert schema.check(url).consistent
-    if _revision(url) == "0001":
+    if _revision(url) != HEAD:
         schema.upgrade(url)
     engine = engine_for(url)
     backfill(engine)
     assert verify(engine).passed
     engine.dispose()
-    schema.downgrade(url)
+    schema.downgrade(url, "0001")
     assert changed_tables(before, _fingerprint(url)) == []
 
 
@@ -454,7 +459,7 @@ def test_an_interrupted_upgrade_is_reported_and_finished_by_db_upgrade(
     code, out, err = _cli(orch_migrate, "db", "check", "--db", url)
     assert code == 1 and "db upgrade" in err
     with pytest.raises(SchemaError, match="finish it with `orch-migrate db upgrade`"):
-        schema.downgrade(url)
+        schema.downgrade(url, "0001")
 
     schema.upgrade(url)
     code, out, _ = _cli(orch_migrate, "db", "check", "--db", url)
@@ -468,7 +473,7 @@ def test_a_refusal_reaches_plain_alembic_as_one_line_too(
     schema.upgrade(url)
     _peoples_work(url, dialect)
     result = subprocess.run(
-        [str(BIN / "alembic"), "-x", f"db={url}", "downgrade", "-1"],
+        [str(BIN / "alembic"), "-x", f"db={url}", "downgrade", "0001"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -505,7 +510,7 @@ def test_an_upgrade_held_up_by_a_lock_leaves_a_consistent_schema_and_runs_again(
         assert not check.consistent and "db upgrade" in check.drift[0]
     holding.rollback()
     holding.close()
-    assert schema.upgrade(url).current == "0002"
+    assert schema.upgrade(url).current == HEAD
     assert schema.check(url).consistent
     assert changed_tables(before, _fingerprint(url)) == []
 
@@ -546,7 +551,7 @@ def test_readers_and_writers_never_wait_past_lock_timeout_during_a_downgrade(
     for thread in threads:
         thread.start()
     try:
-        schema.downgrade(url)
+        schema.downgrade(url, "0001")
     finally:
         done.set()
         for thread in threads:

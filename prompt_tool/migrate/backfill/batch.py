@@ -43,6 +43,14 @@ from prompt_tool.db.models import (
     SessionPromptRef,
 )
 from prompt_tool.migrate.backfill.ledger import complete_planned, record_checkpoint
+from prompt_tool.migrate.backfill.quarantine import (
+    ImportLimits,
+    QuarantinedRow,
+    held,
+    record,
+    release,
+    screen,
+)
 from prompt_tool.migrate.backfill.types import (
     BackfillOptions,
     BackfillRun,
@@ -313,8 +321,8 @@ _IMPORTED_TEMPLATES = BulkInsert(
 )
 
 
-def _import_templates(connection: Connection, wanted: dict[TextKey, int]) -> set[TextKey]:
-    """Create the imported template of each key, reading its text from the session given.
+def _read_texts(connection: Connection, wanted: dict[TextKey, int]) -> dict[TextKey, str]:
+    """The text of each key, read from the session given.
 
     The text is read again and must still hash to the key (else it changed since the batch
     read it and is left for the next run): a template's name always names its content.
@@ -332,6 +340,11 @@ def _import_templates(connection: Connection, wanted: dict[TextKey, int]) -> set
             key = sessions[session_id]
             if legacy_text is not None and content_hash(legacy_text) == key[2]:
                 texts[key] = legacy_text
+    return texts
+
+
+def _import_templates(connection: Connection, texts: dict[TextKey, str]) -> set[TextKey]:
+    """Create the imported template of each key's text; the keys created."""
     rows_to_insert = []
     by_name: dict[tuple[int, str], TextKey] = {}
     for key, legacy_text in sorted(texts.items()):
@@ -393,27 +406,43 @@ _REFERENCES = BulkInsert(
 )
 
 
+class _Linked(NamedTuple):
+    """What :func:`_link` did with a batch's texts."""
+
+    created: set[TextKey]  # imported (in a dry run: that would be)
+    refused: dict[TextKey, str]  # cannot be imported (see quarantine.screen), with the reason
+    unresolved: set[TextKey]  # changed before they could be imported: left for the next run
+
+
 def _link(
     connection: Connection,
     to_link: Sequence[_RoleState],
     imported: ImportedVersions,
+    limits: ImportLimits,
     *,
     dry_run: bool,
-) -> set[TextKey]:
+) -> _Linked:
     """Link each (session, role) to the imported template of its text, importing the texts
-    that have none; the keys imported (in a dry run: that would be)."""
+    that have none and can be imported (each screened first: see quarantine)."""
     wanted: dict[TextKey, int] = {}  # each key's first session: where its text is read from
     for state in to_link:
         assert state.legacy_hash is not None
         wanted.setdefault((state.project_id, state.role, state.legacy_hash), state.session_id)
     versions = imported.resolve(connection, set(wanted))
     missing = {key: session_id for key, session_id in wanted.items() if key not in versions}
-    if dry_run or not missing:
-        created: set[TextKey] = set(missing)
-    else:
-        created = _import_templates(connection, missing)
-        # Not remembered by ``imported``: until this transaction commits they may vanish.
-        versions.update(_find_imported(connection, set(missing)))
+    created: set[TextKey] = set()
+    refused: dict[TextKey, str] = {}
+    if missing:
+        texts = _read_texts(connection, missing)
+        refused = screen(texts, limits)
+        importable = {key: text for key, text in texts.items() if key not in refused}
+        if dry_run:
+            created = set(missing) - refused.keys()
+        elif importable:
+            created = _import_templates(connection, importable)
+            # Not remembered by ``imported``: until this transaction commits they may vanish.
+            versions.update(_find_imported(connection, set(importable)))
+    unresolved = set() if dry_run else wanted.keys() - versions.keys() - refused.keys()
     if not dry_run:
         references = []
         for state in to_link:
@@ -423,7 +452,7 @@ def _link(
                 references.append((state.session_id, state.role, version_id, state.legacy_hash))
         if references:
             _REFERENCES.execute(connection, references)
-    return created
+    return _Linked(created, refused, unresolved)
 
 
 def _remove_references(connection: Connection, pairs: list[tuple[int, str]]) -> None:
@@ -460,6 +489,50 @@ def _classify(states: Sequence[_RoleState], result: BatchResult) -> list[tuple[i
     return removals
 
 
+def _quarantine(
+    connection: Connection,
+    run: BackfillRun,
+    states: Sequence[_RoleState],
+    to_link: Sequence[_RoleState],
+    linked: _Linked,
+    result: BatchResult,
+) -> None:
+    """Quarantine the batch's (session, role) rows whose text cannot be imported (they stay
+    unlinked, on the legacy path), release those linked now (or left with nothing to link),
+    and count the newly quarantined in ``result``; a dry run only counts."""
+    rows = []
+    for state in to_link:
+        key = (state.project_id, state.role, state.legacy_hash or "")
+        reason = linked.refused.get(key)
+        if reason is None:
+            continue
+        rows.append(
+            QuarantinedRow(
+                state.session_id, state.project_id, state.role, state.legacy_hash, reason
+            )
+        )
+        # _classify counted it as linked: it is not.
+        if state.has_reference:
+            result.relinked -= 1
+        else:
+            result.created -= 1
+    quarantined = {(row.session_id, row.role) for row in rows}
+    # The states are in key order: the quarantine rows of their sessions, one range scan.
+    before = held(connection, states[0].session_id - 1, states[-1].session_id)
+    if run.options.dry_run:
+        result.quarantined = len(quarantined - before)
+        return
+    if before:
+        waiting = {
+            (state.session_id, state.role)
+            for state in to_link
+            if (state.project_id, state.role, state.legacy_hash) in linked.unresolved
+        }
+        in_batch = {(state.session_id, state.role) for state in states}
+        release(connection, (before & in_batch) - quarantined - waiting)
+    result.quarantined = record(connection, run.run_id, rows)
+
+
 def run_batch(
     connection: Connection,
     run: BackfillRun,
@@ -475,13 +548,13 @@ def run_batch(
     after = span.after
     states, covered_to = _batch_states(connection, span, run.scope)
     if not states and planned is not None:  # the range's sessions are gone: nothing to link
-        empty = BatchResult(last_id=span.upper, sessions=0)
+        empty = BatchResult(last_id=span.upper, sessions=0, notes=run.notes)
         complete_planned(connection, planned, empty, _checksum(states))
         return empty
     if not states:
         return None
     last_id = covered_to
-    result = BatchResult(last_id=last_id, sessions=len(states) // len(PromptRole))
+    result = BatchResult(last_id=last_id, sessions=len(states) // len(PromptRole), notes=run.notes)
     removals = _classify(states, result)
     if run.matcher is not None and (result.created or result.relinked):
         # In a dry run these writes roll back with the batch; they only keep the counts true.
@@ -495,8 +568,11 @@ def run_batch(
         linked_now = _linked_hashes(connection, after, last_id)
         to_link = [s for s in to_link if linked_now.get((s.session_id, s.role)) != s.legacy_hash]
     dry_run = run.options.dry_run
+    linked = _Linked(set(), {}, set())
     if to_link:
-        templates = _link(connection, to_link, imported, dry_run=dry_run)
+        limits = ImportLimits.from_settings(run.settings)
+        linked = _link(connection, to_link, imported, limits, dry_run=dry_run)
+        templates = linked.created
         if dry_run:
             # Nothing is created in a dry run, so later batches see the same texts as missing
             # again: count each distinct one once over the whole run.
@@ -504,6 +580,7 @@ def run_batch(
             run.dry_run_seen.update(templates)
         else:
             result.templates = len(templates)
+    _quarantine(connection, run, states, to_link, linked, result)
     if dry_run:
         return result
     _remove_references(connection, removals)

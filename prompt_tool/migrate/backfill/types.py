@@ -8,21 +8,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, true
+from sqlalchemy import ColumnElement, and_, select, true
 
 from prompt_tool.db.engine import Connectable
-from prompt_tool.db.models import OrchestrationSession, PromptRole
+from prompt_tool.db.models import MigrationQuarantine, OrchestrationSession, PromptRole
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.settings import HealthLimits, Settings
 
 __all__ = [
+    "QUARANTINED_SCOPE",
     "UNREADABLE_NAMED",
     "BackfillOptions",
     "BackfillProgress",
     "BackfillRun",
     "BackfillScope",
     "BackfillSummary",
+    "BatchNotes",
     "BatchResult",
     "PlannedBatch",
     "RunWindow",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 TextKey = tuple[int, str, str]  # (project id, role, sha256 of the legacy text)
+QUARANTINED_SCOPE = "+quarantined"  # how a --retry-quarantined run's scope key ends
 UNREADABLE_NAMED = 10  # unreadable legacy texts a summary names (all are counted)
 _SESSIONS = OrchestrationSession.__table__
 
@@ -135,6 +138,14 @@ class BackfillProgress:
     total: int
     batches: int
     elapsed_s: float
+    # What the run's controller is doing: "working", "throttled", "paused", "outside window",
+    # "cancelling"; and why, when it waits (the signal and its value).
+    state: str = "working"
+    reason: str | None = None
+    batch_size: int = 0
+    run_id: int | None = None
+    waited_s: float = 0.0  # all the time the run waited so far (left out of rates and ETAs)
+    quarantined: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +154,8 @@ class BackfillScope:
 
     projects: Mapping[int, str]
     scoped: bool
+    # --retry-quarantined: only the scope's sessions in the quarantine (see quarantine).
+    quarantined_only: bool = False
 
     @property
     def project_ids(self) -> list[int]:
@@ -155,11 +168,16 @@ class BackfillScope:
     @property
     def key(self) -> str:
         """How the ledger names the scope: a run resumes the last run of the same key."""
-        return ",".join(self.slugs) if self.scoped else "*"
+        key = ",".join(self.slugs) if self.scoped else "*"
+        # A retry of the quarantine resumes only a retry: its checkpoints skip other sessions.
+        return key + QUARANTINED_SCOPE if self.quarantined_only else key
 
     def sessions(self) -> ColumnElement[bool]:
         """The condition on ``orchestration_sessions`` that keeps the scope's sessions."""
-        return _SESSIONS.c.project_id.in_(self.project_ids) if self.scoped else true()
+        kept = _SESSIONS.c.project_id.in_(self.project_ids) if self.scoped else true()
+        if self.quarantined_only:
+            return and_(kept, _SESSIONS.c.id.in_(select(MigrationQuarantine.session_id)))
+        return kept
 
 
 @dataclass
@@ -175,6 +193,33 @@ class BatchResult:
     unchanged: int = 0
     templates: int = 0
     unreadable_rows: list[tuple[int, str]] = field(default_factory=list)  # (session, role)
+    quarantined: int = 0  # (session, role) rows newly quarantined by this batch
+    # What the controller records with the batch, read when the ledger row is written.
+    notes: BatchNotes | None = None
+
+
+@dataclass
+class BatchNotes:
+    """What the run's controller records with the batch in flight (``migration_batches.counts``):
+    the size it asked for and why, the retries and backoff it took, and how long the run waited
+    (throttled, paused, outside its window) before it."""
+
+    size: int = 0
+    adjust: str = "first"  # what made this size: first, grow, shrink, hold, timeout
+    retries: int = 0
+    backoff_ms: float = 0.0
+    waited_ms: float = 0.0
+    began: float = field(default_factory=time.perf_counter)  # the attempt's transaction start
+
+    def as_counts(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "adjust": self.adjust,
+            "retries": self.retries,
+            "backoff_ms": round(self.backoff_ms, 1),
+            "waited_ms": round(self.waited_ms, 1),
+            "hold_ms": round((time.perf_counter() - self.began) * 1000, 1),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +228,8 @@ class PlannedBatch:
 
     batch_id: int
     worker: str
+    run_id: int
+    key_hi: int  # the end of its range (a smaller batch leaves the rest pending)
 
 
 def unreadable_name(session_id: int, role: str) -> str:
@@ -217,6 +264,17 @@ class BackfillSummary:
     # Legacy texts that are not valid UTF-8: left as they are, on the legacy path, not linked.
     unreadable: int = 0
     unreadable_rows: list[str] = field(default_factory=list)  # the first few, named
+    # (session, role) rows this run newly quarantined: not importable, left on the legacy path.
+    quarantined: int = 0
+    # The controller: the batch size it settled on, the time it waited and why, who cancelled.
+    batch_size: int = 0
+    waited_s: float = 0.0
+    waited_for: list[str] = field(default_factory=list)  # each distinct reason, first seen
+    cancelled_by: str | None = None
+    # Health signals the run could not read (a missing privilege), each in one line.
+    health_problems: list[str] = field(default_factory=list)
+    # Why the checkpoint of the run it resumes was not trusted (it started over instead).
+    restarted: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -238,6 +296,7 @@ class BackfillSummary:
         self.references_removed += result.removed
         self.references_unchanged += result.unchanged
         self.templates_created += result.templates
+        self.quarantined += result.quarantined
         self.note_unreadable(len(result.unreadable_rows), result.unreadable_rows)
 
     def note_unreadable(self, count: int, rows: Sequence[Sequence[Any]]) -> None:
@@ -259,7 +318,34 @@ class BackfillSummary:
             if self.workers_lost
             else ""
         )
-        return self._describe_changes() + self._describe_unreadable() + refreshed + lost
+        return (
+            self._describe_changes()
+            + self._describe_unreadable()
+            + self._describe_quarantined()
+            + refreshed
+            + lost
+            + self._describe_control()
+        )
+
+    def _describe_control(self) -> str:
+        parts = list(self.health_problems)
+        if self.restarted:
+            parts.append(self.restarted)
+        if self.waited_s >= 0.05:
+            why = f" ({'; '.join(self.waited_for[:3])})" if self.waited_for else ""
+            parts.append(f"waited {self.waited_s:.1f}s{why}")
+        if self.cancelled_by:
+            parts.append(
+                f"cancelled by {self.cancelled_by}: what is committed stands and the next run "
+                "carries on from it"
+            )
+        return "".join(f"; {part}" for part in parts)
+
+    def _describe_quarantined(self) -> str:
+        if not self.quarantined:
+            return ""
+        rows = "row" if self.quarantined == 1 else "rows"
+        return f"; {self.quarantined:,} {rows} quarantined (see `orch-migrate status`)"
 
     def _describe_unreadable(self) -> str:
         if not self.unreadable:
@@ -325,10 +411,5 @@ class BackfillRun:
     carried: tuple[tuple[int, int], ...] = ()
     # Texts a dry run counted as imports: later batches see them missing again, count them once.
     dry_run_seen: set[TextKey] = field(default_factory=set)
-
-    def report(self, done: int, batches: int) -> None:
-        """Tell the progress callback, if any, how far the run is."""
-        if self.progress is not None:
-            self.progress(
-                BackfillProgress(done, self.total, batches, time.monotonic() - self.started)
-            )
+    # The controller's record of the batch in flight (this process's).
+    notes: BatchNotes = field(default_factory=BatchNotes)

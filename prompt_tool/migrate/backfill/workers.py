@@ -50,6 +50,8 @@ from prompt_tool.migrate.backfill.ledger import (
     pending_ranges,
     total_from_ledger,
 )
+from prompt_tool.migrate.backfill.quarantine import check_error_budget
+from prompt_tool.migrate.backfill.steering import Steering
 from prompt_tool.migrate.backfill.types import (
     BackfillOptions,
     BackfillRun,
@@ -58,7 +60,6 @@ from prompt_tool.migrate.backfill.types import (
     BatchResult,
     PlannedBatch,
 )
-from prompt_tool.migrate.backfill.walk import with_retries
 from prompt_tool.settings import get_settings
 
 __all__ = [
@@ -140,17 +141,23 @@ def _worker_name() -> str:
 
 
 def _claim_loop(
-    run: BackfillRun, on_batch: Callable[[], None] | None = None, parent: int | None = None
+    run: BackfillRun,
+    steering: Steering,
+    on_batch: Callable[[], None] | None = None,
+    parent: int | None = None,
 ) -> None:
-    """Claim pending batches of the run and do them, one transaction each, until none is left.
+    """Claim pending batches of the run and do them, one transaction each, until none is left
+    or the run is cancelled. A batch takes at most the controller's size from its range; the
+    rest stays pending.
 
     ``parent``: the planning process's pid; a worker whose parent is gone stops."""
     assert run.run_id is not None, "a planned run is never a dry run"
+    run_id = run.run_id
     worker = _worker_name()
     claim = (
         select(MigrationBatch.id, MigrationBatch.key_lo, MigrationBatch.key_hi)
         .where(
-            MigrationBatch.run_id == run.run_id,
+            MigrationBatch.run_id == run_id,
             MigrationBatch.status == BatchStatus.PENDING.value,
         )
         .order_by(MigrationBatch.key_lo)
@@ -159,22 +166,25 @@ def _claim_loop(
     )
     imported = ImportedVersions()
 
-    def work(connection: Connection) -> BatchResult | None:
+    def work(connection: Connection, size: int) -> BatchResult | None:
         claimed = connection.execute(claim).first()
         if claimed is None:
             return None
         batch_id, low, high = claimed
-        # Ids are unique integers: the range holds at most high - low sessions.
-        span = KeySpan(int(low), int(high), max(1, int(high) - int(low)))
-        return run_batch(connection, run, span, imported, PlannedBatch(int(batch_id), worker))
+        span = KeySpan(int(low), int(high), size)
+        planned = PlannedBatch(int(batch_id), worker, run_id, int(high))
+        return run_batch(connection, run, span, imported, planned)
 
     summary = run.summary
     while parent is None or os.getppid() == parent:  # an orphaned worker stops
-        result = with_retries(run, work)
+        if not steering.gate():
+            return
+        result = steering.attempt(work)
         if result is None:
             return
         summary.batches += 1
         summary.sessions_scanned += result.sessions
+        check_error_budget(run, summary)
         if on_batch is not None:
             on_batch()
 
@@ -188,6 +198,11 @@ def _start_worker(run: BackfillRun) -> subprocess.Popen[bytes]:
         "projects": list(options.projects),
         "match_existing": options.match_existing,
         "max_retries": options.max_retries,
+        "batch_size": options.batch_size,
+        "min_batch_size": options.min_batch_size,
+        "target_batch_ms": options.target_batch_ms,
+        "max_errors": options.max_errors,
+        "retry_quarantined": options.retry_quarantined,
         "lock_timeout_ms": settings.migration_lock_timeout_ms,
         "statement_timeout_ms": settings.migration_statement_timeout_ms,
     }
@@ -267,28 +282,27 @@ def _plan_or_carry(run: BackfillRun, run_id: int) -> BackfillRun:
         return dataclasses.replace(run, total=_planned_sessions(connection, run_id, run.scope))
 
 
-def walk_planned(run: BackfillRun) -> None:
+def walk_planned(run: BackfillRun, steering: Steering) -> None:
     """Plan the run (or carry an interrupted one's pending ranges on) and walk it with
     ``--workers`` processes. Same signature as the single-worker walk."""
     run_id = run.run_id
     assert run_id is not None, "a planned run is never a dry run"
     run = _plan_or_carry(run, run_id)
+    steering.run = run  # the carried ranges' total
     summary = run.summary
     summary.workers = effective_workers(run.engine, run.options.workers)
     children: list[subprocess.Popen[bytes]] = []
 
     def report() -> None:
-        if run.progress is None:
-            return
         done, batches = summary.sessions_scanned, summary.batches
         if children:  # the whole run's progress, every worker's batches
             done, batches = batches_done(run.engine, run_id)
-        run.report(done, batches)
+        steering.report(done, batches)
 
     try:
         for _ in range(summary.workers - 1):
             children.append(_start_worker(run))
-        _claim_loop(run, report)
+        _claim_loop(run, steering, report)
         while any(child.poll() is None for child in children):  # the last batches
             time.sleep(0.2)
             report()
@@ -304,7 +318,7 @@ def walk_planned(run: BackfillRun) -> None:
         # A worker that died (killed, out of memory) rolled its open batch back to pending:
         # finish what it left here, so the run ends complete if everything else went well.
         summary.workers_lost = failed
-        _claim_loop(run, report)
+        _claim_loop(run, steering, report)
         with connect(run.engine) as connection:
             left = len(pending_ranges(connection, run_id))
         if left:
@@ -326,6 +340,11 @@ def _worker(config: dict[str, Any]) -> int:
         projects=tuple(config["projects"]),
         match_existing=config["match_existing"],
         max_retries=config["max_retries"],
+        batch_size=config["batch_size"],
+        min_batch_size=config["min_batch_size"],
+        target_batch_ms=config["target_batch_ms"],
+        max_errors=config["max_errors"],
+        retry_quarantined=config["retry_quarantined"],
     )
     base = make_engine(config["url"])
     # Every query of the worker waits for locks as the planning process's do (bounded).
@@ -346,7 +365,7 @@ def _worker(config: dict[str, Any]) -> int:
             BackfillSummary(config["run_id"], False, scope.slugs, 0),
             matcher=matcher_for(engine, options, scope),
         )
-        _claim_loop(run, parent=config["parent"])
+        _claim_loop(run, Steering(run, leader=False), parent=config["parent"])
     finally:
         base.dispose()
     return 0
