@@ -316,7 +316,8 @@ def _view(connection: Connection, run: Any, dead: Mapping[int, str], now: dateti
     done = totals.rows
     total = _int(summary.get("total"))
     if live_state:  # a dead run's last live state still tells its total; its done is the ledger's
-        done = (_int(live_state.get("done")) or done) if live else done
+        # Published about once a second: the committed batches may already be further on.
+        done = max(_int(live_state.get("done")) or 0, done) if live else done
         total = _int(live_state.get("total")) if "total" in live_state else total
     if total is None and run.status == MigrationRunStatus.COMPLETED.value:
         total = done

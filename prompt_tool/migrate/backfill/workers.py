@@ -187,6 +187,8 @@ def _claim_loop(
         check_error_budget(run, summary)
         if on_batch is not None:
             on_batch()
+        if run.options.sleep_ms:
+            time.sleep(run.options.sleep_ms / 1000)
 
 
 def _start_worker(run: BackfillRun) -> subprocess.Popen[bytes]:
@@ -199,6 +201,7 @@ def _start_worker(run: BackfillRun) -> subprocess.Popen[bytes]:
         "match_existing": options.match_existing,
         "max_retries": options.max_retries,
         "batch_size": options.batch_size,
+        "sleep_ms": options.sleep_ms,
         "min_batch_size": options.min_batch_size,
         "target_batch_ms": options.target_batch_ms,
         "max_errors": options.max_errors,
@@ -341,6 +344,7 @@ def _worker(config: dict[str, Any]) -> int:
         match_existing=config["match_existing"],
         max_retries=config["max_retries"],
         batch_size=config["batch_size"],
+        sleep_ms=config["sleep_ms"],
         min_batch_size=config["min_batch_size"],
         target_batch_ms=config["target_batch_ms"],
         max_errors=config["max_errors"],
