@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select, update
 
 from prompt_tool import flags
 from prompt_tool.compat import PromptSource, SessionReader
+from prompt_tool.core import literal_template
 from prompt_tool.db import schema
 from prompt_tool.db.models import (
     MigrationQuarantine,
@@ -39,7 +40,12 @@ LIMIT = 4096
 # here are over the limit (the sample's are made short first).
 SMALL = Settings(template_max_source_bytes=LIMIT, template_max_stored_source_bytes=LIMIT)
 RAISED = Settings(template_max_source_bytes=LIMIT, template_max_stored_source_bytes=LIMIT * 4)
-LONG = "Plan {{ goal }} carefully. " * 400  # 10,800 bytes, 11,200 as a literal template
+LONG = "Plan {{ goal }} carefully. " * 400  # 10,800 bytes, 13,200 as a literal template
+# Why a long text is quarantined (each is LONG and one digit).
+REASON = (
+    f"text of {len(literal_template(LONG + '1')):,} bytes once its braces are escaped is over "
+    "the template limit of 4,096 bytes (PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)"
+)
 _SESSIONS = OrchestrationSession.__table__
 _COLUMNS = [role.legacy_column for role in PromptRole]
 
@@ -124,17 +130,13 @@ def test_a_text_over_the_template_limit_is_quarantined_with_its_reason_and_the_r
     assert [(session, role) for session, role, _ in quarantined] == [
         (session, "system") for session in long_ones
     ]
-    for _, _, reason in quarantined:
-        assert reason == (
-            "text of 11,201 bytes once its braces are escaped is over the template limit of "
-            "4,096 bytes (PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)"
-        )
+    assert [reason for _, _, reason in quarantined] == [REASON, REASON]
     with deployment.connect() as connection:
         assert by_project(connection) == {"project-1": 1, "project-2": 1}
-        batches = connection.execute(
+        recorded = connection.execute(
             select(MigrationRun.summary).where(MigrationRun.id == summary.run_id)
         ).scalar_one()
-    assert batches["quarantined"] == 2
+    assert recorded["quarantined"] == 2
 
 
 def test_readers_keep_the_legacy_text_of_a_quarantined_session(deployment: Engine) -> None:
@@ -168,9 +170,7 @@ def test_status_and_verify_show_the_quarantined_sessions_per_project(deployment:
     assert not first.readiness.ready
     assert any("--retry-quarantined --project project-1" in r for r in first.readiness.reasons)
     assert first.quarantine_reasons == [
-        f"orchestration_sessions id {session} system_prompt: text of 11,201 bytes once its "
-        "braces are escaped is over the template limit of 4,096 bytes "
-        "(PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)"
+        f"orchestration_sessions id {session} system_prompt: {REASON}"
     ]
     assert not verified.passed
     assert [(p.project, p.quarantined, p.unmigrated) for p in verified.projects] == [
@@ -204,7 +204,7 @@ def test_max_errors_stops_the_run_and_what_is_committed_stands(
     assert any(session > crossed for session, _ in unlinked)
     assert len(_quarantine(deployment)) == max_errors + 1
     # A rerun carries on and finishes: the rows already quarantined are not new errors.
-    summary = backfill(deployment, options, settings=SMALL)
+    summary = backfill(deployment, dataclasses.replace(options, max_errors=100), settings=SMALL)
     assert summary.quarantined == 1 - max_errors
     assert _unlinked(deployment) == [(session, "system") for session in long_ones]
 
@@ -264,7 +264,7 @@ def test_screen_names_each_text_that_cannot_be_imported_and_why() -> None:
     texts = {
         (1, "system", "a"): "short {{ braces }} render back",
         (1, "system", "b"): "x" * 101,
-        (1, "planner", "c"): "{{" * 40,
+        (1, "planner", "c"): "{{" * 60,
         (2, "synthesis", "d"): "y" * 61,
     }
 
@@ -273,11 +273,9 @@ def test_screen_names_each_text_that_cannot_be_imported_and_why() -> None:
     assert found == {
         (1, "system", "b"): "text of 101 bytes is over the template limit of 100 bytes "
         "(PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)",
-        (1, "planner", "c"): "text of 320 bytes once its braces are escaped is over the "
+        (1, "planner", "c"): "text of 126 bytes once its braces are escaped is over the "
         "template limit of 100 bytes (PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)",
         (2, "synthesis", "d"): "text of 61 bytes is over the render output limit of 60 bytes "
         "(PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES)",
     }
-    assert ImportLimits.from_settings(dataclasses.replace(SMALL)) == ImportLimits(
-        LIMIT, SMALL.template_max_output_bytes
-    )
+    assert ImportLimits.from_settings(SMALL) == ImportLimits(LIMIT, SMALL.template_max_output_bytes)

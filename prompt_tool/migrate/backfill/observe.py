@@ -327,7 +327,10 @@ def _view(connection: Connection, run: Any, dead: Mapping[int, str], now: dateti
     window = [batch for batch in batches if batch.finished >= end - _RATE_WINDOW]
     rate = _rate(window, workers) if window else (0.0 if batches else None)
     recent = window if len(window) >= _FEW_BATCHES else batches[-_RECENT_FALLBACK:]
-    working_rate = _rate(recent, workers)
+    # The ETA's rate: the later half of those batches, once there are enough (a run warms up:
+    # its first batches, creating most of the templates, are the slowest); their spread: all.
+    latest = recent[len(recent) // 2 :] if len(recent) >= 2 * _FEW_BATCHES else recent
+    working_rate = _rate(latest, workers)
     throughputs = [b.rows / b.hold_s for b in recent if b.rows and b.hold_s and b.hold_s > 0]
 
     eta: tuple[float, float, float] | None = None
