@@ -22,6 +22,7 @@ from prompt_tool.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[2]
 EXISTING_TABLES = ("prompts", "prompt_versions", "orchestration_sessions", "ab_tests")
+HEAD = schema.history()[-1].revision
 
 
 def _squawk() -> str:
@@ -131,7 +132,7 @@ def test_upgrade_gives_up_on_a_held_lock_and_leaves_nothing_half_done(
     assert "prompt_type" not in columns
     assert changed_tables(before, fingerprint_legacy_tables(legacy_pg_url)) == []
 
-    assert schema.upgrade(legacy_pg_url).current == "0002"
+    assert schema.upgrade(legacy_pg_url).current == HEAD
 
 
 @pytest.mark.postgres
@@ -160,7 +161,7 @@ def test_upgrade_recovers_from_an_interrupted_concurrent_index_build(
         connection.execute(text("DELETE FROM prompts WHERE name = 'twin' AND content = 'b'"))
         connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
 
-    assert schema.upgrade(legacy_pg_url).current == "0002"
+    assert schema.upgrade(legacy_pg_url).current == HEAD
 
     with engine.connect() as connection:
         valid = connection.execute(
@@ -179,7 +180,92 @@ def test_upgrade_is_re_runnable_after_a_partial_expand(empty_db_url: str, engine
         connection.execute(text("DROP TABLE migration_batches"))
         connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
 
-    assert schema.upgrade(empty_db_url).current == "0002"
+    assert schema.upgrade(empty_db_url).current == HEAD
     inspector = inspect(engine_for(empty_db_url))
     assert "migration_batches" in inspector.get_table_names()
     assert "ix_prompts_scope_name" in {i["name"] for i in inspector.get_indexes("prompts")}
+
+
+# --- 0003: the backfill quarantine ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quarantine_sql() -> str:
+    """What `alembic upgrade 0002:0003 --sql` prints for PostgreSQL."""
+    buffer = io.StringIO()
+    config = schema.alembic_config()
+    config.output_buffer = buffer
+    config.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline/none")
+    command.upgrade(config, "0002:0003", sql=True)
+    return buffer.getvalue()
+
+
+def test_squawk_finds_nothing_unjustified_in_the_quarantine_step(
+    quarantine_sql: str, tmp_path: Path
+) -> None:
+    result = _lint(quarantine_sql, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_quarantine_step_sets_timeouts_first_and_only_creates(quarantine_sql: str) -> None:
+    first_ddl = re.search(r"^(ALTER|CREATE|DROP)", quarantine_sql, re.MULTILINE)
+    assert first_ddl is not None
+    preamble = quarantine_sql[: first_ddl.start()]
+    assert "SET lock_timeout" in preamble and "SET statement_timeout" in preamble
+    statements = re.findall(r"^(ALTER|CREATE|DROP)[^\n]*", quarantine_sql, re.MULTILINE)
+    assert statements == ["CREATE", "CREATE"]  # the table, its index: nothing existing altered
+    assert "CREATE TABLE IF NOT EXISTS migration_quarantine" in quarantine_sql
+    assert "CREATE INDEX IF NOT EXISTS ix_migration_quarantine_project_id" in quarantine_sql
+
+
+def test_the_quarantine_step_is_re_runnable_and_its_downgrade_the_exact_inverse(
+    empty_db_url: str, engine_for: Any
+) -> None:
+    schema.upgrade(empty_db_url, "0002")
+    engine = engine_for(empty_db_url)
+
+    def shape() -> dict[str, Any]:
+        inspector = inspect(engine)
+        return {
+            table: (
+                [c["name"] for c in inspector.get_columns(table)],
+                sorted(i["name"] for i in inspector.get_indexes(table)),
+                sorted(str(fk["name"]) for fk in inspector.get_foreign_keys(table)),
+            )
+            for table in inspector.get_table_names()
+        }
+
+    at_0002 = shape()
+    assert schema.upgrade(empty_db_url).current == "0003"
+    with engine.begin() as connection:  # what an interruption could leave: the table alone
+        connection.execute(text("DROP INDEX ix_migration_quarantine_project_id"))
+        connection.execute(text("UPDATE alembic_version SET version_num = '0002'"))
+    engine.dispose()
+    assert not schema.check(empty_db_url).consistent  # 0003's table here at 0002: it says so
+
+    assert schema.upgrade(empty_db_url).current == "0003"
+    assert schema.check(empty_db_url).consistent
+    assert "ix_migration_quarantine_project_id" in {
+        i["name"] for i in inspect(engine).get_indexes("migration_quarantine")
+    }
+    engine.dispose()
+    assert schema.downgrade(empty_db_url).current == "0002"
+    engine.dispose()
+    assert shape() == at_0002
+
+
+def test_db_check_reports_a_missing_quarantine_table_at_0003(
+    empty_db_url: str, engine_for: Any
+) -> None:
+    schema.upgrade(empty_db_url)
+    with engine_for(empty_db_url).begin() as connection:
+        connection.execute(text("DROP TABLE migration_quarantine"))
+
+    drift = schema.check(empty_db_url).drift
+
+    assert len(drift) == 1
+    assert "migration_quarantine is missing at 0003" in drift[0]
+    assert "`orch-migrate db stamp 0002` then `orch-migrate db upgrade`" in drift[0]
+    schema.stamp(empty_db_url, "0002")
+    assert schema.upgrade(empty_db_url).current == "0003"
+    assert schema.check(empty_db_url).consistent
