@@ -5,7 +5,9 @@ would return: matched (the rendered reference equals the legacy text), mismatche
 (no reference yet), stale (the legacy text changed after the reference was made), render error,
 unreadable (its stored bytes are not valid UTF-8: never read, named by session id and column;
 backfill leaves it unlinked, so like an unmigrated one it fails the check unless
-``allow_unmigrated``: the templates path serves it from the legacy column).
+``allow_unmigrated``: the templates path serves it from the legacy column), quarantined (a text a
+backfill could not import, in revision 0003's quarantine: served from the legacy column, and
+blocking as an unmigrated one does; the report names the first few with the reason).
 Nearly every imported text is a *literal* version (no brace, no declared variable: it renders
 to its own source), and those are settled in the database by comparing the legacy text with
 the version's source, byte for byte, which costs less than digesting it. Every other text is

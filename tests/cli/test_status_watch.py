@@ -41,13 +41,13 @@ _OLD_KEYS = {
 
 @pytest.fixture
 def watched(head_db_url: str, engine_for: Any) -> tuple[str, int]:
-    """A database at head with a live backfill run, throttled, half done."""
+    """A database at head with a live backfill run, throttled, 600 of 1,000 done."""
     engine: Engine = engine_for(head_db_url)
     with engine.begin() as connection:
         run_id = _run(
             connection,
             params=_here(scope=_SCOPE),
-            summary=_live(state="throttled", reason=_REASON, done=500, total=1000),
+            summary=_live(state="throttled", reason=_REASON, done=600, total=1000),
         )
         _steady(connection, run_id, [0.1] * 5)
     return head_db_url, run_id
@@ -61,7 +61,7 @@ def test_status_json_keeps_its_keys_and_adds_the_backfills(watched: tuple[str, i
     assert set(report) >= _OLD_KEYS
     [backfill] = report["backfills"]
     assert backfill["run_id"] == run_id
-    assert (backfill["done"], backfill["total"]) == (500, 1000)
+    assert (backfill["done"], backfill["total"]) == (600, 1000)
     assert backfill["activity"] == "throttled" and backfill["throttle_reason"] == _REASON
     assert backfill["eta_note"] == "ETA excludes waiting"
     assert {"rows_per_second", "eta_low_s", "eta_high_s", "hold_p50_ms", "hold_p99_ms"} <= set(
@@ -112,7 +112,7 @@ def test_status_watch_through_a_pipe_prints_a_plain_line_per_refresh_until_ctrl_
     for line in lines:
         assert "\x1b[" not in line
         assert f"backfill #{run_id} {_SCOPE} throttled: {_REASON}" in line
-        assert "500/1,000 sessions" in line and "ETA excludes waiting" in line
+        assert "600/1,000 sessions" in line and "ETA excludes waiting" in line
 
 
 def test_status_watch_json_prints_one_object_per_refresh(watched: tuple[str, int]) -> None:
@@ -145,7 +145,7 @@ def test_status_in_a_terminal_draws_a_live_table_and_ctrl_c_ends_it_with_exit_0(
     assert ran.returncode == 0, ran.screen[-3000:]
     assert "Traceback" not in ran.screen and "interrupted" not in ran.screen
     assert f"#{run_id}" in ran.screen and "[red]acme[/red]" in ran.screen
-    assert "[bold]said" in ran.screen and "500/1,000" in ran.screen
+    assert "[bold]said" in ran.screen and "600/1,000" in ran.screen
 
 
 def test_a_metrics_file_in_a_missing_directory_is_refused_in_one_line(

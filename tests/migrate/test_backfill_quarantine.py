@@ -6,12 +6,15 @@ raised limit with ``--retry-quarantined`` links them and empties the quarantine.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, update
+from typer.testing import CliRunner
 
 from prompt_tool import flags
+from prompt_tool.cli.orch_migrate import app
 from prompt_tool.compat import PromptSource, SessionReader
 from prompt_tool.core import literal_template
 from prompt_tool.db import schema
@@ -47,13 +50,14 @@ REASON = (
     "the template limit of 4,096 bytes (PROMPT_TOOL_TEMPLATE_MAX_STORED_SOURCE_BYTES)"
 )
 _SESSIONS = OrchestrationSession.__table__
+runner = CliRunner()
 _COLUMNS = [role.legacy_column for role in PromptRole]
 
 
 @pytest.fixture
 def deployment(empty_db_url: str, engine_for: Any) -> Engine:
     """60 sessions over two projects at head, every text short, but for two sessions' system
-    texts (one in each project): too long for ``SMALL``'s limit."""
+    texts (one in each project, ids apart): too long for ``SMALL``'s limit."""
     schema.upgrade(empty_db_url, "0001")
     load_legacy_sample(empty_db_url, sessions=60, projects=2, seed=3)
     schema.upgrade(empty_db_url)
@@ -61,18 +65,18 @@ def deployment(empty_db_url: str, engine_for: Any) -> Engine:
     with engine.begin() as connection:
         for column in _COLUMNS:
             connection.execute(
-                update(_SESSIONS)
+                update(OrchestrationSession)
                 .where(_SESSIONS.c[column].is_not(None))
                 .values({column: func.substr(_SESSIONS.c[column], 1, 500)})
             )
-        for project_id in (1, 2):
+        for project_id, after in ((1, 10), (2, 40)):
             first = connection.execute(
                 select(func.min(_SESSIONS.c.id)).where(
-                    _SESSIONS.c.project_id == project_id, _SESSIONS.c.id > 10
+                    _SESSIONS.c.project_id == project_id, _SESSIONS.c.id > after
                 )
             ).scalar_one()
             connection.execute(
-                update(_SESSIONS)
+                update(OrchestrationSession)
                 .where(_SESSIONS.c.id == first)
                 .values(system_prompt=LONG + str(project_id))
             )
@@ -93,7 +97,7 @@ def _long_sessions(engine: Engine) -> list[int]:
 def _quarantine(engine: Engine) -> list[tuple[int, str, str]]:
     with engine.connect() as connection:
         return [
-            tuple(row)
+            (int(row[0]), str(row[1]), str(row[2]))
             for row in connection.execute(
                 select(
                     MigrationQuarantine.session_id,
@@ -197,11 +201,10 @@ def test_max_errors_stops_the_run_and_what_is_committed_stands(
         f"row quarantined, over --max-errors {max_errors}" in message
     )
     assert "what is committed stands" in message and "orch-migrate status" in message
-    # Stopped in the batch that crossed the budget: the sessions after it are not linked yet.
+    # Stopped after the batch that crossed the budget: only sessions after it are not linked.
     crossed = long_ones[max_errors]
-    unlinked = _unlinked(deployment)
-    assert all(session >= crossed for session, _ in unlinked)
-    assert any(session > crossed for session, _ in unlinked)
+    unlinked = [session for session, _ in _unlinked(deployment) if session not in long_ones]
+    assert unlinked and all(session > crossed for session in unlinked)
     assert len(_quarantine(deployment)) == max_errors + 1
     # A rerun carries on and finishes: the rows already quarantined are not new errors.
     summary = backfill(deployment, dataclasses.replace(options, max_errors=100), settings=SMALL)
@@ -279,3 +282,22 @@ def test_screen_names_each_text_that_cannot_be_imported_and_why() -> None:
         "(PROMPT_TOOL_TEMPLATE_MAX_OUTPUT_BYTES)",
     }
     assert ImportLimits.from_settings(SMALL) == ImportLimits(LIMIT, SMALL.template_max_output_bytes)
+
+
+def test_the_status_and_verify_commands_show_the_quarantine(deployment: Engine) -> None:
+    backfill(deployment, settings=SMALL)
+    session = _long_sessions(deployment)[0]
+    url = deployment.url.render_as_string(hide_password=False)
+
+    shown = runner.invoke(app, ["status", "--db", url])
+    as_json = json.loads(runner.invoke(app, ["status", "--db", url, "--json"]).stdout)
+    verified = runner.invoke(app, ["verify", "--db", url])
+
+    assert shown.exit_code == 0, shown.output
+    assert "quarantined" in shown.output
+    assert f"project-1: quarantined orchestration_sessions id {session} system_prompt" in (
+        " ".join(shown.output.split())
+    )
+    assert [p["quarantined"] for p in as_json["projects"]] == [1, 1]
+    assert verified.exit_code == 1
+    assert "2 legacy texts quarantined by backfill" in " ".join(verified.output.split())

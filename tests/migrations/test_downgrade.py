@@ -24,6 +24,8 @@ from prompt_tool.cli.prompt_tool import app as prompt_tool_app
 from prompt_tool.db import online_ddl, schema
 from prompt_tool.errors import MigrationRefusedError, SchemaError
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
+from prompt_tool.migrate.backfill import batch as backfill_batch
+from prompt_tool.migrate.backfill import command as backfill_command
 from prompt_tool.migrate.fingerprint import changed_tables, fingerprint_connection
 from prompt_tool.migrate.restore import restore
 from prompt_tool.migrate.retract import ArchiveOutdatedError, UserDataWouldBeLostError
@@ -370,6 +372,10 @@ def test_a_backfill_batch_committed_just_before_the_downgrade_locks_is_taken_bac
     url, before = at_0001
     schema.upgrade(url)
     batches: list[Any] = []
+    # 0003's downgrade has dropped the quarantine by then (a real backfill's next batch fails on
+    # it): the batch is written as by a backfill that had passed its checks, minus the quarantine.
+    monkeypatch.setattr(backfill_command, "require_known_revision", lambda *_, **__: "0003")
+    monkeypatch.setattr(backfill_batch, "held", lambda *_: set())
     _written_just_before_the_locks(
         monkeypatch,
         lambda: batches.append(backfill(engine_for(url), BackfillOptions(batch_size=20, limit=20))),

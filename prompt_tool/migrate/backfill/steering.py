@@ -91,6 +91,8 @@ class _Hold:
 
     pace: Pace
     reason: str
+    # How the run's summary names it among what it waited for (the reason without advice).
+    short: str = ""
 
 
 def steered_size(size: int, per_session_s: float, options: BackfillOptions) -> tuple[int, str]:
@@ -170,6 +172,9 @@ class Steering:
                 return True
             held = True
             self._note(hold.pace, hold.reason)
+            short = hold.short or hold.reason
+            if short not in self.run.summary.waited_for:
+                self.run.summary.waited_for.append(short)
             time.sleep(_POLL_S)
 
     def _control_hold(self) -> _Hold | None:
@@ -188,10 +193,11 @@ class Steering:
                 Pace.PAUSED,
                 f"paused by {request.by} at {request.at}; `orch-migrate backfill resume` "
                 "carries on",
+                f"paused by {request.by}",
             )
         pace = live.get("state")
         if pace in {p.value for p in _WAITING}:
-            return _Hold(Pace(pace), str(live.get("reason") or pace))
+            return _Hold(Pace(pace), str(live.get("reason") or pace), f"{pace} (planning process)")
         return None
 
     def _window_hold(self) -> _Hold | None:
@@ -204,6 +210,7 @@ class Steering:
         return _Hold(
             Pace.OUTSIDE_WINDOW,
             f"outside its window {window} (local time); works again at {str(window)[:5]}",
+            f"outside its window {window}",
         )
 
     def _finish_wait(self, began: float | None) -> None:
@@ -216,8 +223,6 @@ class Steering:
         """The run's state now: recorded in the summary, published when it changed."""
         changed = (pace, reason) != (self._pace, self._reason)
         self._pace, self._reason = pace, reason
-        if reason and pace in _WAITING and reason.split(" (")[0] not in self.run.summary.waited_for:
-            self.run.summary.waited_for.append(reason.split(" (")[0])
         if changed:
             self.report(self._done, self.run.summary.batches, force=True)
 
@@ -321,7 +326,9 @@ class Steering:
 
 
 def _throttle(reading: Reading | None) -> _Hold | None:
-    return None if reading is None else _Hold(Pace.THROTTLED, reading.describe())
+    if reading is None:
+        return None
+    return _Hold(Pace.THROTTLED, reading.describe(), reading.describe().split(" (limit")[0])
 
 
 def retrying(

@@ -1,0 +1,426 @@
+"""The backfill's control loop measured against itself (issue 20), on fresh copies of the data
+set, every figure against a baseline measured in the same run:
+
+- throughput with every health check on (default options and limits) vs
+  ``BackfillOptions(health_checks=False)``: the best of two runs each, in the order on, off,
+  off, on, so a drift of the machine's speed over the section favours neither;
+- ``estimate_backfill`` (rolled-back sample batches) vs the real run on the same copy: duration,
+  templates and WAL (``pg_current_wal_lsn`` around the run);
+- the ETA ``observe`` computes from the ledger, on a connection of its own, at 10% and 50% of a
+  run, vs the time the run really took from there;
+- the lock hold per batch (the database's clock) of the runs with the controller on, vs its
+  ``--target-ms``.
+
+The backfills run in this process (the progress callback takes the ETA readings between
+batches), one after the other, each on its own copy made with ``CREATE DATABASE ... TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from benchmarks.harness import Measurement, Target, libpq, log, percentiles, scratch_database
+from prompt_tool.db.engine import connect, make_engine
+from prompt_tool.migrate import commands
+from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress
+from prompt_tool.migrate.backfill.observe import observe
+
+__all__ = [
+    "ESTIMATE_TOLERANCE",
+    "ETA_POINTS",
+    "HOLD_FACTOR",
+    "HOLDS_OFF",
+    "ControlFigures",
+    "EtaReading",
+    "markdown",
+    "run",
+]
+
+HOLDS_OFF = "health checks off (BackfillOptions(health_checks=False))"
+THROUGHPUT_TARGET = Target(0.95, ">= 0.95x")
+ESTIMATE_TOLERANCE = 0.25  # the estimate's duration within 25% of the real run's
+HOLD_FACTOR = 2.0  # p99 lock hold at most this many times --target-ms
+ETA_POINTS = (0.10, 0.50)  # shares of the run at which the ETA is read
+
+
+@dataclass
+class EtaReading:
+    """The ETA ``observe`` gave at one point of a run, and what the run then really took."""
+
+    share: float  # of the run, when read
+    done: int
+    total: int
+    at: float  # perf_counter when the reading came back (the run went on from there)
+    read_ms: float  # how long the reading took (the run waited for it)
+    eta_s: float | None
+    eta_low_s: float | None
+    eta_high_s: float | None
+    remaining_s: float = 0.0  # the real time from the reading to the walk's last batch
+
+    @property
+    def error(self) -> float | None:
+        if self.eta_s is None or self.remaining_s <= 0:
+            return None
+        return abs(self.eta_s - self.remaining_s) / self.remaining_s
+
+    @property
+    def inside(self) -> bool | None:
+        if self.eta_low_s is None or self.eta_high_s is None:
+            return None
+        return self.eta_low_s <= self.remaining_s <= self.eta_high_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "share": self.share,
+            "done": self.done,
+            "total": self.total,
+            "read_ms": self.read_ms,
+            "eta_s": self.eta_s,
+            "eta_low_s": self.eta_low_s,
+            "eta_high_s": self.eta_high_s,
+            "real_remaining_s": self.remaining_s,
+            "error": self.error,
+            "inside_range": self.inside,
+        }
+
+
+class _EtaProbe:
+    """The progress callback of the probed run: at each of ``ETA_POINTS`` (the first report at
+    or past it) it reads the run's view from the ledger through an engine of its own (the
+    callback runs between batches, outside the run's transactions); it keeps the time of the
+    last report, the walk's end."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.readings: list[EtaReading] = []
+        self.last_report = 0.0
+        self.run_id: int | None = None
+
+    def __call__(self, progress: BackfillProgress) -> None:
+        now = time.perf_counter()
+        self.last_report = now
+        self.run_id = progress.run_id
+        if progress.run_id is None or not progress.total:
+            return
+        pending = ETA_POINTS[len(self.readings) :]
+        if not pending or progress.done / progress.total < pending[0]:
+            return
+        with connect(self.engine) as connection:
+            view = observe(connection, progress.run_id)
+        back = time.perf_counter()
+        self.readings.append(
+            EtaReading(
+                share=pending[0],
+                done=progress.done,
+                total=progress.total,
+                at=back,
+                read_ms=(back - now) * 1000,
+                eta_s=view.eta_s,
+                eta_low_s=view.eta_low_s,
+                eta_high_s=view.eta_high_s,
+            )
+        )
+        self.last_report = time.perf_counter()
+
+    def finish(self) -> list[EtaReading]:
+        self.engine.dispose()
+        for reading in self.readings:
+            reading.remaining_s = self.last_report - reading.at
+        return self.readings
+
+
+@dataclass
+class _Run:
+    health_checks: bool
+    elapsed_s: float
+    waited_s: float
+    run_id: int
+    templates: int
+    sessions: int
+    batch_size: int
+    holds_ms: list[float]
+    wal_bytes: int | None = None
+    health_problems: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "health_checks": self.health_checks,
+            "elapsed_s": self.elapsed_s,
+            "waited_s": self.waited_s,
+            "run_id": self.run_id,
+            "templates": self.templates,
+            "sessions": self.sessions,
+            "batch_size": self.batch_size,
+            "wal_bytes": self.wal_bytes,
+            "lock_hold": percentiles(self.holds_ms),
+            "health_problems": self.health_problems,
+        }
+
+
+@dataclass
+class ControlFigures:
+    """What the section measured: the throughput row (a Measurement, in the main table) and
+    the estimate, ETA and lock hold figures (their own table: see :func:`markdown`)."""
+
+    sessions: int
+    target_batch_ms: int
+    runs: list[_Run]
+    estimate: dict[str, Any]
+    etas: list[EtaReading]
+    measurements: list[Measurement] = field(default_factory=list)
+
+    @property
+    def real(self) -> _Run:
+        """The run the estimate and the ETA readings are compared with (the first, probed)."""
+        return self.runs[0]
+
+    @property
+    def estimate_error(self) -> float:
+        real = self.real.elapsed_s - self.real.waited_s
+        return abs(float(self.estimate["duration_s"]) - real) / real
+
+    @property
+    def estimate_inside(self) -> bool:
+        real = self.real.elapsed_s - self.real.waited_s
+        return bool(self.estimate["duration_low_s"] <= real <= self.estimate["duration_high_s"])
+
+    @property
+    def holds(self) -> dict[str, float]:
+        """Lock hold percentiles over every batch of the runs with the controller on."""
+        return percentiles([hold for r in self.runs if r.health_checks for hold in r.holds_ms])
+
+    @property
+    def holds_met(self) -> bool:
+        return self.holds.get("p99_ms", 0.0) <= HOLD_FACTOR * self.target_batch_ms
+
+    def failing(self) -> list[str]:
+        """The smoke check beyond the throughput ratio: an estimate off by more than twice its
+        tolerance, or a p99 lock hold above twice its bar."""
+        failing = []
+        if self.estimate_error > 2 * ESTIMATE_TOLERANCE:
+            failing.append(
+                f"backfill control: the estimate is {self.estimate_error:.0%} off the real run "
+                f"(target within {ESTIMATE_TOLERANCE:.0%})"
+            )
+        p99 = self.holds.get("p99_ms", 0.0)
+        if p99 > 2 * HOLD_FACTOR * self.target_batch_ms:
+            failing.append(
+                f"backfill control: lock hold p99 {p99:.0f} ms (target <= "
+                f"{HOLD_FACTOR * self.target_batch_ms:.0f} ms)"
+            )
+        return failing
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target_batch_ms": self.target_batch_ms,
+            "runs": [r.as_json() for r in self.runs],
+            "estimate": self.estimate,
+            "estimate_error": self.estimate_error,
+            "estimate_inside_range": self.estimate_inside,
+            "eta": [reading.as_json() for reading in self.etas],
+            "lock_hold": self.holds,
+            "lock_hold_target": f"p99 <= {HOLD_FACTOR:g}x --target-ms",
+            "lock_hold_met": self.holds_met,
+        }
+
+
+def _wal_position(url: str) -> int:
+    with psycopg.connect(libpq(url)) as connection:
+        row = connection.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _settle(url: str) -> None:
+    """Before a timed run: a checkpoint (the copy's WAL written out, so no checkpoint it caused
+    lands in the run) and a collection, as every run gets. Best effort."""
+    gc.collect()
+    try:
+        with psycopg.connect(libpq(url), autocommit=True) as connection:
+            connection.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
+def _holds(url: str, run_id: int) -> list[float]:
+    with psycopg.connect(libpq(url)) as connection:
+        return [
+            float(ms)
+            for (ms,) in connection.execute(
+                "SELECT EXTRACT(EPOCH FROM (finished_at - started_at)) * 1000 "
+                "FROM migration_batches WHERE run_id = %s AND status = 'done'",
+                (run_id,),
+            )
+        ]
+
+
+def _backfill(
+    url: str, health_checks: bool, probe: _EtaProbe | None = None
+) -> tuple[_Run, int]:
+    """One timed backfill of the copy at ``url``; and the WAL the server wrote meanwhile."""
+    options = BackfillOptions() if health_checks else BackfillOptions(health_checks=False)
+    _settle(url)
+    wal_before = _wal_position(url)
+    start = time.perf_counter()
+    summary = commands.backfill(url, options, progress=probe)
+    elapsed = time.perf_counter() - start
+    wal = _wal_position(url) - wal_before
+    if summary.run_id is None:
+        raise AssertionError("the backfill recorded no run")
+    return (
+        _Run(
+            health_checks=health_checks,
+            elapsed_s=elapsed,
+            waited_s=summary.waited_s,
+            run_id=summary.run_id,
+            templates=summary.templates_created,
+            sessions=summary.sessions_scanned,
+            batch_size=summary.batch_size,
+            holds_ms=_holds(url, summary.run_id),
+            health_problems=list(summary.health_problems),
+        ),
+        wal,
+    )
+
+
+def run(dataset_url: str, sessions: int, *, repeat: int = 2) -> ControlFigures:
+    """The section on copies of the data set at ``dataset_url`` (``repeat`` runs each way)."""
+    runs: list[_Run] = []
+    estimate: dict[str, Any] = {}
+    etas: list[EtaReading] = []
+    # On, off, off, on (and so on): a drift of the machine over the section favours neither.
+    order = [bool((i % 4) in (0, 3)) for i in range(2 * repeat)]
+    for index, health_checks in enumerate(order):
+        label = "on" if health_checks else "off"
+        with scratch_database(f"control_{label}", dataset_url) as url:
+            probe = None
+            if index == 0:
+                log("backfill control: estimate, then the run it estimates (health checks on)")
+                began = time.perf_counter()
+                projected = commands.estimate_backfill(url, BackfillOptions())
+                estimate = {
+                    "duration_s": projected.duration_s,
+                    "duration_low_s": projected.duration_low_s,
+                    "duration_high_s": projected.duration_high_s,
+                    "templates": projected.templates,
+                    "wal_bytes": projected.wal_bytes,
+                    "batch_size": projected.batch_size,
+                    "lock_hold_ms": projected.lock_hold_ms,
+                    "samples": projected.samples,
+                    "elapsed_s": time.perf_counter() - began,
+                }
+                probe = _EtaProbe(url)
+            else:
+                log(f"backfill control: health checks {label}")
+            measured, wal = _backfill(url, health_checks, probe)
+            measured.wal_bytes = wal
+            if probe is not None:
+                etas = probe.finish()
+            runs.append(measured)
+    on = min(r.elapsed_s for r in runs if r.health_checks)
+    off = min(r.elapsed_s for r in runs if not r.health_checks)
+    figures = ControlFigures(
+        sessions=sessions,
+        target_batch_ms=BackfillOptions().target_batch_ms,
+        runs=runs,
+        estimate=estimate,
+        etas=etas,
+    )
+    figures.measurements = [
+        Measurement(
+            section="backfill control",
+            what=f"backfill, {sessions:,} sessions, health checks on (default limits), "
+            f"best of {repeat}",
+            ours_per_s=sessions / on,
+            baselines={HOLDS_OFF: sessions / off},
+            targets={HOLDS_OFF: THROUGHPUT_TARGET},
+            extra=figures.as_json(),
+        )
+    ]
+    return figures
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:,.1f} s"
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def _mib(value: float | None) -> str:
+    return "" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def _yes(value: bool | None) -> str:
+    return {True: "yes", False: "**NO**", None: ""}[value]
+
+
+def markdown(figures: ControlFigures) -> list[str]:
+    """The estimate, ETA and lock hold rows as a Markdown table (lines)."""
+    real = figures.real
+    real_work = real.elapsed_s - real.waited_s
+    estimate = figures.estimate
+    lines = [
+        "",
+        "| backfill control | projected | real | error | target | met |",
+        "|---|---:|---:|---:|---|---|",
+        f"| estimate: duration (range {_seconds(estimate['duration_low_s'])} to "
+        f"{_seconds(estimate['duration_high_s'])}; real inside it: "
+        f"{_yes(figures.estimate_inside)}) | {_seconds(estimate['duration_s'])} | "
+        f"{_seconds(real_work)} | {_share(figures.estimate_error)} | "
+        f"within {ESTIMATE_TOLERANCE:.0%} | {_yes(figures.estimate_error <= ESTIMATE_TOLERANCE)} |",
+        f"| estimate: templates to create | {estimate['templates']:,} | {real.templates:,} | "
+        f"{_share(abs(estimate['templates'] - real.templates) / max(1, real.templates))} | "
+        "report | |",
+    ]
+    wal = estimate.get("wal_bytes")
+    if wal is not None and real.wal_bytes:
+        lines.append(
+            f"| estimate: WAL (real: the server's, pg_current_wal_lsn around the run) | "
+            f"{_mib(wal)} | {_mib(real.wal_bytes)} | "
+            f"{_share(abs(wal - real.wal_bytes) / real.wal_bytes)} | report | |"
+        )
+    for reading in figures.etas:
+        band = f"{_seconds(reading.eta_low_s)} to {_seconds(reading.eta_high_s)}"
+        lines.append(
+            f"| ETA at {reading.share:.0%} ({reading.done:,} of {reading.total:,}; range "
+            f"{band}) | {_seconds(reading.eta_s)} | {_seconds(reading.remaining_s)} | "
+            f"{_share(reading.error)} | report; real inside the range | {_yes(reading.inside)} |"
+        )
+    missing = [share for share in ETA_POINTS if share not in {r.share for r in figures.etas}]
+    for share in missing:
+        lines.append(f"| ETA at {share:.0%} | (no reading) | | | report | |")
+    holds = figures.holds
+    bar = HOLD_FACTOR * figures.target_batch_ms
+    lines.append(
+        f"| lock hold p99, controller on ({holds.get('n', 0):,} batches; p50 "
+        f"{holds.get('p50_ms', 0):.0f} ms, max {holds.get('max_ms', 0):.0f} ms; "
+        f"--target-ms {figures.target_batch_ms}) | {figures.target_batch_ms} ms | "
+        f"{holds.get('p99_ms', 0):.0f} ms | {holds.get('p99_ms', 0) / figures.target_batch_ms:.2f}x "
+        f"the target | p99 <= {bar:.0f} ms ({HOLD_FACTOR:g}x) | {_yes(figures.holds_met)} |"
+    )
+    waited = [r for r in figures.runs if r.waited_s >= 0.05 or r.health_problems]
+    for r in waited:
+        lines.append(
+            f"| (run {r.run_id}, health checks {'on' if r.health_checks else 'off'}: waited "
+            f"{r.waited_s:.1f} s; {'; '.join(r.health_problems) or 'every signal read'}) | | | "
+            "| | |"
+        )
+    return lines
+
+
+def summary_lines(figures: ControlFigures) -> Sequence[str]:
+    """Each run's time, for the log."""
+    return [
+        f"health checks {'on' if r.health_checks else 'off'}: {r.elapsed_s:.1f} s "
+        f"(waited {r.waited_s:.1f} s, batch size {r.batch_size:,})"
+        for r in figures.runs
+    ]
