@@ -147,6 +147,7 @@ class _Run:
     holds_ms: list[float]
     wal_bytes: int | None = None
     health_problems: list[str] = field(default_factory=list)
+    waited_for: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +161,7 @@ class _Run:
             "wal_bytes": self.wal_bytes,
             "lock_hold": percentiles(self.holds_ms),
             "health_problems": self.health_problems,
+            "waited_for": self.waited_for,
         }
 
 
@@ -285,6 +287,7 @@ def _backfill(
             batch_size=summary.batch_size,
             holds_ms=_holds(url, summary.run_id),
             health_problems=list(summary.health_problems),
+            waited_for=list(summary.waited_for),
         ),
         wal,
     )

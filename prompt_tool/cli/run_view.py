@@ -220,7 +220,7 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     run's own since it started, waits left out."""
     parts: list[str] = []
     if view is not None:
-        parts += [_rate(view.rows_per_second), eta_text(view)]
+        parts += [_rate(view.rows_per_second), eta_text(_now_at(view, progress))]
     else:
         working = progress.elapsed_s - progress.waited_s
         if progress.done > 0 and working > 0:
@@ -239,6 +239,19 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     if progress.state != "working":
         parts.append(f"{progress.state}: {progress.reason}" if progress.reason else progress.state)
     return ", ".join(part for part in parts if part)
+
+
+def _now_at(view: RunView, progress: BackfillProgress) -> RunView:
+    """``view`` (read up to 2 s ago) with its ETA scaled to the sessions left now."""
+    if not view.remaining or view.eta_s is None:
+        return view
+    left = max(0, progress.total - progress.done) / view.remaining
+    return dataclasses.replace(
+        view,
+        eta_s=view.eta_s * left,
+        eta_low_s=None if view.eta_low_s is None else view.eta_low_s * left,
+        eta_high_s=None if view.eta_high_s is None else view.eta_high_s * left,
+    )
 
 
 class _Detail(ProgressColumn):

@@ -63,6 +63,7 @@ __all__ = [
     "sha256_hex",
     "stale_statistics",
     "text_as_stored",
+    "transaction_began",
     "unreadable_text",
     "wal_insert_position",
     "wall_clock",
@@ -95,7 +96,28 @@ def _wall_clock_postgresql(element: wall_clock, compiler: Any, **kw: Any) -> str
 
 @compiles(wall_clock, "sqlite")
 def _wall_clock_sqlite(element: wall_clock, compiler: Any, **kw: Any) -> str:
-    return "CURRENT_TIMESTAMP"
+    # To the millisecond, as SQLAlchemy stores datetimes there (CURRENT_TIMESTAMP has seconds:
+    # a batch's rate measured over a few seconds would be off by a whole second).
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+class transaction_began(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
+    """SQL: when the transaction began (PostgreSQL's now()); SQLite knows no such time and
+    gives the time now, to the millisecond (its batches say how long they held in their
+    ledger counts)."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+
+@compiles(transaction_began, "postgresql")
+def _transaction_began_postgresql(element: transaction_began, compiler: Any, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(transaction_began, "sqlite")
+def _transaction_began_sqlite(element: transaction_began, compiler: Any, **kw: Any) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
 
 @compiles(sha256_hex, "postgresql")

@@ -6,10 +6,9 @@ reference) or stale (a reference whose ``legacy_hash`` differs from the sha256 o
 legacy text, which includes a reference left on a text set to NULL), quarantined (revision
 0003: a legacy text a backfill could not import, read from the legacy column; the first few are
 named with the reason, and `orch-migrate backfill --retry-quarantined` tries them again), the
-flag variant, and the
-last export, backfill and verify run that covered it. The counts are one set-based query: the
-hashes are computed by the database (:class:`~prompt_tool.db.dialect.sha256_hex`), no legacy text
-crosses the wire.
+flag variant, and the last export, backfill and verify run that covered it. The counts are one
+set-based query: the hashes are computed by the database
+(:class:`~prompt_tool.db.dialect.sha256_hex`), no legacy text crosses the wire.
 
 A project is *ready* for ``templates`` when it is fully backfilled (nothing unmigrated, nothing
 stale) and its last verify passed: a verify that covered it, completed, passed for it, checked

@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,35 @@ def test_the_progress_bar_shows_what_status_watch_shows() -> None:
         "150 rows/s, ETA 0:02 (0:01-0:04), batch 200, lock hold p50 12 ms, p99 40 ms, "
         "quarantined 2, paused: paused by ops@host"
     )
+
+
+_BAR_SCRIPT = """
+from prompt_tool.cli.run_view import backfill_progress
+from prompt_tool.migrate.backfill.types import BackfillProgress
+
+with backfill_progress(True) as update:
+    for done in (100, 200, 300):
+        update(BackfillProgress(done, 600, done // 100, done / 100, state="throttled",
+                                reason="lag [bold]2,400 ms[/bold]", batch_size=100))
+    print("drawn")
+"""
+
+
+def test_the_progress_bar_draws_its_figures_literally_in_a_terminal() -> None:
+    ran = in_terminal([sys.executable, "-c", _BAR_SCRIPT], when=lambda screen: True)
+    assert ran.returncode == 0, ran.screen
+    assert "300/600 sessions" in ran.screen and "━" in ran.screen
+    assert "throttled: lag [bold]2,400 ms[/bold]" in ran.screen
+    assert "batch 100" in ran.screen and "ETA excludes waiting" in ran.screen
+
+
+def test_status_without_watch_writes_the_metrics_file_once(
+    watched: tuple[str, int], tmp_path: Path
+) -> None:
+    url, run_id = watched
+    target = tmp_path / "backfill.prom"
+    code, _, err = run_cli(
+        app, ["orch-migrate", "status", "--metrics-file", str(target), "--db", url]
+    )
+    assert code == 0, err
+    assert f'prompt_tool_backfill_sessions_total{{run="{run_id}",' in target.read_text()

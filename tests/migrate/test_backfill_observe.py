@@ -6,6 +6,7 @@ atomically)."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import subprocess
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, insert, text, update
 
-from prompt_tool.db.models import MigrationBatch, MigrationRun
+from prompt_tool.db.models import (
+    MigrationBatch,
+    MigrationQuarantine,
+    MigrationRun,
+    OrchestrationSession,
+    Project,
+)
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.backfill import observe as observe_module
 from prompt_tool.migrate.backfill.observe import (
@@ -163,6 +170,36 @@ def test_the_eta_range_comes_from_the_spread_of_batch_throughput(engine: Engine)
     assert view.eta_note is None
 
 
+def test_on_a_steady_run_the_eta_range_holds_the_real_finish(engine: Engine) -> None:
+    """A run of 200 batches of 100 rows, each transaction 40-120 ms (seeded) plus 10 ms between
+    batches, and a 2 s throttle before every tenth: seen half way, the range holds the time
+    its other half works (the waits left out, as the ETA says)."""
+    draw = random.Random(7)
+    holds = [draw.uniform(0.04, 0.12) for _ in range(200)]
+    with engine.begin() as connection:
+        run_id = _run(connection, summary=_live(done=10_000, total=20_000, workers=1))
+        now = server_now(connection)
+        finished = now - timedelta(seconds=sum(hold + 0.01 for hold in holds[:100]) + 20)
+        for index, hold in enumerate(holds[:100]):
+            waited = 2.0 if index % 10 == 0 else 0.0
+            finished += timedelta(seconds=waited + hold + 0.01)
+            _batch(
+                connection,
+                run_id,
+                index * 100,
+                rows=100,
+                finished=finished,
+                hold_s=hold,
+                waited_ms=waited * 1000,
+            )
+    with engine.connect() as connection:
+        view = observe(connection, run_id)
+    real = sum(hold + 0.01 for hold in holds[100:])
+    assert view.eta_s is not None and view.eta_low_s is not None and view.eta_high_s is not None
+    assert view.eta_low_s <= real <= view.eta_high_s
+    assert view.eta_s == pytest.approx(real, rel=0.25)
+
+
 def test_a_steady_run_gets_a_range_of_at_least_a_fifth_either_side() -> None:
     found = eta_range(1000, 100.0, [100.0] * 10)
     assert found == pytest.approx((10.0, 1000 / 120 - 1.0, 1000 / 80 + 1.0))
@@ -293,6 +330,31 @@ def test_retries_errors_and_quarantined_rows_are_totalled_from_the_whole_ledger(
     assert (view.retries, view.errors, view.quarantined) == (3, 3, 3)
     assert view.error == "too many errors"
     assert view.total is None  # a failed run that never recorded its total
+
+
+def test_the_quarantine_table_counts_the_rows_the_run_quarantined(engine: Engine) -> None:
+    with engine.begin() as connection:
+        run_id = _run(connection, status="completed")
+        project = connection.execute(
+            insert(Project).values(slug="acme", name="Acme").returning(Project.id)
+        ).scalar_one()
+        for index in range(2):
+            session = connection.execute(
+                insert(OrchestrationSession)
+                .values(project_id=project, name=f"s{index}", system_prompt="x" * 10)
+                .returning(OrchestrationSession.id)
+            ).scalar_one()
+            connection.execute(
+                insert(MigrationQuarantine).values(
+                    run_id=run_id,
+                    session_id=session,
+                    project_id=project,
+                    role="system",
+                    reason="over the template size limit",
+                )
+            )
+    with engine.connect() as connection:
+        assert observe(connection, run_id).quarantined == 2
 
 
 def test_recent_backfills_are_the_running_ones_and_the_latest_newest_first(

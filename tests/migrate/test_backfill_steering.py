@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, select, text, update
 
 from prompt_tool.db.models import MigrationBatch, MigrationRun, Scope
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress, backfill
+from prompt_tool.migrate.backfill.observe import observe
 from prompt_tool.migrate.backfill.remote import ControlAction, request
 from prompt_tool.migrate.backfill.steering import steered_size
 from prompt_tool.migrate.backfill.types import RunWindow
@@ -290,3 +291,22 @@ def test_a_verify_that_found_faults_after_the_checkpoint_makes_the_run_start_ove
     assert restarted.restarted is not None
     assert f"after run {run_id}'s checkpoint" in restarted.restarted
     assert "3 mismatched" in restarted.restarted
+
+
+def test_the_eta_range_contains_the_real_finish_of_a_steady_run(legacy_engine: Engine) -> None:
+    predicted: dict[str, float] = {}
+
+    def at_a_third(progress: BackfillProgress) -> None:
+        if predicted or progress.run_id is None or progress.done < 200:
+            return
+        with legacy_engine.connect() as connection:
+            view = observe(connection, progress.run_id)
+        assert view.eta_low_s is not None and view.eta_high_s is not None
+        now = time.monotonic()
+        predicted.update(low=now + view.eta_low_s, high=now + view.eta_high_s)
+
+    # Steady: a fixed size (15 sessions) and pace (a pause after every batch).
+    options = BackfillOptions(batch_size=15, min_batch_size=15, sleep_ms=100)
+    backfill(legacy_engine, options, progress=at_a_third)
+    finished = time.monotonic()
+    assert predicted["low"] <= finished <= predicted["high"], (predicted, finished)

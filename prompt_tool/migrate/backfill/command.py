@@ -43,6 +43,7 @@ from prompt_tool.migrate.backfill.types import (
     BackfillRun,
     BackfillScope,
     BackfillSummary,
+    application_name,
 )
 from prompt_tool.migrate.backfill.walk import refresh_stale_statistics, walk
 from prompt_tool.migrate.backfill.workers import walk_planned
@@ -55,7 +56,7 @@ from prompt_tool.migrate.runs import (
 )
 from prompt_tool.settings import HealthLimits, Settings, get_settings
 
-__all__ = ["BackfillBusyError", "BackfillCancelledError", "application_name", "backfill"]
+__all__ = ["BackfillBusyError", "BackfillCancelledError", "backfill"]
 
 _ANALYZE_AFTER = 10_000  # references written by a run before it refreshes the statistics
 _LOCK_NAMESPACE = 0x5054_4246  # "PTBF": keeps our advisory keys apart from the application's
@@ -197,11 +198,6 @@ def _monitor(run: BackfillRun) -> HealthMonitor | None:
     return HealthMonitor(run.engine, signals) if signals else None
 
 
-def application_name(run_id: int | None) -> str:
-    """How the run's connections name themselves to the server (``pg_stat_activity``)."""
-    return f"orch-migrate backfill {run_id if run_id is not None else 'dry run'}"
-
-
 @contextmanager
 def _watched(run: BackfillRun) -> Iterator[Steering]:
     """The run's control loop, with its health monitor and metrics file running meanwhile."""
@@ -311,7 +307,12 @@ def backfill(
                 refresh_statistics(connection, WRITTEN_TABLES)
         _record_end(engine, summary, started)
     if summary.cancelled_by is not None:
-        raise BackfillCancelledError(summary.describe())
+        raise BackfillCancelledError(
+            f"backfill cancelled by {summary.cancelled_by} after {summary.sessions_scanned:,} "
+            f"of {start.total:,} sessions ({summary.batches:,} "
+            "batches); what it committed stands and the next `orch-migrate backfill` carries "
+            "on from it"
+        )
     return summary
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from prompt_tool.db.dialect import wall_clock
+from prompt_tool.db.dialect import transaction_began, wall_clock
 from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.db.models import MigrationBatch, MigrationRun
 from prompt_tool.migrate.backfill.types import (
@@ -140,6 +140,7 @@ def record_checkpoint(
             rows_seen=result.sessions,
             counts=_batch_counts(result),
             checksum=checksum,
+            started_at=transaction_began(),
             finished_at=wall_clock(),
         )
     )
@@ -175,7 +176,7 @@ def complete_planned(
             counts=_batch_counts(result),
             checksum=checksum,
             claimed_by=planned.worker,
-            started_at=func.now(),
+            started_at=transaction_began(),
             finished_at=wall_clock(),
         )
     )

@@ -28,11 +28,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, column, func, inspect, or_, select, table
+from sqlalchemy import Connection, Engine, Select, func, inspect, or_, select
 
 from prompt_tool.db.dialect import wall_clock
 from prompt_tool.db.engine import connect
-from prompt_tool.db.models import MigrationBatch, MigrationRun
+from prompt_tool.db.models import MigrationBatch, MigrationQuarantine, MigrationRun
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.backfill.ledger import BatchStatus
 from prompt_tool.migrate.runs import MigrationRunStatus, RunKind, RunState, dead_runs, life_of
@@ -71,7 +71,7 @@ _ETA_SLACK_S = 1.0
 # The live states in which the run waits instead of working.
 WAITING_STATES = frozenset({"throttled", "paused", "outside window"})
 EXCLUDES_WAITING = "ETA excludes waiting"
-_QUARANTINE_TABLE = "migration_quarantine"
+_QUARANTINE_TABLE = MigrationQuarantine.__tablename__
 _ALL = "*"
 
 
@@ -101,7 +101,7 @@ class RunView:
     hold_p50_ms: float | None
     hold_p99_ms: float | None
     retries: int  # batch attempts retried (lock or statement timeouts, lost serialisations)
-    errors: int  # rows that could not be imported (what --max-errors counts)
+    errors: int  # errors the run met, as it counts them (at least its retries)
     quarantined: int
     waited_s: float  # all the time the run waited (throttled, paused, outside its window)
     workers: int
@@ -281,18 +281,13 @@ def eta_range(
     return eta, max(0.0, low - _ETA_SLACK_S), high + _ETA_SLACK_S
 
 
-def _quarantine_rows(connection: Connection, run_id: int) -> int:
-    """Rows of the quarantine table (revision 0003) recorded by this run; 0 before it exists."""
-    inspector = inspect(connection)
-    if not inspector.has_table(_QUARANTINE_TABLE):
+def _quarantine_rows(connection: Connection, run_id: int, table_there: bool) -> int:
+    """Rows of the quarantine table (revision 0003) last quarantined by this run."""
+    if not table_there:
         return 0
-    names = {str(found["name"]) for found in inspector.get_columns(_QUARANTINE_TABLE)}
-    if "run_id" not in names:
-        return 0
-    quarantine = table(_QUARANTINE_TABLE, column("run_id"))
     return int(
         connection.execute(
-            select(func.count()).select_from(quarantine).where(quarantine.c.run_id == run_id)
+            select(func.count()).where(MigrationQuarantine.run_id == run_id)
         ).scalar_one()
     )
 
@@ -302,7 +297,9 @@ def _int(value: Any) -> int | None:
     return None if number is None else int(number)
 
 
-def _view(connection: Connection, run: Any, dead: Mapping[int, str], now: datetime) -> RunView:
+def _view(
+    connection: Connection, run: Any, dead: Mapping[int, str], now: datetime, quarantine: bool
+) -> RunView:
     params = run.params if isinstance(run.params, dict) else {}
     summary = run.summary if isinstance(run.summary, dict) else {}
     live_state = summary.get("live") if isinstance(summary.get("live"), dict) else {}
@@ -348,9 +345,10 @@ def _view(connection: Connection, run: Any, dead: Mapping[int, str], now: dateti
         _int(live_state.get("quarantined")) or 0,
         _int(summary.get("quarantined")) or 0,
         totals.quarantined,
-        _quarantine_rows(connection, run.id),
+        _quarantine_rows(connection, run.id, quarantine),
     )
-    errors = _int(live_state.get("errors")) or _int(summary.get("errors")) or quarantined
+    retries = max(totals.retries, _int(summary.get("retried")) or 0)
+    errors = max(_int(live_state.get("errors")) or 0, _int(summary.get("errors")) or 0, retries)
     scope = params.get("scope") or _ALL
     return RunView(
         run_id=int(run.id),
@@ -371,7 +369,7 @@ def _view(connection: Connection, run: Any, dead: Mapping[int, str], now: dateti
         batch_size=batch_size,
         hold_p50_ms=percentile(holds, 0.5),
         hold_p99_ms=percentile(holds, 0.99),
-        retries=max(totals.retries, _int(summary.get("retried")) or 0),
+        retries=retries,
         errors=errors,
         quarantined=quarantined,
         waited_s=max(
@@ -392,7 +390,9 @@ def _views(connection: Connection, runs: Sequence[Any]) -> list[RunView]:
         return []
     dead = dead_runs(connection, runs)
     now = server_now(connection)
-    return [_view(connection, run, dead, now) for run in runs]
+    # Revision 0003's table: absent from a database still at 0002.
+    quarantine = inspect(connection).has_table(_QUARANTINE_TABLE)
+    return [_view(connection, run, dead, now, quarantine) for run in runs]
 
 
 _RUN_COLUMNS = (

@@ -29,6 +29,7 @@ __all__ = [
     "PlannedBatch",
     "RunWindow",
     "TextKey",
+    "application_name",
     "unreadable_name",
 ]
 
@@ -230,6 +231,12 @@ class PlannedBatch:
     worker: str
     run_id: int
     key_hi: int  # the end of its range (a smaller batch leaves the rest pending)
+
+
+def application_name(run_id: int | None) -> str:
+    """How a run's connections name themselves to the server (``pg_stat_activity``): how the
+    health check finds the sessions blocked behind the run."""
+    return f"orch-migrate backfill {run_id if run_id is not None else 'dry run'}"
 
 
 def unreadable_name(session_id: int, role: str) -> str:

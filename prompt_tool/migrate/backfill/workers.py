@@ -40,6 +40,7 @@ from sqlalchemy import Connection, and_, func, insert, or_, select
 
 from prompt_tool.db.dialect import allows_worker_processes
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect, make_engine
+from prompt_tool.db.health import tag_connections
 from prompt_tool.db.models import MigrationBatch, OrchestrationSession
 from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import PromptToolError
@@ -59,6 +60,7 @@ from prompt_tool.migrate.backfill.types import (
     BackfillSummary,
     BatchResult,
     PlannedBatch,
+    application_name,
 )
 from prompt_tool.settings import get_settings
 
@@ -352,8 +354,11 @@ def _worker(config: dict[str, Any]) -> int:
     )
     base = make_engine(config["url"])
     # Every query of the worker waits for locks as the planning process's do (bounded).
-    engine = bounded_waits(
-        base, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
+    engine = tag_connections(
+        bounded_waits(
+            base, settings.migration_lock_timeout_ms, settings.migration_statement_timeout_ms
+        ),
+        application_name(config["run_id"]),
     )
     try:
         with connect(engine) as connection:
