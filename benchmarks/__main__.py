@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import dataset, isolation, migration_paths, template_loading
+from benchmarks import backfill_control, dataset, isolation, migration_paths, template_loading
 from benchmarks.harness import Measurement, admin_url, libpq, log, scratch_database, server_url
 from prompt_tool.db.url import redact
 
@@ -95,6 +95,9 @@ def markdown(report: dict[str, Any], measurements: Sequence[Measurement]) -> str
                 f"{parallel['speed_up']:.2f}x speed-up; same templates and references: "
                 f"{_yes(parallel['identical_to_single_worker'])}."
             )
+    control = next((m for m in measurements if m.section == backfill_control.SECTION), None)
+    if control is not None:
+        lines += backfill_control.markdown(control.extra)
     downgrade = next((m for m in measurements if m.section == "downgrade"), None)
     if downgrade is not None:
         taken = downgrade.extra["downgrade"]
@@ -209,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=not (args.no_workers or args.quick),
         )
         measurements.extend(figures.measurements)
+        measurements.extend(backfill_control.run(data_url, sessions).measurements)
         memory_sizes.append(sessions)
         memory_rss.append(figures.rss)
         version = _server_version(data_url)
@@ -247,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m.below_half(baseline)
         # Either-or targets (verify): only when every one of them is below half.
         and not (m.either and not all(m.below_half(other) for other in m.targets))
+    ]
+    failing += [
+        line
+        for m in measurements
+        if m.section == backfill_control.SECTION
+        for line in backfill_control.failing(m.extra)
     ]
     failing += [
         f"memory: {path} peaked at {max(check['rss_mib']):.0f} MiB"

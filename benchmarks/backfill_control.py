@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +33,17 @@ from prompt_tool.migrate.backfill.observe import observe
 __all__ = [
     "ESTIMATE_TOLERANCE",
     "ETA_POINTS",
-    "HOLD_FACTOR",
     "HOLDS_OFF",
+    "HOLD_FACTOR",
+    "SECTION",
     "ControlFigures",
     "EtaReading",
+    "failing",
     "markdown",
     "run",
 ]
 
+SECTION = "backfill control"
 HOLDS_OFF = "health checks off (BackfillOptions(health_checks=False))"
 THROUGHPUT_TARGET = Target(0.95, ">= 0.95x")
 ESTIMATE_TOLERANCE = 0.25  # the estimate's duration within 25% of the real run's
@@ -148,6 +150,7 @@ class _Run:
     wal_bytes: int | None = None
     health_problems: list[str] = field(default_factory=list)
     waited_for: list[str] = field(default_factory=list)
+    walk_s: float | None = None  # the probed run: from its start to its walk's last batch
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -160,15 +163,19 @@ class _Run:
             "batch_size": self.batch_size,
             "wal_bytes": self.wal_bytes,
             "lock_hold": percentiles(self.holds_ms),
+            # The batches' transactions together: the walk's time less what lies between them.
+            "held_s": sum(self.holds_ms) / 1000,
             "health_problems": self.health_problems,
             "waited_for": self.waited_for,
+            "walk_s": self.walk_s,
         }
 
 
 @dataclass
 class ControlFigures:
-    """What the section measured: the throughput row (a Measurement, in the main table) and
-    the estimate, ETA and lock hold figures (their own table: see :func:`markdown`)."""
+    """What the section measured: the throughput row (a Measurement, in the main table; its
+    ``extra`` is :meth:`as_json`, from which :func:`markdown` and :func:`failing` read the
+    estimate, ETA and lock hold figures)."""
 
     sessions: int
     target_batch_ms: int
@@ -183,52 +190,37 @@ class ControlFigures:
         return self.runs[0]
 
     @property
-    def estimate_error(self) -> float:
-        real = self.real.elapsed_s - self.real.waited_s
-        return abs(float(self.estimate["duration_s"]) - real) / real
-
-    @property
-    def estimate_inside(self) -> bool:
-        real = self.real.elapsed_s - self.real.waited_s
-        return bool(self.estimate["duration_low_s"] <= real <= self.estimate["duration_high_s"])
-
-    @property
     def holds(self) -> dict[str, float]:
         """Lock hold percentiles over every batch of the runs with the controller on."""
         return percentiles([hold for r in self.runs if r.health_checks for hold in r.holds_ms])
 
-    @property
-    def holds_met(self) -> bool:
-        return self.holds.get("p99_ms", 0.0) <= HOLD_FACTOR * self.target_batch_ms
-
-    def failing(self) -> list[str]:
-        """The smoke check beyond the throughput ratio: an estimate off by more than twice its
-        tolerance, or a p99 lock hold above twice its bar."""
-        failing = []
-        if self.estimate_error > 2 * ESTIMATE_TOLERANCE:
-            failing.append(
-                f"backfill control: the estimate is {self.estimate_error:.0%} off the real run "
-                f"(target within {ESTIMATE_TOLERANCE:.0%})"
-            )
-        p99 = self.holds.get("p99_ms", 0.0)
-        if p99 > 2 * HOLD_FACTOR * self.target_batch_ms:
-            failing.append(
-                f"backfill control: lock hold p99 {p99:.0f} ms (target <= "
-                f"{HOLD_FACTOR * self.target_batch_ms:.0f} ms)"
-            )
-        return failing
-
     def as_json(self) -> dict[str, Any]:
+        real = self.real
+        # The estimate projects the run without its waits (throttled): so is the real run.
+        worked = real.elapsed_s - real.waited_s
+        estimate = self.estimate
+        wal = estimate.get("wal_bytes")
+        holds = self.holds
         return {
             "target_batch_ms": self.target_batch_ms,
             "runs": [r.as_json() for r in self.runs],
-            "estimate": self.estimate,
-            "estimate_error": self.estimate_error,
-            "estimate_inside_range": self.estimate_inside,
+            "estimate": estimate,
+            "estimate_real_s": worked,
+            "estimate_error": abs(float(estimate["duration_s"]) - worked) / worked,
+            "estimate_inside_range": estimate["duration_low_s"]
+            <= worked
+            <= estimate["duration_high_s"],
+            "estimate_templates_real": real.templates,
+            "estimate_wal_real": real.wal_bytes,
+            "estimate_wal_error": (
+                abs(wal - real.wal_bytes) / real.wal_bytes
+                if wal is not None and real.wal_bytes
+                else None
+            ),
             "eta": [reading.as_json() for reading in self.etas],
-            "lock_hold": self.holds,
-            "lock_hold_target": f"p99 <= {HOLD_FACTOR:g}x --target-ms",
-            "lock_hold_met": self.holds_met,
+            "lock_hold": holds,
+            "lock_hold_limit_ms": HOLD_FACTOR * self.target_batch_ms,
+            "lock_hold_met": holds.get("p99_ms", 0.0) <= HOLD_FACTOR * self.target_batch_ms,
         }
 
 
@@ -263,9 +255,7 @@ def _holds(url: str, run_id: int) -> list[float]:
         ]
 
 
-def _backfill(
-    url: str, health_checks: bool, probe: _EtaProbe | None = None
-) -> tuple[_Run, int]:
+def _backfill(url: str, health_checks: bool, probe: _EtaProbe | None = None) -> tuple[_Run, int]:
     """One timed backfill of the copy at ``url``; and the WAL the server wrote meanwhile."""
     options = BackfillOptions() if health_checks else BackfillOptions(health_checks=False)
     _settle(url)
@@ -288,6 +278,7 @@ def _backfill(
             holds_ms=_holds(url, summary.run_id),
             health_problems=list(summary.health_problems),
             waited_for=list(summary.waited_for),
+            walk_s=None if probe is None else probe.last_report - start,
         ),
         wal,
     )
@@ -306,6 +297,7 @@ def run(dataset_url: str, sessions: int, *, repeat: int = 2) -> ControlFigures:
             probe = None
             if index == 0:
                 log("backfill control: estimate, then the run it estimates (health checks on)")
+                _settle(url)
                 began = time.perf_counter()
                 projected = commands.estimate_backfill(url, BackfillOptions())
                 estimate = {
@@ -327,6 +319,10 @@ def run(dataset_url: str, sessions: int, *, repeat: int = 2) -> ControlFigures:
             if probe is not None:
                 etas = probe.finish()
             runs.append(measured)
+            log(
+                f"backfill control: health checks {label}: {measured.elapsed_s:.1f} s, waited "
+                f"{measured.waited_s:.1f} s ({'; '.join(measured.waited_for[:3]) or 'never'})"
+            )
     on = min(r.elapsed_s for r in runs if r.health_checks)
     off = min(r.elapsed_s for r in runs if not r.health_checks)
     figures = ControlFigures(
@@ -338,7 +334,7 @@ def run(dataset_url: str, sessions: int, *, repeat: int = 2) -> ControlFigures:
     )
     figures.measurements = [
         Measurement(
-            section="backfill control",
+            section=SECTION,
             what=f"backfill, {sessions:,} sessions, health checks on (default limits), "
             f"best of {repeat}",
             ours_per_s=sessions / on,
@@ -366,64 +362,77 @@ def _yes(value: bool | None) -> str:
     return {True: "yes", False: "**NO**", None: ""}[value]
 
 
-def markdown(figures: ControlFigures) -> list[str]:
-    """The estimate, ETA and lock hold rows as a Markdown table (lines)."""
-    real = figures.real
-    real_work = real.elapsed_s - real.waited_s
-    estimate = figures.estimate
+def markdown(figures: dict[str, Any]) -> list[str]:
+    """The estimate, ETA and lock hold rows (from :meth:`ControlFigures.as_json`) as a
+    Markdown table, one line each."""
+    real = figures["runs"][0]
+    estimate = figures["estimate"]
+    error = figures["estimate_error"]
     lines = [
         "",
         "| backfill control | projected | real | error | target | met |",
         "|---|---:|---:|---:|---|---|",
-        f"| estimate: duration (range {_seconds(estimate['duration_low_s'])} to "
+        f"| estimate: duration without waits (range {_seconds(estimate['duration_low_s'])} to "
         f"{_seconds(estimate['duration_high_s'])}; real inside it: "
-        f"{_yes(figures.estimate_inside)}) | {_seconds(estimate['duration_s'])} | "
-        f"{_seconds(real_work)} | {_share(figures.estimate_error)} | "
-        f"within {ESTIMATE_TOLERANCE:.0%} | {_yes(figures.estimate_error <= ESTIMATE_TOLERANCE)} |",
-        f"| estimate: templates to create | {estimate['templates']:,} | {real.templates:,} | "
-        f"{_share(abs(estimate['templates'] - real.templates) / max(1, real.templates))} | "
-        "report | |",
+        f"{_yes(figures['estimate_inside_range'])}) | {_seconds(estimate['duration_s'])} | "
+        f"{_seconds(figures['estimate_real_s'])} | {_share(error)} | "
+        f"within {ESTIMATE_TOLERANCE:.0%} | {_yes(error <= ESTIMATE_TOLERANCE)} |",
+        f"| estimate: templates to create | {estimate['templates']:,} | {real['templates']:,} | "
+        f"{_share(abs(estimate['templates'] - real['templates']) / max(1, real['templates']))}"
+        " | report | |",
     ]
-    wal = estimate.get("wal_bytes")
-    if wal is not None and real.wal_bytes:
+    if figures["estimate_wal_error"] is not None:
         lines.append(
             f"| estimate: WAL (real: the server's, pg_current_wal_lsn around the run) | "
-            f"{_mib(wal)} | {_mib(real.wal_bytes)} | "
-            f"{_share(abs(wal - real.wal_bytes) / real.wal_bytes)} | report | |"
+            f"{_mib(estimate['wal_bytes'])} | {_mib(figures['estimate_wal_real'])} | "
+            f"{_share(figures['estimate_wal_error'])} | report | |"
         )
-    for reading in figures.etas:
-        band = f"{_seconds(reading.eta_low_s)} to {_seconds(reading.eta_high_s)}"
+    readings = {reading["share"]: reading for reading in figures["eta"]}
+    for share in ETA_POINTS:
+        reading = readings.get(share)
+        if reading is None:
+            lines.append(f"| ETA at {share:.0%} | (no reading) | | | report | |")
+            continue
         lines.append(
-            f"| ETA at {reading.share:.0%} ({reading.done:,} of {reading.total:,}; range "
-            f"{band}) | {_seconds(reading.eta_s)} | {_seconds(reading.remaining_s)} | "
-            f"{_share(reading.error)} | report; real inside the range | {_yes(reading.inside)} |"
+            f"| ETA at {share:.0%} of the run ({reading['done']:,} of {reading['total']:,}; "
+            f"range {_seconds(reading['eta_low_s'])} to {_seconds(reading['eta_high_s'])}) | "
+            f"{_seconds(reading['eta_s'])} | {_seconds(reading['real_remaining_s'])} | "
+            f"{_share(reading['error'])} | report; met: the real finish inside the range | "
+            f"{_yes(reading['inside_range'])} |"
         )
-    missing = [share for share in ETA_POINTS if share not in {r.share for r in figures.etas}]
-    for share in missing:
-        lines.append(f"| ETA at {share:.0%} | (no reading) | | | report | |")
-    holds = figures.holds
-    bar = HOLD_FACTOR * figures.target_batch_ms
+    holds = figures["lock_hold"]
+    target = figures["target_batch_ms"]
+    p99 = holds.get("p99_ms", 0.0)
     lines.append(
         f"| lock hold p99, controller on ({holds.get('n', 0):,} batches; p50 "
-        f"{holds.get('p50_ms', 0):.0f} ms, max {holds.get('max_ms', 0):.0f} ms; "
-        f"--target-ms {figures.target_batch_ms}) | {figures.target_batch_ms} ms | "
-        f"{holds.get('p99_ms', 0):.0f} ms | {holds.get('p99_ms', 0) / figures.target_batch_ms:.2f}x "
-        f"the target | p99 <= {bar:.0f} ms ({HOLD_FACTOR:g}x) | {_yes(figures.holds_met)} |"
+        f"{holds.get('p50_ms', 0):.0f} ms, max {holds.get('max_ms', 0):.0f} ms) | "
+        f"--target-ms {target} | {p99:.0f} ms | {p99 / target:.2f}x the target | "
+        f"p99 <= {figures['lock_hold_limit_ms']:.0f} ms ({HOLD_FACTOR:g}x) | "
+        f"{_yes(figures['lock_hold_met'])} |"
     )
-    waited = [r for r in figures.runs if r.waited_s >= 0.05 or r.health_problems]
-    for r in waited:
-        lines.append(
-            f"| (run {r.run_id}, health checks {'on' if r.health_checks else 'off'}: waited "
-            f"{r.waited_s:.1f} s; {'; '.join(r.health_problems) or 'every signal read'}) | | | "
-            "| | |"
-        )
+    for r in figures["runs"]:
+        if r["waited_s"] >= 0.05 or r["health_problems"]:
+            why = "; ".join([*r["waited_for"][:3], *r["health_problems"]])
+            lines.append(
+                f"| (a run with health checks {'on' if r['health_checks'] else 'off'} waited "
+                f"{r['waited_s']:.1f} s: {why}) | | | | | |"
+            )
     return lines
 
 
-def summary_lines(figures: ControlFigures) -> Sequence[str]:
-    """Each run's time, for the log."""
-    return [
-        f"health checks {'on' if r.health_checks else 'off'}: {r.elapsed_s:.1f} s "
-        f"(waited {r.waited_s:.1f} s, batch size {r.batch_size:,})"
-        for r in figures.runs
-    ]
+def failing(figures: dict[str, Any]) -> list[str]:
+    """The smoke check beyond the throughput ratio (half its target, as for ratios): an
+    estimate off by more than twice its tolerance, a p99 lock hold above twice its limit."""
+    found = []
+    if figures["estimate_error"] > 2 * ESTIMATE_TOLERANCE:
+        found.append(
+            f"backfill control: the estimate is {figures['estimate_error']:.0%} off the real "
+            f"run (target within {ESTIMATE_TOLERANCE:.0%})"
+        )
+    p99 = figures["lock_hold"].get("p99_ms", 0.0)
+    if p99 > 2 * figures["lock_hold_limit_ms"]:
+        found.append(
+            f"backfill control: lock hold p99 {p99:.0f} ms (target <= "
+            f"{figures['lock_hold_limit_ms']:.0f} ms)"
+        )
+    return found

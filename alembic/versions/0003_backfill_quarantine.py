@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from prompt_tool.db.online_ddl import lock_in_order
 from prompt_tool.db.revisions import QUARANTINE_TABLE
 
 revision: str = "0003"
@@ -72,7 +73,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Only this table's locks: ACCESS EXCLUSIVE on it, and on the tables its foreign keys point
-    # at the lock that removes their triggers, which waits only for writers of those tables
-    # (bounded by lock_timeout). Nobody writes the quarantine while holding such a lock first.
+    # The DROP locks this table, then each table its foreign keys point at, one statement at a
+    # time: against the application's writers (an INSERT locks its table, then the parent its
+    # foreign key checks) that order waits in a cycle until lock_timeout. One LOCK, children
+    # before parents as writers take them, does not.
+    if op.get_context().as_sql or sa.inspect(op.get_bind()).has_table(QUARANTINE_TABLE):
+        lock_in_order([QUARANTINE_TABLE, "migration_runs", "orchestration_sessions", "projects"])
     op.drop_table(QUARANTINE_TABLE, if_exists=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -207,6 +208,9 @@ def watch(
                 live.update(_screen(_fetch(engine, metrics_file), interval_s), refresh=True)
                 time.sleep(interval_s)
     except KeyboardInterrupt:
+        return
+    except BrokenPipeError:  # `status --watch | head -3`: the reader has had what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return
 
 

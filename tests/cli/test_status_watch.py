@@ -227,3 +227,15 @@ def test_status_without_watch_writes_the_metrics_file_once(
     )
     assert code == 0, err
     assert f'prompt_tool_backfill_sessions_total{{run="{run_id}",' in target.read_text()
+
+
+def test_status_watch_piped_into_a_reader_that_stops_ends_quietly(
+    watched: tuple[str, int],
+) -> None:
+    url, _ = watched
+    process = subprocess.Popen(_watch(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    assert "backfill #" in process.stdout.readline().decode()
+    process.stdout.close()  # as `| head -1` does
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""

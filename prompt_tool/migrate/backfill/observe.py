@@ -292,6 +292,29 @@ def _quarantine_rows(connection: Connection, run_id: int, table_there: bool) -> 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Pace:
+    rate: float | None  # rows per second over the last minute (0 when none finished in it)
+    working_rate: float | None  # what the ETA divides by
+    throughputs: list[float]  # rows per second of each recent batch's transaction
+
+
+def _pace(batches: Sequence[_Batch], end: datetime, workers: int) -> _Pace:
+    """How fast the run went in the minute up to ``end``, waits left out."""
+    window = [batch for batch in batches if batch.finished >= end - _RATE_WINDOW]
+    rate = _rate(window, workers) if window else (0.0 if batches else None)
+    # None in the last minute (paused for longer) or too few: the last batches, whenever.
+    recent = window if len(window) >= _FEW_BATCHES else list(batches[-_RECENT_FALLBACK:])
+    # The ETA's rate: the later half of those batches, once there are enough (a run warms up:
+    # its first batches, creating most of the templates, are the slowest); their spread: all.
+    latest = recent[len(recent) // 2 :] if len(recent) >= 2 * _FEW_BATCHES else recent
+    return _Pace(
+        rate=rate,
+        working_rate=_rate(latest, workers),
+        throughputs=[b.rows / b.hold_s for b in recent if b.rows and b.hold_s and b.hold_s > 0],
+    )
+
+
 def _int(value: Any) -> int | None:
     number = _number(value)
     return None if number is None else int(number)
@@ -319,21 +342,12 @@ def _view(
     if total is None and run.status == MigrationRunStatus.COMPLETED.value:
         total = done
 
-    # Rows per second over the last minute: of the clock for a live run, of the run otherwise.
-    end = now if live or not batches else batches[-1].finished
-    window = [batch for batch in batches if batch.finished >= end - _RATE_WINDOW]
-    rate = _rate(window, workers) if window else (0.0 if batches else None)
-    recent = window if len(window) >= _FEW_BATCHES else batches[-_RECENT_FALLBACK:]
-    # The ETA's rate: the later half of those batches, once there are enough (a run warms up:
-    # its first batches, creating most of the templates, are the slowest); their spread: all.
-    latest = recent[len(recent) // 2 :] if len(recent) >= 2 * _FEW_BATCHES else recent
-    working_rate = _rate(latest, workers)
-    throughputs = [b.rows / b.hold_s for b in recent if b.rows and b.hold_s and b.hold_s > 0]
-
+    # Of the clock for a live run, of the run's own last minute otherwise.
+    pace = _pace(batches, now if live or not batches else batches[-1].finished, workers)
     eta: tuple[float, float, float] | None = None
     remaining = None if total is None else max(0, total - done)
-    if live and remaining is not None and working_rate:
-        eta = eta_range(remaining, working_rate, throughputs)
+    if live and remaining is not None and pace.working_rate:
+        eta = eta_range(remaining, pace.working_rate, pace.throughputs)
     activity = str(live_state["state"]) if live and live_state.get("state") else None
     if live and activity is None:
         activity = "working"
@@ -361,7 +375,7 @@ def _view(
         done=done,
         total=total,
         batches=totals.batches,
-        rows_per_second=rate,
+        rows_per_second=pace.rate,
         eta_s=eta[0] if eta else None,
         eta_low_s=eta[1] if eta else None,
         eta_high_s=eta[2] if eta else None,

@@ -265,8 +265,10 @@ class Steering:
                 time.sleep(pause)
         seconds = time.perf_counter() - notes.began
         run.summary.batch_seconds.append(seconds)
-        if result is not None:
+        if result is not None and not notes.retries:
             self._steer(seconds, result.sessions or size)
+        elif result is not None:  # it waited for a lock: its time says nothing of its size
+            self._why = "hold"
         return result
 
     def _steer(self, seconds: float, sessions: int) -> None:
