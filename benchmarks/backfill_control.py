@@ -29,6 +29,7 @@ from prompt_tool.db.engine import connect, make_engine
 from prompt_tool.migrate import commands
 from prompt_tool.migrate.backfill import BackfillOptions, BackfillProgress
 from prompt_tool.migrate.backfill.observe import observe
+from prompt_tool.settings import HealthLimits
 
 __all__ = [
     "ESTIMATE_TOLERANCE",
@@ -63,7 +64,11 @@ class EtaReading:
     eta_s: float | None
     eta_low_s: float | None
     eta_high_s: float | None
-    remaining_s: float = 0.0  # the real time from the reading to the walk's last batch
+    waited_s: float = 0.0  # what the run had waited so far, when read
+    # The real time from the reading to the walk's last batch, less what the run waited in it
+    # (an ETA is the time the run still has to work: waits are left out of it).
+    remaining_s: float = 0.0
+    waited_after_s: float = 0.0
 
     @property
     def error(self) -> float | None:
@@ -87,6 +92,7 @@ class EtaReading:
             "eta_low_s": self.eta_low_s,
             "eta_high_s": self.eta_high_s,
             "real_remaining_s": self.remaining_s,
+            "waited_after_s": self.waited_after_s,
             "error": self.error,
             "inside_range": self.inside,
         }
@@ -102,11 +108,13 @@ class _EtaProbe:
         self.engine = make_engine(url)
         self.readings: list[EtaReading] = []
         self.last_report = 0.0
+        self.last_waited = 0.0
         self.run_id: int | None = None
 
     def __call__(self, progress: BackfillProgress) -> None:
         now = time.perf_counter()
         self.last_report = now
+        self.last_waited = progress.waited_s
         self.run_id = progress.run_id
         if progress.run_id is None or not progress.total:
             return
@@ -126,6 +134,7 @@ class _EtaProbe:
                 eta_s=view.eta_s,
                 eta_low_s=view.eta_low_s,
                 eta_high_s=view.eta_high_s,
+                waited_s=progress.waited_s,
             )
         )
         self.last_report = time.perf_counter()
@@ -133,7 +142,8 @@ class _EtaProbe:
     def finish(self) -> list[EtaReading]:
         self.engine.dispose()
         for reading in self.readings:
-            reading.remaining_s = self.last_report - reading.at
+            reading.waited_after_s = self.last_waited - reading.waited_s
+            reading.remaining_s = self.last_report - reading.at - reading.waited_after_s
         return self.readings
 
 
@@ -257,7 +267,8 @@ def _holds(url: str, run_id: int) -> list[float]:
 
 def _backfill(url: str, health_checks: bool, probe: _EtaProbe | None = None) -> tuple[_Run, int]:
     """One timed backfill of the copy at ``url``; and the WAL the server wrote meanwhile."""
-    options = BackfillOptions() if health_checks else BackfillOptions(health_checks=False)
+    # The default limits themselves, whatever PROMPT_TOOL_BACKFILL_* this environment sets.
+    options = BackfillOptions(health=HealthLimits(), health_checks=health_checks)
     _settle(url)
     wal_before = _wal_position(url)
     start = time.perf_counter()
@@ -364,7 +375,7 @@ def _yes(value: bool | None) -> str:
 
 def markdown(figures: dict[str, Any]) -> list[str]:
     """The estimate, ETA and lock hold rows (from :meth:`ControlFigures.as_json`) as a
-    Markdown table, one line each."""
+    Markdown table, one line each, with a blank line before and after."""
     real = figures["runs"][0]
     estimate = figures["estimate"]
     error = figures["estimate_error"]
@@ -417,7 +428,7 @@ def markdown(figures: dict[str, Any]) -> list[str]:
                 f"| (a run with health checks {'on' if r['health_checks'] else 'off'} waited "
                 f"{r['waited_s']:.1f} s: {why}) | | | | | |"
             )
-    return lines
+    return [*lines, ""]  # a line right after a table would be read as one more row
 
 
 def failing(figures: dict[str, Any]) -> list[str]:

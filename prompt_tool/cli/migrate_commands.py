@@ -33,6 +33,7 @@ from prompt_tool.cli._runtime import (
     table,
 )
 from prompt_tool.cli._runtime import note as print_note
+from prompt_tool.cli.run_view import backfill_progress
 from prompt_tool.migrate import (
     BackfillControlOptions,
     BackfillOptions,
@@ -329,8 +330,8 @@ def backfill_command(
             projection = commands.estimate_backfill(engine, options)
         emit(projection, as_json=as_json, render=lambda shown: shown.describe())
         return
-    with opened_engine(db) as engine, progress_bar("backfill", not as_json) as update:
-        summary = commands.backfill(engine, options, progress=lambda p: update(p.done, p.total))
+    with opened_engine(db) as engine, backfill_progress(not as_json, engine) as update:
+        summary = commands.backfill(engine, options, progress=update)
     emit(summary, as_json=as_json, render=BackfillSummary.describe)
 
 

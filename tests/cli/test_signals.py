@@ -277,7 +277,9 @@ def test_progress_on_a_terminal_shows_a_total_a_rate_and_an_eta(
     bars = [line for line in backfilled.lines() if _BAR.search(line)]
     assert bars, backfilled.screen[-3000:]
     assert all("/3,000 sessions" in bar for bar in bars), bars[:3]
-    assert re.search(r"/s .*ETA \d+:\d\d", bars[0]), bars[0]  # from the first update
+    assert re.search(r"/s\b.*ETA \d+:\d\d", bars[0]), bars[0]  # from the first update
+    # What the run's controller does shows too: its batch size and its lock holds.
+    assert re.search(r"batch \d+", bars[-1]) and "lock hold p50" in bars[-1], bars[-1]
 
     verified = in_terminal([ORCH_MIGRATE, "verify", "--db", big_legacy_url], send=None)
     assert verified.returncode == 0, verified.screen[-3000:]

@@ -269,6 +269,7 @@ def backfill(
         )
         summary.statistics_refreshed = refreshed
         summary.restarted = start.restarted
+        summary.total = start.total
         try:
             adopted = adopt_orphaned_imports(
                 engine, scope.project_ids, scope.scoped, dry_run=options.dry_run

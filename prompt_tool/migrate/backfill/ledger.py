@@ -227,6 +227,7 @@ def summary_dict(summary: BackfillSummary) -> dict[str, Any]:
     return {
         "batches": summary.batches,
         "sessions_scanned": summary.sessions_scanned,
+        "total": summary.total,
         "references_created": summary.references_created,
         "references_matched": summary.references_matched,
         "references_relinked": summary.references_relinked,

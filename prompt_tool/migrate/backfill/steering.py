@@ -299,7 +299,7 @@ class Steering:
                     batch_size=self.size,
                     run_id=run.run_id,
                     waited_s=run.summary.waited_s,
-                    quarantined=getattr(run.summary, "quarantined", 0),
+                    quarantined=run.summary.quarantined,
                 )
             )
         now = time.monotonic()
@@ -320,8 +320,9 @@ class Steering:
             "done": done,
             "total": self.run.total,
             "waited_s": round(summary.waited_s, 3),
-            "quarantined": getattr(summary, "quarantined", 0),
-            "errors": summary.retried,
+            "quarantined": summary.quarantined,
+            # Rows the run could not link: not valid UTF-8, or quarantined.
+            "errors": summary.unreadable + summary.quarantined,
             "workers": summary.workers,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

@@ -273,6 +273,7 @@ class BackfillSummary:
     unreadable_rows: list[str] = field(default_factory=list)  # the first few, named
     # (session, role) rows this run newly quarantined: not importable, left on the legacy path.
     quarantined: int = 0
+    total: int = 0  # sessions the run set out to walk
     # The controller: the batch size it settled on, the time it waited and why, who cancelled.
     batch_size: int = 0
     waited_s: float = 0.0

@@ -186,6 +186,7 @@ def _claim_loop(
             return
         summary.batches += 1
         summary.sessions_scanned += result.sessions
+        summary.quarantined += result.quarantined
         check_error_budget(run, summary)
         if on_batch is not None:
             on_batch()
@@ -294,6 +295,7 @@ def walk_planned(run: BackfillRun, steering: Steering) -> None:
     assert run_id is not None, "a planned run is never a dry run"
     run = _plan_or_carry(run, run_id)
     steering.run = run  # the carried ranges' total
+    run.summary.total = run.total
     summary = run.summary
     summary.workers = effective_workers(run.engine, run.options.workers)
     children: list[subprocess.Popen[bytes]] = []
@@ -363,7 +365,9 @@ def _worker(config: dict[str, Any]) -> int:
     try:
         with connect(engine) as connection:
             scope = BackfillScope(
-                projects_by_slug(connection, options.projects), bool(options.projects)
+                projects_by_slug(connection, options.projects),
+                bool(options.projects),
+                quarantined_only=options.retry_quarantined,
             )
         run = BackfillRun(
             engine,
