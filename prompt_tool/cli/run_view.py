@@ -30,6 +30,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Column
 from rich.text import Text
 from sqlalchemy import Engine
 
@@ -223,6 +224,9 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     the last minute's rate, the ETA range and the lock hold; without one, the rate is the
     run's own since it started, waits left out."""
     parts: list[str] = []
+    # Why the run waits comes first: on a narrow terminal the end of the line is cut off.
+    if progress.state != "working":
+        parts.append(f"{progress.state}: {progress.reason}" if progress.reason else progress.state)
     if view is not None:
         parts += [_rate(view.rows_per_second), eta_text(_now_at(view, progress))]
     else:
@@ -240,8 +244,6 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     quarantined = max(progress.quarantined, view.quarantined if view is not None else 0)
     if quarantined:
         parts.append(f"quarantined {quarantined:,}")
-    if progress.state != "working":
-        parts.append(f"{progress.state}: {progress.reason}" if progress.reason else progress.state)
     return ", ".join(part for part in parts if part)
 
 
@@ -261,8 +263,15 @@ def _now_at(view: RunView, progress: BackfillProgress) -> RunView:
 class _Detail(ProgressColumn):
     """The detail text, literally (a throttle reason may hold ``[``)."""
 
+    def __init__(self, width: int) -> None:
+        # One line whatever the terminal's width: cut short with an ellipsis, never wrapped (a
+        # wrapped live line leaves copies of itself behind on a narrow terminal).
+        super().__init__(Column(no_wrap=True, overflow="ellipsis", max_width=width))
+
     def render(self, task: Task) -> Text:
-        return literal(str(task.fields.get("detail", "")))
+        text = literal(str(task.fields.get("detail", "")))
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
 
 
 class _Refreshing:
@@ -301,11 +310,12 @@ def backfill_progress(
         return
     columns = (
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         TaskProgressColumn(),
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} sessions"),
         TimeElapsedColumn(),
-        _Detail(),
+        # What the other columns leave of the terminal's width (they take about 70).
+        _Detail(max(12, stderr.width - 70)),
     )
     refreshing = _Refreshing(engine)
     with Progress(*columns, console=stderr, transient=True) as bar:

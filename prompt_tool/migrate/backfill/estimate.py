@@ -88,9 +88,14 @@ class BackfillEstimate:
         if not self.sessions:
             return "backfill estimate: nothing to walk (no session in the scope)"
         wal = "" if self.wal_bytes is None else f", WAL about {_size(self.wal_bytes)}"
+        span = (
+            f"about {_duration(self.duration_s)} ({_duration(self.duration_low_s)} to "
+            f"{_duration(self.duration_high_s)})"
+            if self.duration_high_s >= 1
+            else "under 1s"
+        )
         return (
-            f"backfill estimate: {self.sessions:,} sessions, about {_duration(self.duration_s)} "
-            f"({_duration(self.duration_low_s)} to {_duration(self.duration_high_s)}) without "
+            f"backfill estimate: {self.sessions:,} sessions, {span} without "
             f"waits, {self.templates:,} templates to create{wal}; batches of about "
             f"{self.batch_size:,} holding locks about {self.lock_hold_ms:,.0f} ms each; from "
             f"{self.samples} sample batches ({self.sampled_sessions:,} sessions) rolled back, "
@@ -99,6 +104,8 @@ class BackfillEstimate:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1s"
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:
@@ -225,7 +232,8 @@ def estimate(
         BackfillSummary(None, False, scope.slugs, upper),
         upper=upper,
     )
-    size = max(options.smallest_batch, min(options.batch_size, FIRST_BATCH * 5))
+    # Samples of the size the run settles near, apart: never more than the scope's share.
+    size = max(1, min(options.batch_size, FIRST_BATCH * 5, -(-sessions // SAMPLES)))
     samples = [sample for after in starts if (sample := _sample(run, after, size)) is not None]
     return _project(
         _Projection(scope.slugs, sessions, templates, samples, options),
@@ -268,7 +276,7 @@ def _project(projection: _Projection, elapsed_s: float) -> BackfillEstimate:
         high,
         projection.templates,
         _projected_wal(projection, walked, imported),
-        *_settled_batch(options, duration / projection.sessions if projection.sessions else 0),
+        *_settled_batch(options, projection.sessions, link_s),
         elapsed_s,
     )
 
@@ -284,10 +292,12 @@ def _projected_wal(projection: _Projection, walked: int, imported: int) -> int |
     return int(projection.sessions * link_wal + projection.templates * per_import)
 
 
-def _settled_batch(options: BackfillOptions, per_session_s: float) -> tuple[int, float]:
-    """The batch size the controller settles on (90% of the target, within its bounds) and
-    how long one such batch holds its locks, in ms."""
+def _settled_batch(
+    options: BackfillOptions, sessions: int, per_session_s: float
+) -> tuple[int, float]:
+    """The batch size the controller settles on (90% of the target, within its bounds, at most
+    the run's sessions) and how long one such batch holds its locks, in ms."""
     target = options.target_batch_ms / 1000 * 0.9
     settled = int(target / per_session_s) if per_session_s > 0 else options.batch_size
-    settled = max(options.smallest_batch, min(options.batch_size, settled))
+    settled = min(sessions, max(options.smallest_batch, min(options.batch_size, settled)))
     return settled, settled * per_session_s * 1000
