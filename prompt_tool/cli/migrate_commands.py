@@ -222,7 +222,7 @@ def backfill_command(
             min=0,
             metavar="MB",
             rich_help_panel=_WAITS,
-            help="Wait while the server writes more WAL per second than this (default: 64).",
+            help="Wait while the server writes more WAL per second than this (default: 128).",
         ),
     ] = None,
     max_blocked_sessions: Annotated[

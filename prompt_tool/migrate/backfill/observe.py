@@ -68,6 +68,8 @@ _BAND_FEW = 0.5
 _FEW_BATCHES = 5
 # ETAs are shown to the second: the range is widened by this much at either end.
 _ETA_SLACK_S = 1.0
+# Rows and imports are told apart only when they do not move in step (1 - correlation^2).
+_DISTINCT = 0.05
 # The live states in which the run waits instead of working.
 WAITING_STATES = frozenset({"throttled", "paused", "outside window"})
 EXCLUDES_WAITING = "ETA excludes waiting"
@@ -157,6 +159,7 @@ class _Batch:
     hold_s: float | None
     waited_s: float
     size: int | None
+    templates: int = 0  # imported by the batch
 
 
 def _number(value: Any) -> float | None:
@@ -183,6 +186,7 @@ def _batch(rows_seen: Any, counts: Any, started_at: Any, finished_at: Any) -> _B
         hold_s=hold_s,
         waited_s=(_number(counts.get("waited_ms")) or 0.0) / 1000,
         size=None if size is None else int(size),
+        templates=int(_number(counts.get("templates")) or 0),
     )
 
 
@@ -297,6 +301,28 @@ class _Pace:
     rate: float | None  # rows per second over the last minute (0 when none finished in it)
     working_rate: float | None  # what the ETA divides by
     throughputs: list[float]  # rows per second of each recent batch's transaction
+    # The working rate without the recent batches' template imports (None: not told apart).
+    linking_rate: float | None = None
+
+
+def _import_seconds(batches: Sequence[_Batch]) -> float | None:
+    """What one template import adds to a batch's transaction, fitted over ``batches``
+    (hold = a * rows + b * templates, least squares); None when the batches do not tell the
+    two apart (imports in step with rows, or too few batches)."""
+    fitted = [b for b in batches if b.hold_s is not None and b.rows]
+    if len(fitted) < _FEW_BATCHES:
+        return None
+    rr = sum(b.rows * b.rows for b in fitted)
+    tt = sum(b.templates * b.templates for b in fitted)
+    rt = sum(b.rows * b.templates for b in fitted)
+    rh = sum(b.rows * (b.hold_s or 0.0) for b in fitted)
+    th = sum(b.templates * (b.hold_s or 0.0) for b in fitted)
+    determinant = rr * tt - rt * rt
+    if not tt or determinant <= _DISTINCT * rr * tt:
+        return None
+    per_row = (rh * tt - th * rt) / determinant
+    per_template = (rr * th - rt * rh) / determinant
+    return per_template if per_row > 0 and per_template > 0 else None
 
 
 def _pace(batches: Sequence[_Batch], end: datetime, workers: int) -> _Pace:
@@ -308,10 +334,20 @@ def _pace(batches: Sequence[_Batch], end: datetime, workers: int) -> _Pace:
     # The ETA's rate: the later half of those batches, once there are enough (a run warms up:
     # its first batches, creating most of the templates, are the slowest); their spread: all.
     latest = recent[len(recent) // 2 :] if len(recent) >= 2 * _FEW_BATCHES else recent
+    working_rate = _rate(latest, workers)
+    linking_rate = None
+    per_template = _import_seconds(recent)
+    if per_template is not None and latest:
+        # The imports of the latest batches, taken out of their active time: how fast the
+        # run goes once the texts it meets all have their templates.
+        active = _active_seconds(latest, workers)
+        importing = min(0.9 * active, per_template * sum(b.templates for b in latest) / workers)
+        linking_rate = sum(b.rows for b in latest) / (active - importing)
     return _Pace(
         rate=rate,
-        working_rate=_rate(latest, workers),
+        working_rate=working_rate,
         throughputs=[b.rows / b.hold_s for b in recent if b.rows and b.hold_s and b.hold_s > 0],
+        linking_rate=linking_rate,
     )
 
 
@@ -348,6 +384,13 @@ def _view(
     remaining = None if total is None else max(0, total - done)
     if live and remaining is not None and pace.working_rate:
         eta = eta_range(remaining, pace.working_rate, pace.throughputs)
+        if eta is not None and pace.linking_rate:
+            # Most texts get their template early in a run: the imports taper off. The ETA
+            # assumes they fade out by the end (halfway between going on at today's rate, the
+            # range's top, and stopping now, its bottom).
+            linking = eta_range(remaining, pace.linking_rate, pace.throughputs)
+            if linking is not None and linking[0] < eta[0]:
+                eta = ((eta[0] + linking[0]) / 2, min(eta[1], linking[1]), eta[2])
     activity = str(live_state["state"]) if live and live_state.get("state") else None
     if live and activity is None:
         activity = "working"
