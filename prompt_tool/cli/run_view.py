@@ -226,7 +226,9 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     parts: list[str] = []
     # Why the run waits comes first: on a narrow terminal the end of the line is cut off.
     if progress.state != "working":
-        parts.append(f"{progress.state}: {progress.reason}" if progress.reason else progress.state)
+        # Its first clause (a pause's advice is for `status`, not for a line cut short).
+        reason = (progress.reason or "").split("; ")[0]
+        parts.append(f"{progress.state}: {reason}" if reason else progress.state)
     if view is not None:
         parts += [_rate(view.rows_per_second), eta_text(_now_at(view, progress))]
     else:
@@ -244,7 +246,7 @@ def progress_detail(progress: BackfillProgress, view: RunView | None) -> str:
     quarantined = max(progress.quarantined, view.quarantined if view is not None else 0)
     if quarantined:
         parts.append(f"quarantined {quarantined:,}")
-    return ", ".join(part for part in parts if part)
+    return ", ".join(part for part in parts if part and part != "-")
 
 
 def _now_at(view: RunView, progress: BackfillProgress) -> RunView:
@@ -314,8 +316,8 @@ def backfill_progress(
         TaskProgressColumn(),
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} sessions"),
         TimeElapsedColumn(),
-        # What the other columns leave of the terminal's width (they take about 70).
-        _Detail(max(12, stderr.width - 70)),
+        # What the other columns leave of the terminal's width (they take about 64).
+        _Detail(max(16, stderr.width - 64)),
     )
     refreshing = _Refreshing(engine)
     with Progress(*columns, console=stderr, transient=True) as bar:

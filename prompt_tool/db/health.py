@@ -14,6 +14,7 @@ transaction of its own (as the backfill's health monitor does), not in a long on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import overload
 
 from sqlalchemy import Connection, Engine, event, text
@@ -192,7 +193,14 @@ def run_throttle_query(connection: Connection, sql: str) -> bool:
     if not result.returns_rows:
         raise ValueError("it is not a query: it returns no rows")
     row = result.first()
-    return bool(row is not None and len(row) > 0 and row[0])
+    if row is None or len(row) == 0 or row[0] is None:
+        return False
+    value = row[0]
+    # true/false, or a number (SQLite has no boolean): anything else ('no', 'false' as text)
+    # would read as true and hold the run for ever.
+    if isinstance(value, bool | int | float | Decimal):
+        return bool(value)
+    raise ValueError(f"it returned {type(value).__name__} {str(value)[:40]!r}, not true or false")
 
 
 def _current_user(connection: Connection) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy import Engine, func, select, text
 
 from prompt_tool.db import schema
+from prompt_tool.db.revisions import BASELINE
 from prompt_tool.db.models import Prompt
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.verify import verify
@@ -40,7 +41,7 @@ def _round_trip(url: str, engine: Engine) -> None:
             for table, columns in _OLD_LEFTOVERS.items()
         }
     engine.dispose()
-    schema.downgrade(url, "-1")
+    schema.downgrade(url, BASELINE)
     with engine.begin() as connection:
         for table, columns in _OLD_LEFTOVERS.items():
             connection.execute(
@@ -60,7 +61,7 @@ def test_a_round_trip_takes_the_imported_rows_back_and_the_next_backfill_makes_t
     before = _prompts(legacy_engine)
     first = backfill(legacy_engine)
     legacy_engine.dispose()
-    schema.downgrade(legacy_url, "-1")
+    schema.downgrade(legacy_url, BASELINE)
     assert _prompts(legacy_engine) == before
     schema.upgrade(legacy_url)
 
