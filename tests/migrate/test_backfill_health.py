@@ -443,6 +443,8 @@ def test_a_throttle_query_with_a_typo_is_refused_in_one_line_before_the_run(
         ("SELECT EXISTS (SELECT 1 FROM no_such_table)", "no_such_table"),
         ("SELEC 1", "syntax error"),
         ("   ", "empty"),
+        # Text is neither true nor false: 'no' would otherwise hold the run for ever.
+        ("SELECT 'no'", "not true or false"),
     ]:
         with pytest.raises(InvalidInputError) as raised:
             check_throttle_query(engine, sql)
