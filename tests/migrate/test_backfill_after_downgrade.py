@@ -8,8 +8,8 @@ from __future__ import annotations
 from sqlalchemy import Engine, func, select, text
 
 from prompt_tool.db import schema
-from prompt_tool.db.revisions import BASELINE
 from prompt_tool.db.models import Prompt
+from prompt_tool.db.revisions import BASELINE
 from prompt_tool.migrate.backfill import BackfillOptions, backfill
 from prompt_tool.migrate.verify import verify
 
