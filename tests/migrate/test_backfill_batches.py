@@ -18,8 +18,11 @@ from prompt_tool.migrate.backfill.batch import (
     _find_imported,
     _import_templates,
     _link,
+    _read_texts,
     _RoleState,
 )
+from prompt_tool.migrate.backfill.quarantine import ImportLimits
+from prompt_tool.settings import get_settings
 
 
 def _first_session(engine: Engine) -> tuple[int, int, str]:
@@ -48,7 +51,9 @@ def test_a_text_changed_since_the_batch_read_it_is_not_imported_under_its_old_ha
             .where(OrchestrationSession.id == session_id)
             .values(system_prompt=legacy + " (edited)")
         )
-        assert _import_templates(connection, {key: session_id}) == set()
+        # Read again, the text no longer hashes to the key: nothing is imported under it.
+        assert _read_texts(connection, {key: session_id}) == {}
+        assert _import_templates(connection, _read_texts(connection, {key: session_id})) == set()
         assert _find_imported(connection, {key}) == {}
 
 
@@ -56,7 +61,8 @@ def test_an_imported_text_is_found_again_by_its_key(legacy_engine: Engine) -> No
     session_id, project_id, legacy = _first_session(legacy_engine)
     key = (project_id, "system", content_hash(legacy))
     with legacy_engine.begin() as connection:
-        assert _import_templates(connection, {key: session_id}) == {key}
+        texts = _read_texts(connection, {key: session_id})
+        assert _import_templates(connection, texts) == {key}
         found = _find_imported(connection, {key})
         assert set(found) == {key}
         source = connection.execute(
@@ -73,7 +79,8 @@ def test_versions_imported_by_a_rolled_back_batch_are_not_remembered(
     remembered = ImportedVersions()
     state = _RoleState(session_id, project_id, "system", key[2], None, False)
     with legacy_engine.connect() as connection:
-        assert _link(connection, [state], remembered, dry_run=False) == {key}
+        limits = ImportLimits.from_settings(get_settings())
+        assert _link(connection, [state], remembered, limits, dry_run=False).created == {key}
         connection.rollback()  # the batch failed: its template is gone
         assert remembered.resolve(connection, {key}) == {}
 

@@ -18,6 +18,7 @@ from prompt_tool.db import schema
 from prompt_tool.db.engine import make_engine, make_session_factory, session_scope
 from prompt_tool.db.legacy import LEGACY_TABLES
 from prompt_tool.db.models import Scope
+from prompt_tool.db.revisions import BASELINE
 from prompt_tool.migrate import load_legacy_sample
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.fingerprint import fingerprint_legacy_tables, load_fingerprint
@@ -102,6 +103,7 @@ def test_a_fingerprint_from_before_the_upgrade_passes_after_the_whole_journey_an
 
     schema.downgrade(
         legacy_url,
+        BASELINE,
         archive=tmp_path / "archive" if keep == "archive" else None,
         discard_user_templates=keep == "discard",
     )
