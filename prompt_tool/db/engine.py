@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ __all__ = [
     "connected",
     "make_engine",
     "make_session_factory",
+    "on_every_begin",
     "session_scope",
     "transactional_ddl",
 ]
@@ -135,9 +136,31 @@ def bounded_waits(db: Connectable, lock_timeout_ms: int, statement_timeout_ms: i
     if isinstance(db, Connection):
         bound(db)
         return db
-    bounded = db.execution_options()
-    event.listen(bounded, "begin", bound)
-    return bounded
+    return on_every_begin(db, bound)
+
+
+_ROOT = "_prompt_tool_root"
+_SETUPS = "_prompt_tool_begin_setups"
+
+
+def on_every_begin(db: Engine, setup: Callable[[Connection], None]) -> Engine:
+    """A copy of ``db`` sharing its pool whose every transaction starts with ``setup`` (after
+    those ``db`` already runs, when it is such a copy itself).
+
+    One listener on one copy of the root engine: SQLAlchemy before 2.0.37 takes no event
+    listener on a copy of a copy, so copies compose here instead of nesting."""
+    root: Engine = getattr(db, _ROOT, db)
+    setups: tuple[Callable[[Connection], None], ...] = (*getattr(db, _SETUPS, ()), setup)
+
+    def run_all(connection: Connection) -> None:
+        for each in setups:
+            each(connection)
+
+    copy = root.execution_options()
+    event.listen(copy, "begin", run_all)
+    setattr(copy, _ROOT, root)
+    setattr(copy, _SETUPS, setups)
+    return copy
 
 
 def make_session_factory(db: Connectable) -> sessionmaker[Session]:

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import overload
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, text
 
+from prompt_tool.db.engine import on_every_begin
 from prompt_tool.errors import PromptToolError
 
 __all__ = [
@@ -237,6 +238,4 @@ def tag_connections(db: Engine | Connection, application_name: str) -> Engine | 
     if isinstance(db, Connection):
         tag(db)
         return db
-    tagged = db.execution_options()
-    event.listen(tagged, "begin", tag)
-    return tagged
+    return on_every_begin(db, tag)
