@@ -94,11 +94,14 @@ def _wall_clock_postgresql(element: wall_clock, compiler: Any, **kw: Any) -> str
     return "clock_timestamp()"
 
 
+# To the millisecond, as SQLAlchemy stores datetimes there (CURRENT_TIMESTAMP has seconds: a
+# batch's rate measured over a few seconds would be off by a whole second).
+_SQLITE_NOW_MS = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
 @compiles(wall_clock, "sqlite")
 def _wall_clock_sqlite(element: wall_clock, compiler: Any, **kw: Any) -> str:
-    # To the millisecond, as SQLAlchemy stores datetimes there (CURRENT_TIMESTAMP has seconds:
-    # a batch's rate measured over a few seconds would be off by a whole second).
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    return _SQLITE_NOW_MS
 
 
 class transaction_began(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -117,7 +120,7 @@ def _transaction_began_postgresql(element: transaction_began, compiler: Any, **k
 
 @compiles(transaction_began, "sqlite")
 def _transaction_began_sqlite(element: transaction_began, compiler: Any, **kw: Any) -> str:
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    return _SQLITE_NOW_MS
 
 
 @compiles(sha256_hex, "postgresql")

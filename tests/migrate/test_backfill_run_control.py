@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,19 +17,12 @@ from prompt_tool.db.models import MigrationBatch, MigrationRun
 from prompt_tool.migrate.backfill import backfill
 from prompt_tool.migrate.backfill.remote import ControlAction, request
 from prompt_tool.migrate.verify import verify
+from tests.migrate.test_backfill_steering import until
 
 _DEADLINE_S = 90
+
+
 _ORCH_MIGRATE = "from prompt_tool.cli.orch_migrate import main; main()"
-
-
-def _until(condition: Any, what: str) -> Any:
-    deadline = time.monotonic() + _DEADLINE_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -76,7 +68,7 @@ def running(postgres_engine: Engine) -> Iterator[tuple[Engine, subprocess.Popen[
                 )
             ).scalar()
 
-    run_id = _until(recorded, "the run to start")
+    run_id = until(recorded, "the run to start", _DEADLINE_S)
     try:
         yield postgres_engine, process, run_id
     finally:
@@ -126,13 +118,18 @@ def test_a_paused_run_holds_no_lock_nor_transaction_and_a_resumed_one_finishes(
     running: tuple[Engine, subprocess.Popen[str], int],
 ) -> None:
     engine, process, run_id = running
-    _until(lambda: _done(engine, run_id) >= 2, "the first batches")
+    until(lambda: _done(engine, run_id) >= 2, "the first batches", _DEADLINE_S)
     request(engine, ControlAction.PAUSE, None)
-    _until(lambda: _live(engine, run_id).get("state") == "paused", "the run to say it paused")
+    until(
+        lambda: _live(engine, run_id).get("state") == "paused",
+        "the run to say it paused",
+        _DEADLINE_S,
+    )
     # Every worker stops within one batch: then nothing moves and nothing is held.
-    settled = _until(
+    settled = until(
         lambda: (not _busy_backends(engine)) and _done(engine, run_id),
         "every worker to finish its batch",
+        _DEADLINE_S,
     )
     assert _live(engine, run_id)["reason"].startswith("paused by ")
     assert _done(engine, run_id) == settled and not _busy_backends(engine)
@@ -149,7 +146,7 @@ def test_a_cancelled_run_keeps_what_it_committed_and_the_next_run_carries_on(
     running: tuple[Engine, subprocess.Popen[str], int],
 ) -> None:
     engine, process, run_id = running
-    _until(lambda: _done(engine, run_id) >= 2, "the first batches")
+    until(lambda: _done(engine, run_id) >= 2, "the first batches", _DEADLINE_S)
     request(engine, ControlAction.CANCEL, run_id)
     _out, err = process.communicate(timeout=_DEADLINE_S)
     assert process.returncode == 1

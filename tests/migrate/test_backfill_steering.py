@@ -27,9 +27,9 @@ from tests.migrate.test_backfill import unlink_everything
 _DEADLINE_S = 60
 
 
-def _until(condition: Any, what: str) -> Any:
+def until(condition: Any, what: str, deadline_s: float = _DEADLINE_S) -> Any:
     """Poll ``condition`` until it returns something truthy (a deadline, not a sleep)."""
-    deadline = time.monotonic() + _DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
@@ -153,7 +153,7 @@ def test_a_lock_timeout_shrinks_the_batch_at_once_and_the_run_finishes(
                     return dict(counts)
         return None
 
-    first_after_timeout = _until(shrunk, "a batch committed after a lock timeout")
+    first_after_timeout = until(shrunk, "a batch committed after a lock timeout")
     holder.rollback()
     runner.join(_DEADLINE_S)
     assert first_after_timeout["size"] == 100  # half of the first batch's 200, at once
@@ -181,7 +181,7 @@ def test_a_run_held_by_the_throttle_query_waits_says_why_and_finishes_once_relea
 
     runner = threading.Thread(target=run)
     runner.start()
-    _until(lambda: any(p.state == "throttled" for p in seen), "the run to be throttled")
+    until(lambda: any(p.state == "throttled" for p in seen), "the run to be throttled")
     throttled = next(p for p in seen if p.state == "throttled")
     assert throttled.reason == "throttle query returned true"
     assert throttled.done == 0  # nothing walked while held
@@ -212,7 +212,7 @@ def test_a_run_outside_its_window_waits_and_a_cancel_stops_it_keeping_nothing_ha
 
     runner = threading.Thread(target=run)
     runner.start()
-    _until(lambda: any(p.state == "outside window" for p in seen), "the run to wait")
+    until(lambda: any(p.state == "outside window" for p in seen), "the run to wait")
     waiting = next(p for p in seen if p.state == "outside window")
     assert waiting.reason is not None and str(closed) in waiting.reason
     request(legacy_engine, ControlAction.CANCEL, waiting.run_id)

@@ -21,7 +21,6 @@ from prompt_tool.db.dialect import (
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect
 from prompt_tool.db.health import tag_connections
 from prompt_tool.db.models import OrchestrationSession
-from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.revisions import QUARANTINE
 from prompt_tool.db.schema import recorded_revisions
@@ -235,11 +234,7 @@ def backfill(
     )
     _check_before_writing(engine, options)
     with connect(engine) as connection:
-        scope = BackfillScope(
-            projects_by_slug(connection, options.projects),
-            bool(options.projects),
-            quarantined_only=options.retry_quarantined,
-        )
+        scope = BackfillScope.of(connection, options)
         checkpoint = _checkpoint(connection, options)
     refreshed = refresh_stale_statistics(engine)
     with _project_locks(engine, scope, options.wait) as holder_pid:

@@ -28,7 +28,6 @@ from sqlalchemy import Connection, delete, func, select
 from prompt_tool.db.dialect import sha256_hex, wal_insert_position
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect
 from prompt_tool.db.models import OrchestrationSession, Prompt, PromptRole, SessionPromptRef
-from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.db.revision_guard import require_known_revision
 from prompt_tool.db.revisions import QUARANTINE
 from prompt_tool.migrate.backfill.batch import IMPORTED_PREFIX, ImportedVersions, KeySpan, run_batch
@@ -175,9 +174,8 @@ def _count(connection: Connection, scope: BackfillScope) -> int:
     return int(connection.execute(counted).scalar_one())
 
 
-def _starts(connection: Connection, scope: BackfillScope, count: int) -> list[int]:
+def _starts(connection: Connection, scope: BackfillScope, total: int, count: int) -> list[int]:
     """Keys spread evenly over the scope's sessions: each sample walks from one of them."""
-    total = _count(connection, scope)
     starts: list[int] = []
     for index in range(count):
         offset = total * index // count
@@ -210,18 +208,14 @@ def estimate(
     # As the run does: batches planned for tables never analysed cost many times more.
     refresh_stale_statistics(engine)
     with connect(engine) as connection:
-        scope = BackfillScope(
-            projects_by_slug(connection, options.projects),
-            bool(options.projects),
-            quarantined_only=options.retry_quarantined,
-        )
+        scope = BackfillScope.of(connection, options)
         upper = int(
             connection.execute(
                 select(func.coalesce(func.max(_SESSIONS.c.id), 0)).where(scope.sessions())
             ).scalar_one()
         )
         sessions = _count(connection, scope)
-        starts = _starts(connection, scope, SAMPLES)
+        starts = _starts(connection, scope, sessions, SAMPLES)
         templates = _templates_to_create(connection, scope)
     run = BackfillRun(
         engine,

@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from prompt_tool.db.dialect import is_lock_timeout, is_retryable, is_statement_timeout
 from prompt_tool.db.engine import Connectable, begin, connect
 from prompt_tool.errors import LockTimeoutError, PromptToolError
+from prompt_tool.migrate.backfill.batch import WRITTEN_TABLES
 from prompt_tool.migrate.backfill.health import HealthMonitor, Reading
 from prompt_tool.migrate.backfill.ledger import live_state, publish_live
 from prompt_tool.migrate.backfill.remote import ControlAction, read_request
@@ -63,9 +64,7 @@ _PUBLISH_EVERY_S = 1.0
 _TOUCHED_TABLES = (
     "orchestration_sessions",
     "projects",
-    "session_prompt_refs",
-    "prompts",
-    "prompt_versions",
+    *WRITTEN_TABLES,
     "prompt_labels",
     "migration_runs",
     "migration_batches",

@@ -8,10 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, select, true
+from sqlalchemy import ColumnElement, Connection, and_, select, true
 
 from prompt_tool.db.engine import Connectable
 from prompt_tool.db.models import MigrationQuarantine, OrchestrationSession, PromptRole
+from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import InvalidInputError
 from prompt_tool.migrate.matching import ExistingTemplateMatcher
 from prompt_tool.settings import HealthLimits, Settings
@@ -157,6 +158,15 @@ class BackfillScope:
     scoped: bool
     # --retry-quarantined: only the scope's sessions in the quarantine (see quarantine).
     quarantined_only: bool = False
+
+    @classmethod
+    def of(cls, connection: Connection, options: BackfillOptions) -> BackfillScope:
+        """The scope ``options`` select (unknown project slugs are refused in one line)."""
+        return cls(
+            projects_by_slug(connection, options.projects),
+            bool(options.projects),
+            quarantined_only=options.retry_quarantined,
+        )
 
     @property
     def project_ids(self) -> list[int]:

@@ -42,7 +42,6 @@ from prompt_tool.db.dialect import allows_worker_processes
 from prompt_tool.db.engine import Connectable, begin, bounded_waits, connect, make_engine
 from prompt_tool.db.health import tag_connections
 from prompt_tool.db.models import MigrationBatch, OrchestrationSession
-from prompt_tool.db.projects import projects_by_slug
 from prompt_tool.errors import PromptToolError
 from prompt_tool.migrate.backfill.batch import ImportedVersions, KeySpan, matcher_for, run_batch
 from prompt_tool.migrate.backfill.ledger import (
@@ -364,11 +363,7 @@ def _worker(config: dict[str, Any]) -> int:
     )
     try:
         with connect(engine) as connection:
-            scope = BackfillScope(
-                projects_by_slug(connection, options.projects),
-                bool(options.projects),
-                quarantined_only=options.retry_quarantined,
-            )
+            scope = BackfillScope.of(connection, options)
         run = BackfillRun(
             engine,
             settings,
